@@ -1,0 +1,280 @@
+"""Training-step throughput of the fedxray models, with and without DP-SGD, as JSON on stdout.
+
+For each model and image size it times one training step (forward, loss, backward, optimizer
+step; batch 16 of random data) for:
+
+* ``plain_bn``      the plain torchvision model (BatchNorm), no DP: the speed to beat;
+* ``dp_ready_no_dp`` the DP-ready model (GroupNorm, no in-place ops), trained without DP:
+                    what the architecture change alone costs;
+* ``dp_<mode>``     DP-SGD through ``common.dp`` in each Opacus grad-sample mode
+                    (hooks, functorch, ew, ghost); a mode that fails is reported with its error.
+
+The cases of one (model, size) run round-robin, one step each in turn, so load from other
+processes on a shared machine hits them alike. Each case reports wall-clock images/s (median
+and best step) and images per CPU-second (steadier under load). The best DP mode is the one
+with the most images per CPU-second; ``common.models.grad_sample_mode`` is set from it.
+
+Usage (from the repository root):
+    PYTHONPATH=. .venv/bin/python benchmarks/train_throughput.py > bench.json
+    PYTHONPATH=. .venv/bin/python benchmarks/train_throughput.py --device cuda --sizes 224
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from benchmarks._util import (
+    machine_info,
+    per_cpu_second,
+    print_json,
+    progress,
+    set_threads,
+    throughput,
+    time_call,
+)
+from common.dp import GRAD_SAMPLE_MODES, dp_step, make_private
+from common.models import MODEL_NAMES, build_model, grad_sample_mode
+
+NUM_OUTPUTS = 3  # a small multilabel head, like a few findings
+# Goal: DP training speed relative to the plain BatchNorm model, on CPU at 64 px.
+GOALS: dict[str, float] = {"mobilenet_v2": 0.8, "densenet121": 0.5}
+GOAL_SIZE = 64
+
+
+@dataclass
+class Case:
+    """One configuration to time, and what was measured."""
+
+    label: str
+    build: Callable[[], Callable[[], None]]  # returns the step function
+    variant: str = ""  # e.g. "channels_last" for explored variants
+    wall: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)
+    error: str | None = None
+
+
+def _batch(size: int, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.rand(batch, 1, size, size, device=device)
+    y = torch.randint(0, 2, (batch, NUM_OUTPUTS), device=device).float()
+    return x, y
+
+
+def _plain_case(
+    name: str, dp_form: bool, x: torch.Tensor, y: torch.Tensor, channels_last: bool
+) -> Callable[[], Callable[[], None]]:
+    def build() -> Callable[[], None]:
+        model = build_model(name, num_outputs=NUM_OUTPUTS, dp=dp_form).to(x.device)
+        inputs = x
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+            inputs = x.contiguous(memory_format=torch.channels_last)
+        model.train()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        criterion = nn.BCEWithLogitsLoss()
+
+        def step() -> None:
+            optimizer.zero_grad()
+            criterion(model(inputs), y).backward()
+            optimizer.step()
+
+        return step
+
+    return build
+
+
+def _dp_case(
+    name: str, mode: str, x: torch.Tensor, y: torch.Tensor, channels_last: bool
+) -> Callable[[], Callable[[], None]]:
+    def build() -> Callable[[], None]:
+        model = build_model(name, num_outputs=NUM_OUTPUTS, dp=True).to(x.device)
+        inputs = x
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+            inputs = x.contiguous(memory_format=torch.channels_last)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        loader = DataLoader(TensorDataset(x.cpu(), y.cpu()), batch_size=len(x))
+        pt = make_private(
+            model, optimizer, loader,
+            noise_multiplier=1.0, max_grad_norm=1.0, mode=mode,
+            criterion=nn.BCEWithLogitsLoss(), poisson_sampling=False,
+        )
+
+        def step() -> None:
+            dp_step(pt, inputs, y)
+
+        return step
+
+    return build
+
+
+def _cases(
+    name: str, x: torch.Tensor, y: torch.Tensor, modes: list[str], explore: bool
+) -> list[Case]:
+    cases = [
+        Case("plain_bn", _plain_case(name, False, x, y, False)),
+        Case("dp_ready_no_dp", _plain_case(name, True, x, y, False)),
+    ]
+    cases += [Case(f"dp_{mode}", _dp_case(name, mode, x, y, False)) for mode in modes]
+    if explore:
+        cases += [
+            Case("plain_bn", _plain_case(name, False, x, y, True), "channels_last"),
+            Case("dp_ready_no_dp", _plain_case(name, True, x, y, True), "channels_last"),
+        ]
+        cases += [
+            Case(f"dp_{mode}", _dp_case(name, mode, x, y, True), "channels_last")
+            for mode in modes
+        ]
+    return cases
+
+
+def _run_group(cases: list[Case], warmup: int, steps: int, device: torch.device) -> None:
+    """Build every case, warm each up, then time them round-robin."""
+    steppers: dict[int, Callable[[], None]] = {}
+    for i, case in enumerate(cases):
+        try:
+            steppers[i] = case.build()
+            for _ in range(warmup):
+                time_call(steppers[i], device)
+        except Exception as err:  # noqa: BLE001 - a failing mode is a result, not a crash
+            case.error = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+            steppers.pop(i, None)
+            progress(f"  {case.label} {case.variant}: failed: {case.error}")
+    for round_ in range(steps):
+        for i, stepper in steppers.items():
+            wall, cpu = time_call(stepper, device)
+            cases[i].wall.append(wall)
+            cases[i].cpu.append(cpu)
+        progress(f"  round {round_ + 1}/{steps} done")
+
+
+def _case_result(name: str, size: int, batch: int, case: Case) -> dict[str, Any]:
+    result: dict[str, Any] = {"model": name, "size": size, "config": case.label}
+    if case.variant:
+        result["variant"] = case.variant
+    if case.error:
+        result["error"] = case.error
+        return result
+    result["wall"] = throughput(case.wall, batch)
+    result["images_per_cpu_second"] = per_cpu_second(case.cpu, batch)
+    return result
+
+
+def _summary(name: str, size: int, results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Best DP mode (by images per CPU-second) and its ratio to the plain model."""
+    base = [r for r in results if "error" not in r and not r.get("variant")]
+    by_config = {r["config"]: r for r in base}
+    dp = [r for r in base if r["config"].startswith("dp_") and r["config"] != "dp_ready_no_dp"]
+    summary: dict[str, Any] = {"model": name, "size": size}
+    plain = by_config.get("plain_bn")
+    if not dp or plain is None:
+        summary["error"] = "no DP mode or no plain model measured"
+        return summary
+    best = max(dp, key=lambda r: r["images_per_cpu_second"])
+    summary.update(
+        best_dp_mode=best["config"].removeprefix("dp_"),
+        dp_modes_by_cpu_speed=[
+            r["config"].removeprefix("dp_")
+            for r in sorted(dp, key=lambda r: -r["images_per_cpu_second"])
+        ],
+        ratio_best_dp_over_plain_cpu=round(
+            best["images_per_cpu_second"] / plain["images_per_cpu_second"], 3
+        ),
+        ratio_best_dp_over_plain_wall_median=round(
+            best["wall"]["median_per_s"] / plain["wall"]["median_per_s"], 3
+        ),
+    )
+    ready = by_config.get("dp_ready_no_dp")
+    if ready is not None:
+        summary["ratio_dp_ready_no_dp_over_plain_cpu"] = round(
+            ready["images_per_cpu_second"] / plain["images_per_cpu_second"], 3
+        )
+        summary["ratio_best_dp_over_dp_ready_no_dp_cpu"] = round(
+            best["images_per_cpu_second"] / ready["images_per_cpu_second"], 3
+        )
+    return summary
+
+
+def _goals(summaries: list[dict[str, Any]], device: torch.device) -> list[dict[str, Any]]:
+    goals = []
+    for name, target in GOALS.items():
+        entry: dict[str, Any] = {
+            "model": name,
+            "goal": f"DP(best mode) >= {target}x plain BatchNorm speed, CPU, {GOAL_SIZE} px",
+        }
+        found = [s for s in summaries if s["model"] == name and s["size"] == GOAL_SIZE]
+        if device.type != "cpu" or not found or "error" in found[0]:
+            entry["met"] = None
+            entry["note"] = f"not measured in this run (needs CPU and size {GOAL_SIZE})"
+        else:
+            ratio = found[0]["ratio_best_dp_over_plain_cpu"]
+            entry.update(
+                ratio_cpu=ratio,
+                ratio_wall_median=found[0]["ratio_best_dp_over_plain_wall_median"],
+                met=ratio >= target,
+            )
+        goals.append(entry)
+    return goals
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(MODEL_NAMES))
+    parser.add_argument("--sizes", default="64,128", help="image sizes in px, comma-separated")
+    parser.add_argument("--modes", default=",".join(GRAD_SAMPLE_MODES))
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per case")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per case")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument(
+        "--explore", action="store_true", help="also time channels_last variants"
+    )
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda given but torch sees no CUDA device; use --device cpu")
+    set_threads(args.threads)
+    torch.manual_seed(0)
+    models = [m for m in args.models.split(",") if m]
+    sizes = [int(s) for s in args.sizes.split(",") if s]
+    modes = [m for m in args.modes.split(",") if m]
+    for name in models:
+        grad_sample_mode(name)  # unknown names fail here, before any timing
+
+    results: list[dict[str, Any]] = []
+    summaries: list[dict[str, Any]] = []
+    machine_before = machine_info(device)
+    for name in models:
+        for size in sizes:
+            progress(f"{name} {size}px")
+            x, y = _batch(size, args.batch, device)
+            cases = _cases(name, x, y, modes, args.explore)
+            _run_group(cases, args.warmup, args.steps, device)
+            group = [_case_result(name, size, args.batch, c) for c in cases]
+            results += group
+            summaries.append(_summary(name, size, group))
+
+    print_json(
+        {
+            "benchmark": "train_throughput",
+            "settings": vars(args),
+            "machine_at_start": machine_before,
+            "load_average_at_end": machine_info(device)["load_average_1_5_15"],
+            "chosen_modes": {name: grad_sample_mode(name) for name in models},
+            "results": results,
+            "summary": summaries,
+            "goals": _goals(summaries, device),
+        }
+    )
+
+
+if __name__ == "__main__":
+    main()

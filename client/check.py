@@ -1,0 +1,162 @@
+"""`fl-client check`: what a hospital sees before it joins a federation.
+
+Reads the site folder (and nothing else), then reports what was found: images and patients per
+class, skipped files grouped by reason, the acquisition mix (modality, photometric interpretation,
+matrix size, bit depth, transfer syntax) and the patient-level split. It never prints a patient
+identifier; file paths of skipped files are shown only when the operator asks (``--list-skipped``),
+on the site's own terminal.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common.dataset import (
+    DatasetError,
+    SiteIndex,
+    encode_targets,
+    patient_strata,
+    split_patients,
+)
+
+
+@dataclass
+class CheckReport:
+    """The summary as data (for tests and --json) plus its text rendering."""
+
+    summary: dict[str, Any]
+    skipped_paths: list[tuple[str, str]]  # (relative path, reason): local use only
+
+    def render(self, *, list_skipped: bool = False) -> str:
+        return render_summary(self.summary, self.skipped_paths if list_skipped else None)
+
+
+def _size_bucket(rows: int, cols: int) -> str:
+    return f"{rows}x{cols}"
+
+
+def summarize(
+    index: SiteIndex,
+    *,
+    task: str | None = None,
+    labels: tuple[str, ...] | None = None,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+) -> CheckReport:
+    """Build the check summary for a scanned site. No identifiers, only counts and categories."""
+    per_class_images: Counter[str] = Counter()
+    per_class_patients: dict[str, set[str]] = {}
+    for rec in index.records:
+        for cls in rec.classes or ("(no finding)",):
+            per_class_images[cls] += 1
+            per_class_patients.setdefault(cls, set()).add(rec.patient)
+    mix: dict[str, Counter[str]] = {k: Counter() for k in ("format", "modality", "photometric", "matrix", "bits_stored", "transfer_syntax")}
+    for rec in index.records:
+        m = rec.meta
+        mix["format"][m.get("format", "?")] += 1
+        mix["modality"][m.get("modality") or "(none)"] += 1
+        mix["photometric"][m.get("photometric") or "?"] += 1
+        mix["matrix"][_size_bucket(int(m.get("rows", 0)), int(m.get("cols", 0)))] += 1
+        mix["bits_stored"][str(m.get("bits_stored", "?"))] += 1
+        mix["transfer_syntax"][m.get("transfer_syntax_name") or m.get("transfer_syntax") or "?"] += 1
+    patient_sources = Counter(rec.patient_source for rec in index.records)
+    summary: dict[str, Any] = {
+        "images": len(index.records),
+        "patients": len({r.patient for r in index.records}),
+        "label_source": index.label_source,
+        "classes": {
+            cls: {"images": per_class_images[cls], "patients": len(per_class_patients[cls])}
+            for cls in sorted(per_class_images)
+        },
+        "skipped": dict(Counter(s.reason for s in index.skipped).most_common()),
+        "skipped_total": len(index.skipped),
+        "ignored_non_image_files": index.ignored,
+        "patient_key": dict(patient_sources),
+        "mix": {k: dict(v.most_common()) for k, v in mix.items()},
+    }
+    if task and labels:
+        try:
+            targets = encode_targets(index, task, labels)
+        except DatasetError as err:
+            summary["split"] = {"error": str(err)}
+        else:
+            kept = [index.records[int(i)] for i in targets.keep]
+            split = split_patients(
+                [r.patient for r in kept], patient_strata(targets), val_fraction=val_fraction, seed=seed
+            )
+            strata = patient_strata(targets)
+            summary["split"] = {
+                "task": task,
+                "labels": list(labels),
+                "train_images": int(split.train.size),
+                "val_images": int(split.val.size),
+                "train_patients": split.train_patients,
+                "val_patients": split.val_patients,
+                "train_positive": int(np.sum(strata[split.train])) if task != "multiclass" else None,
+                "val_positive": int(np.sum(strata[split.val])) if task != "multiclass" else None,
+                "stratified": split.stratified,
+                "left_out": targets.dropped,
+            }
+    skipped_paths = sorted((_rel(index.root, s.path), s.reason) for s in index.skipped)
+    return CheckReport(summary, skipped_paths)
+
+
+def _rel(root: Path, path: Path) -> str:
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return path.name
+
+
+def render_summary(summary: dict[str, Any], skipped_paths: list[tuple[str, str]] | None = None) -> str:
+    """Plain-text report for a terminal or a ticket (no identifiers)."""
+    out: list[str] = []
+    out.append(
+        f"usable images: {summary['images']}   patients: {summary['patients']}   labels from: {summary['label_source']}"
+    )
+    out.append("")
+    out.append(f"  {'class':<24}{'images':>8}{'patients':>10}")
+    for cls, c in summary["classes"].items():
+        out.append(f"  {cls:<24}{c['images']:>8}{c['patients']:>10}")
+    pk = summary["patient_key"]
+    if set(pk) - {"patient"}:
+        out.append("")
+        out.append(f"  patient key: {', '.join(f'{k} {v}' for k, v in pk.items())}  (study/file = no PatientID)")
+    out.append("")
+    out.append(f"skipped files: {summary['skipped_total']}")
+    for reason, n in summary["skipped"].items():
+        out.append(f"  {n:>5} x {reason}")
+    if skipped_paths:
+        out.append("  (local paths, do not share outside the hospital)")
+        for rel, reason in skipped_paths:
+            out.append(f"        {rel}: {reason}")
+    elif summary["skipped_total"]:
+        out.append("  (run again with --list-skipped to see which files, on this terminal only)")
+    if summary["ignored_non_image_files"]:
+        out.append(f"  ({summary['ignored_non_image_files']} non-image files such as .txt/.csv ignored)")
+    out.append("")
+    out.append("acquisition mix:")
+    for key, counts in summary["mix"].items():
+        items = ", ".join(f"{k} {v}" for k, v in list(counts.items())[:6])
+        more = f", +{len(counts) - 6} more" if len(counts) > 6 else ""
+        out.append(f"  {key:<16}{items}{more}")
+    split = summary.get("split")
+    if split:
+        out.append("")
+        if "error" in split:
+            out.append(f"split: cannot encode labels for this run: {split['error']}")
+        else:
+            strat = "stratified" if split["stratified"] else "not stratified (one class only)"
+            out.append(f"patient-level split ({split['task']}: {', '.join(split['labels'])}; {strat}):")
+            pos_t = f", {split['train_positive']} positive" if split["train_positive"] is not None else ""
+            pos_v = f", {split['val_positive']} positive" if split["val_positive"] is not None else ""
+            out.append(f"  train  {split['train_images']:>6} images  {split['train_patients']:>5} patients{pos_t}")
+            out.append(f"  val    {split['val_images']:>6} images  {split['val_patients']:>5} patients{pos_v}")
+            for reason, n in split["left_out"].items():
+                out.append(f"  left out: {n} x {reason}")
+    return "\n".join(out)

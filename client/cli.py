@@ -1,0 +1,88 @@
+"""`fl-client`: the hospital's command line.
+
+Subcommands: ``check`` (what the site folder holds, before joining). Later issues add ``init``,
+``start``, ``approve``, ``evaluate`` and ``status``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from common.dataset import NEGATIVE_NAMES, DatasetError, scan_site
+
+log = logging.getLogger("fedxray.client")
+
+
+def _infer_task(class_names: tuple[str, ...], label_kind: str) -> tuple[str, tuple[str, ...]] | None:
+    """Guess the task for a summary when the operator named none (two classes, one of them normal)."""
+    if label_kind == "multi":
+        return ("multilabel", class_names) if len(class_names) > 1 else ("binary", class_names)
+    negatives = [c for c in class_names if c.lower() in NEGATIVE_NAMES]
+    positives = [c for c in class_names if c.lower() not in NEGATIVE_NAMES]
+    if len(class_names) == 2 and len(negatives) == 1:
+        return "binary", (positives[0],)
+    if len(class_names) >= 2:
+        return "multiclass", class_names
+    return None
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from client.check import summarize
+    from common.cache import SiteCache
+    from common.dataset import site_salt
+    from common.dicom import DEFAULT_SALT
+
+    state = Path(args.state_dir) if args.state_dir else None
+    salt = site_salt(state) if state else DEFAULT_SALT
+    cache = SiteCache(state / "cache") if state else None
+    try:
+        index = scan_site(args.data_dir, salt=salt, cache=cache, progress=sys.stderr.isatty())
+    except DatasetError as err:
+        print(f"fl-client check: {err}", file=sys.stderr)
+        return 2
+    task, labels = args.task, tuple(args.labels.split(",")) if args.labels else None
+    if not (task and labels):
+        guess = _infer_task(index.class_names, index.label_kind)
+        if guess is not None:
+            task, labels = task or guess[0], labels or guess[1]
+    report = summarize(index, task=task, labels=labels, val_fraction=args.val_fraction, seed=args.seed)
+    if args.json:
+        print(json.dumps(report.summary, indent=2, sort_keys=True))
+    else:
+        print(f"fl-client check: {args.data_dir}")
+        print(report.render(list_skipped=args.list_skipped))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fl-client", description="fedxray hospital client")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("check", help="summarise a site data folder before joining (reads only)")
+    p.add_argument("data_dir", help="the site's DICOM folder (labels.csv or class subfolders)")
+    p.add_argument("--state-dir", help="use (and fill) the site cache and salt in this folder")
+    p.add_argument("--task", choices=("binary", "multiclass", "multilabel"), help="task to preview the split for")
+    p.add_argument("--labels", help="comma-separated run labels (binary: the positive finding)")
+    p.add_argument("--val-fraction", type=float, default=0.2, help="share of patients for validation")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--list-skipped", action="store_true", help="also list skipped files (local paths)")
+    p.set_defaults(func=cmd_check)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

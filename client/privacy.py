@@ -1,0 +1,301 @@
+"""Planning and accounting of what a site's DP-SGD training spends, in (epsilon, delta).
+
+A site works out its own DP plan from its own dataset size before it trains: Poisson sampling at
+``sample_rate = batch_size / n_train`` and ``steps_per_round = ceil(local_epochs * n_train /
+batch_size)`` noisy steps per round. Epsilon here is always *record-level* (one training image)
+and is composed with the Rényi-DP accountant of Opacus by default; ``"prv"`` (Opacus' PRV
+accountant, tighter, slower) is available as an option.
+
+Framework-free on purpose: no flwr import. The ClientApp calls :func:`plan_dp` and the ledger
+(:mod:`client.ledger`) calls :func:`epsilon_for`.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import numbers
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+from opacus.accountants import RDPAccountant, create_accountant
+from opacus.accountants.analysis import rdp as rdp_analysis
+from opacus.accountants.utils import get_noise_multiplier
+
+logger = logging.getLogger(__name__)
+
+#: Accountants this module knows how to compose heterogeneous contributions with.
+ACCOUNTANTS: tuple[str, ...] = ("rdp", "prv")
+
+#: Relative precision of the noise search: the planned epsilon lands in
+#: [target * (1 - EPSILON_REL_TOLERANCE), target], never above the target.
+EPSILON_REL_TOLERANCE = 1e-3
+
+#: RDP orders searched when converting to (epsilon, delta): the same as Opacus' accountant.
+_RDP_ORDERS: list[float] = list(RDPAccountant.DEFAULT_ALPHAS)
+
+
+class DpStep(Protocol):
+    """Anything that describes a run of identical DP-SGD steps (a ledger contribution does)."""
+
+    @property
+    def noise_multiplier(self) -> float: ...
+
+    @property
+    def sample_rate(self) -> float: ...
+
+    @property
+    def steps(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class DpPlan:
+    """What one run will spend on one site's training split.
+
+    ``epsilon_per_round`` is the cost of one round alone; ``epsilon_planned`` is the cost of all
+    ``rounds`` rounds of this run composed, both at ``delta``, on a dataset with no prior spend.
+    What the dataset already spent in earlier runs is the ledger's business, not the plan's.
+    """
+
+    noise_multiplier: float  # sigma: Gaussian noise std / max_grad_norm
+    sample_rate: float  # Poisson sampling probability of each training image per step
+    steps_per_round: int  # noisy optimizer steps per federated round
+    rounds: int  # federated rounds this run plans to train
+    delta: float  # delta the epsilons below are stated at
+    max_grad_norm: float  # per-sample gradient clipping bound (L2)
+    epsilon_per_round: float  # epsilon of one round alone
+    epsilon_planned: float  # epsilon of all planned rounds composed
+
+
+def _is_positive(value: object) -> bool:
+    """A finite real number > 0 (numpy scalars included, booleans not)."""
+    return (
+        isinstance(value, numbers.Real)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value > 0
+    )
+
+
+def _is_count(value: object) -> bool:
+    """An integer >= 1 (numpy integers included, booleans not)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
+
+
+def _check_accountant(accountant: str) -> None:
+    if accountant not in ACCOUNTANTS:
+        raise ValueError(
+            f"unknown privacy accountant {accountant!r}: expected one of {list(ACCOUNTANTS)}"
+        )
+
+
+@functools.lru_cache(maxsize=256)
+def _rdp_of_one_step(noise_multiplier: float, sample_rate: float) -> tuple[float, ...]:
+    """RDP curve of one subsampled-Gaussian step at Opacus' default orders.
+
+    A pure function, memoised because evaluating it is the slow part (up to ~0.3 s on this
+    CPU) and a ledger asks for the same few (sigma, q) pairs again and again.
+    """
+    return tuple(
+        float(x)
+        for x in rdp_analysis.compute_rdp(
+            q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=_RDP_ORDERS
+        )
+    )
+
+
+def _epsilon(history: list[tuple[float, float, int]], delta: float, accountant: str) -> float:
+    """Epsilon of a composed history of (noise_multiplier, sample_rate, steps) entries.
+
+    Each entry is self-composed ``steps`` times and the entries are composed with each other:
+    heterogeneous composition. For RDP this is the sum of the entries' RDP curves, exactly as
+    Opacus' ``RDPAccountant`` computes it; PRV goes through Opacus' ``PRVAccountant``.
+    """
+    if not history:
+        return 0.0
+    if accountant == "rdp":
+        total = np.zeros(len(_RDP_ORDERS))
+        for sigma, q, steps in history:
+            total += steps * np.asarray(_rdp_of_one_step(float(sigma), float(q)))
+        eps, _ = rdp_analysis.get_privacy_spent(orders=_RDP_ORDERS, rdp=total, delta=delta)
+        return float(eps)
+    acc = create_accountant(mechanism=accountant)
+    acc.history = list(history)  # the accountant's state is a plain list of such entries
+    return float(acc.get_epsilon(delta=delta))
+
+
+def epsilon_for(history: Iterable[DpStep], delta: float, accountant: str = "rdp") -> float:
+    """Cumulative epsilon at ``delta`` of a list of contributions, composed in any order.
+
+    Each contribution may have its own noise multiplier, sample rate and step count. Entries with
+    the same (noise multiplier, sample rate) are merged first (adding their steps), which leaves
+    the result unchanged for both accountants and keeps long ledgers cheap to evaluate.
+    An empty history has spent nothing (0.0).
+    """
+    _check_accountant(accountant)
+    if not 0.0 < delta < 1.0:
+        raise ValueError(f"delta must lie in (0, 1), got {delta!r}")
+    merged: dict[tuple[float, float], int] = {}
+    for item in history:
+        if (
+            not _is_positive(item.noise_multiplier)
+            or not (_is_positive(item.sample_rate) and item.sample_rate <= 1.0)
+            or not (isinstance(item.steps, numbers.Integral) and item.steps >= 0)
+        ):
+            raise ValueError(
+                "invalid DP contribution: need noise_multiplier > 0, 0 < sample_rate <= 1 and "
+                f"steps >= 0, got ({item.noise_multiplier!r}, {item.sample_rate!r}, "
+                f"{item.steps!r})"
+            )
+        key = (float(item.noise_multiplier), float(item.sample_rate))
+        merged[key] = merged.get(key, 0) + int(item.steps)
+    entries = [(sigma, q, steps) for (sigma, q), steps in sorted(merged.items()) if steps > 0]
+    return _epsilon(entries, delta, accountant)
+
+
+def _plan_problems(
+    *,
+    n_train: int,
+    batch_size: int,
+    local_epochs: int,
+    rounds: int,
+    delta: float,
+    max_grad_norm: float,
+    noise_multiplier: float | None,
+    target_epsilon: float | None,
+    accountant: str,
+) -> list[str]:
+    """Every problem with the plan's inputs, so the caller fixes them all at once."""
+    problems: list[str] = []
+    for name, value in (
+        ("n_train", n_train),
+        ("batch_size", batch_size),
+        ("local_epochs", local_epochs),
+        ("rounds", rounds),
+    ):
+        if not _is_count(value):
+            problems.append(f"{name} must be an integer >= 1, got {value!r}")
+    if _is_count(n_train) and _is_count(batch_size) and n_train < batch_size:
+        problems.append(
+            f"batch_size ({batch_size}) is larger than the training split ({n_train} images): "
+            "lower batch-size to at most the number of training images"
+        )
+    if not (_is_positive(delta) and delta < 1.0):
+        problems.append(f"delta must lie in (0, 1), got {delta!r}")
+    if not _is_positive(max_grad_norm):
+        problems.append(f"max_grad_norm must be a finite number > 0, got {max_grad_norm!r}")
+    if (noise_multiplier is None) == (target_epsilon is None):
+        problems.append(
+            "give exactly one of noise_multiplier (then epsilon follows) or target_epsilon "
+            f"(then the noise follows), got noise_multiplier={noise_multiplier!r}, "
+            f"target_epsilon={target_epsilon!r}"
+        )
+    if noise_multiplier is not None and not _is_positive(noise_multiplier):
+        problems.append(f"noise_multiplier must be a finite number > 0, got {noise_multiplier!r}")
+    if target_epsilon is not None and not _is_positive(target_epsilon):
+        problems.append(f"target_epsilon must be a finite number > 0, got {target_epsilon!r}")
+    if accountant not in ACCOUNTANTS:
+        problems.append(f"accountant must be one of {list(ACCOUNTANTS)}, got {accountant!r}")
+    return problems
+
+
+def _noise_for_target(
+    target_epsilon: float, delta: float, sample_rate: float, total_steps: int, accountant: str
+) -> float:
+    """Smallest noise multiplier (within the search tolerance) spending at most the target."""
+    try:
+        with warnings.catch_warnings():
+            # The bisection tries tiny noise levels whose epsilon is huge; Opacus then warns that
+            # the best RDP order is the largest one. Only the final plan's epsilon matters.
+            warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+            sigma = get_noise_multiplier(
+                target_epsilon=target_epsilon,
+                target_delta=delta,
+                sample_rate=sample_rate,
+                steps=total_steps,
+                accountant=accountant,
+                epsilon_tolerance=target_epsilon * EPSILON_REL_TOLERANCE,
+            )
+        return float(sigma)
+    except ValueError as err:
+        raise ValueError(
+            f"no noise multiplier reaches epsilon={target_epsilon:g} at delta={delta:g} "
+            f"over {total_steps} steps at sample rate {sample_rate:.4g} ({err}): raise "
+            "target_epsilon, or lower rounds, local-epochs or batch-size"
+        ) from err
+
+
+def plan_dp(
+    *,
+    n_train: int,
+    batch_size: int,
+    local_epochs: int,
+    rounds: int,
+    delta: float,
+    max_grad_norm: float,
+    noise_multiplier: float | None = None,
+    target_epsilon: float | None = None,
+    accountant: str = "rdp",
+) -> DpPlan:
+    """Plan one run's DP-SGD on a site's training split of ``n_train`` images.
+
+    Give ``noise_multiplier`` to get the epsilon it costs, or ``target_epsilon`` to get the
+    smallest noise (within 0.1 %) whose ``rounds`` rounds spend at most ``target_epsilon``.
+    Raises ``ValueError`` listing every bad input. Logs a warning when ``delta >= 1 / n_train``:
+    such a delta allows a mechanism that leaks one whole record outright.
+    """
+    problems = _plan_problems(
+        n_train=n_train,
+        batch_size=batch_size,
+        local_epochs=local_epochs,
+        rounds=rounds,
+        delta=delta,
+        max_grad_norm=max_grad_norm,
+        noise_multiplier=noise_multiplier,
+        target_epsilon=target_epsilon,
+        accountant=accountant,
+    )
+    if problems:
+        raise ValueError("cannot plan DP-SGD: " + "; ".join(problems))
+    if delta >= 1.0 / n_train:
+        logger.warning(
+            "delta=%g is not below 1/n_train=%g (%d training images): the guarantee is weak; "
+            "use delta well below 1/n_train, e.g. %g",
+            delta, 1.0 / n_train, n_train, 0.1 / n_train,
+        )
+
+    n_train, batch_size, local_epochs, rounds = int(n_train), int(batch_size), int(local_epochs), int(rounds)
+    sample_rate = batch_size / n_train
+    # ceil(local_epochs / sample_rate) in exact integer arithmetic.
+    steps_per_round = -(-local_epochs * n_train // batch_size)
+    total_steps = rounds * steps_per_round
+
+    if noise_multiplier is not None:
+        sigma = float(noise_multiplier)
+    elif target_epsilon is not None:
+        sigma = _noise_for_target(target_epsilon, delta, sample_rate, total_steps, accountant)
+    else:  # unreachable: _plan_problems demands exactly one of the two
+        raise ValueError("give exactly one of noise_multiplier or target_epsilon")
+
+    per_round = _epsilon([(sigma, sample_rate, steps_per_round)], delta, accountant)
+    planned = _epsilon([(sigma, sample_rate, total_steps)], delta, accountant)
+    plan = DpPlan(
+        noise_multiplier=sigma,
+        sample_rate=sample_rate,
+        steps_per_round=steps_per_round,
+        rounds=rounds,
+        delta=float(delta),
+        max_grad_norm=float(max_grad_norm),
+        epsilon_per_round=per_round,
+        epsilon_planned=planned,
+    )
+    logger.info(
+        "DP plan: sigma=%.4f q=%.4g steps/round=%d rounds=%d -> epsilon %.3f/round, %.3f planned "
+        "(delta=%g, %s)",
+        sigma, sample_rate, steps_per_round, rounds, per_round, planned, delta, accountant,
+    )
+    return plan

@@ -1,0 +1,266 @@
+"""Typed, validated configuration: one place that turns raw settings into frozen dataclasses.
+
+Two kinds of settings exist, and they belong to different people:
+
+* ``RunConfig`` is chosen by the coordinator for one federated run. It comes from
+  ``[tool.flwr.app.config]`` in pyproject.toml (kebab-case keys), overridden with
+  ``flwr run -c 'key=value'`` or ``fl-sim --set key=value``, and reaches every site as
+  ``context.run_config``.
+* ``SiteConfig`` is chosen by a hospital for its own SuperNode (``--node-config``): where its data
+  and state live, and the privacy budget it is willing to spend. A coordinator cannot change it.
+
+Both are validated as a whole: every problem is collected and reported in one ``ConfigError``, so
+an operator fixes a configuration in one pass instead of one error per restart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+MODEL_CHOICES = ("mobilenet_v2", "densenet121")
+TASK_CHOICES = ("binary", "multiclass", "multilabel")
+STRATEGY_CHOICES = ("fedavg", "fedprox", "fedadam", "trimmed-mean", "median")
+OPTIMIZER_CHOICES = ("adam", "sgd")
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+
+
+class ConfigError(ValueError):
+    """One or more settings are invalid; the message lists every problem and how to fix it."""
+
+    def __init__(self, where: str, problems: list[str]) -> None:
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"invalid {where} ({len(problems)} problem(s)):\n{lines}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Settings of one federated run, identical at every site (kebab-case keys in pyproject)."""
+
+    num_server_rounds: int = 3  # federated rounds to run
+    model: str = "mobilenet_v2"  # architecture, see common.models.MODEL_NAMES
+    image_size: int = 64  # images are resized to image_size x image_size (whole image, bilinear)
+    task: str = "binary"  # binary (sigmoid, 1 output) | multiclass (softmax) | multilabel (sigmoids)
+    labels: tuple[str, ...] = ("opacity",)  # binary: the positive finding; else the class/finding names
+    local_epochs: int = 1  # passes over the site's training split per round (in expectation under DP)
+    batch_size: int = 16  # expected batch size; under DP, Poisson sampling with rate batch/n_train
+    learning_rate: float = 1e-3  # client optimiser learning rate
+    optimizer: str = "adam"  # client optimiser: adam | sgd (momentum 0.9)
+    augment: bool = True  # training augmentation (rotation, brightness/contrast, resized crop)
+    val_fraction: float = 0.2  # share of each site's patients held out for validation
+    seed: int = 0  # seeds splits, sampling, initial weights
+    dp: bool = True  # DP-SGD at the sites; off only when the site also allows it
+    target_epsilon: float = 8.0  # per-site epsilon for the planned rounds (used when noise-multiplier=0)
+    noise_multiplier: float = 0.0  # fixed noise multiplier; 0 derives it from target-epsilon
+    max_grad_norm: float = 1.0  # per-sample gradient clipping bound (L2)
+    delta: float = 1e-5  # DP delta the run asks for; a site may insist on a smaller one
+    strategy: str = "fedavg"  # fedavg | fedprox | fedadam | trimmed-mean | median
+    proximal_mu: float = 0.01  # FedProx proximal term weight
+    server_learning_rate: float = 0.01  # FedAdam server learning rate
+    trim_beta: float = 0.2  # trimmed-mean: fraction trimmed at each end
+    fraction_train: float = 1.0  # fraction of connected sites asked to train each round
+    min_sites: int = 2  # sites needed before a round starts
+    round_timeout: float = 3600.0  # seconds to wait for replies in a round
+    wait_timeout: float = 600.0  # seconds to wait for min-sites before giving up
+    early_stop_patience: int = 0  # stop after this many rounds without pooled AUC gain (0: never)
+    run_name: str = ""  # run directory name under runs-dir; empty: a timestamped name
+    runs_dir: str = "runs"  # where run directories go (absolute, or relative to the coordinator's cwd)
+    resume_from: str = ""  # run directory to continue from its last checkpoint (fl-server resume sets it)
+    sim_root: str = ""  # simulation only: folder whose sites.json describes the simulated hospitals
+
+    @classmethod
+    def from_mapping(cls, raw: Mapping[str, Any]) -> RunConfig:
+        """Build from kebab-case (or snake_case) keys; unknown keys and bad values all reported."""
+        return _build(cls, raw, "run config", _check_run)
+
+    def to_mapping(self) -> dict[str, Any]:
+        """Kebab-case dict (tuples as comma-separated strings), the form Flower's run config uses."""
+        return _to_mapping(self)
+
+    @property
+    def num_outputs(self) -> int:
+        """Model outputs: 1 for a binary task (the positive finding), else one per label."""
+        return 1 if self.task == "binary" else len(self.labels)
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    """Settings a hospital owns for its SuperNode (``--node-config``); the coordinator cannot change them."""
+
+    data_dir: Path  # the site's DICOM folder (labels.csv or class subfolders)
+    state_dir: Path  # cache, privacy ledger, salt: stays on site, survives restarts
+    site_name: str  # name shown to the coordinator (no patient information)
+    max_epsilon: float = 10.0  # cumulative privacy budget on this dataset, over all runs
+    delta: float = 1e-5  # the delta this site accounts with
+    allow_no_dp: bool = False  # whether this site ever trains without DP when a run asks for it
+    device: str = "auto"  # auto (CUDA when present) | cpu | cuda
+    approved_only: bool = True  # run only app bundles approved by the site (deployment)
+
+    @classmethod
+    def from_mapping(cls, raw: Mapping[str, Any]) -> SiteConfig:
+        return _build(cls, raw, "site config", _check_site)
+
+    def to_mapping(self) -> dict[str, Any]:
+        return _to_mapping(self)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _key(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _to_mapping(obj: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if isinstance(value, tuple):
+            value = ",".join(value)
+        elif isinstance(value, Path):
+            value = str(value)
+        out[_key(f.name)] = value
+    return out
+
+
+def _coerce(value: Any, typ: Any, key: str, problems: list[str]) -> Any:
+    """Convert a raw value (TOML, CLI string) to the field's type, or record why not."""
+    type_name = typ if isinstance(typ, str) else getattr(typ, "__name__", str(typ))
+    try:
+        if type_name == "bool":
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("true", "1", "yes", "on"):
+                return True
+            if text in ("false", "0", "no", "off"):
+                return False
+            raise ValueError
+        if type_name == "int":
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if type_name == "float":
+            if isinstance(value, bool):
+                raise ValueError
+            result = float(value)
+            if not math.isfinite(result):
+                raise ValueError
+            return result
+        if type_name == "Path":
+            return Path(str(value)).expanduser()
+        if type_name.startswith("tuple"):
+            if isinstance(value, (list, tuple)):
+                items = [str(v).strip() for v in value]
+            else:
+                items = [v.strip() for v in str(value).split(",")]
+            return tuple(v for v in items if v)
+        return str(value)
+    except (TypeError, ValueError):
+        problems.append(f"`{key}` = {value!r} is not a valid {type_name}")
+        return None
+
+
+def _build(cls: Any, raw: Mapping[str, Any], where: str, check: Any) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    problems: list[str] = []
+    values: dict[str, Any] = {}
+    for raw_key, value in raw.items():
+        name = str(raw_key).replace("-", "_")
+        if name not in fields:
+            known = ", ".join(sorted(_key(n) for n in fields))
+            problems.append(f"unknown key `{raw_key}` (known keys: {known})")
+            continue
+        coerced = _coerce(value, fields[name].type, _key(name), problems)
+        if coerced is not None:
+            values[name] = coerced
+    for name, f in fields.items():
+        no_default = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if no_default and name not in values:
+            problems.append(f"`{_key(name)}` is required")
+    if any("is required" in p for p in problems):
+        raise ConfigError(where, problems)
+    # Range checks run on whatever did coerce, so one error lists every problem at once.
+    obj = cls(**values)
+    problems += check(obj)
+    if problems:
+        raise ConfigError(where, problems)
+    return obj
+
+
+def _one_of(problems: list[str], key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        problems.append(f"`{key}` = {value!r}: expected one of {', '.join(choices)}")
+
+
+def _range(problems: list[str], key: str, value: float, lo: float, hi: float, *, lo_open: bool = False) -> None:
+    bad = value < lo or value > hi or (lo_open and value == lo)
+    if bad:
+        left = "(" if lo_open else "["
+        problems.append(f"`{key}` = {value}: expected a value in {left}{lo}, {hi}]")
+
+
+def _check_run(c: RunConfig) -> list[str]:
+    p: list[str] = []
+    _one_of(p, "model", c.model, MODEL_CHOICES)
+    _one_of(p, "task", c.task, TASK_CHOICES)
+    _one_of(p, "strategy", c.strategy, STRATEGY_CHOICES)
+    _one_of(p, "optimizer", c.optimizer, OPTIMIZER_CHOICES)
+    _range(p, "num-server-rounds", c.num_server_rounds, 1, 10_000)
+    _range(p, "image-size", c.image_size, 16, 1024)
+    _range(p, "local-epochs", c.local_epochs, 1, 100)
+    _range(p, "batch-size", c.batch_size, 1, 4096)
+    _range(p, "learning-rate", c.learning_rate, 0.0, 10.0, lo_open=True)
+    _range(p, "val-fraction", c.val_fraction, 0.0, 0.9, lo_open=True)
+    _range(p, "max-grad-norm", c.max_grad_norm, 0.0, 1e6, lo_open=True)
+    _range(p, "delta", c.delta, 0.0, 0.1, lo_open=True)
+    _range(p, "proximal-mu", c.proximal_mu, 0.0, 100.0)
+    _range(p, "server-learning-rate", c.server_learning_rate, 0.0, 10.0, lo_open=True)
+    _range(p, "trim-beta", c.trim_beta, 0.0, 0.49)
+    _range(p, "fraction-train", c.fraction_train, 0.0, 1.0, lo_open=True)
+    _range(p, "min-sites", c.min_sites, 1, 100_000)
+    _range(p, "round-timeout", c.round_timeout, 1.0, 7 * 86400.0)
+    _range(p, "wait-timeout", c.wait_timeout, 1.0, 7 * 86400.0)
+    _range(p, "early-stop-patience", c.early_stop_patience, 0, 10_000)
+    if c.dp:
+        if c.noise_multiplier == 0.0:
+            _range(p, "target-epsilon", c.target_epsilon, 0.0, 1000.0, lo_open=True)
+        else:
+            _range(p, "noise-multiplier", c.noise_multiplier, 0.0, 1000.0, lo_open=True)
+    if c.image_size % 2:
+        p.append(f"`image-size` = {c.image_size}: use an even size (models downsample by 2 repeatedly)")
+    if not c.labels:
+        p.append("`labels` is empty: name the positive finding (binary) or every class / finding")
+    elif c.task == "binary" and len(c.labels) != 1:
+        p.append(f"`labels` = {','.join(c.labels)}: a binary task names exactly one positive finding")
+    elif c.task == "multiclass" and len(c.labels) < 2:
+        p.append("`labels`: a multiclass task needs at least two class names")
+    if len({lab.lower() for lab in c.labels}) != len(c.labels):
+        p.append(f"`labels` = {','.join(c.labels)}: names must be unique (case-insensitive)")
+    if "/" in c.run_name or c.run_name.startswith("."):
+        p.append(f"`run-name` = {c.run_name!r}: a plain folder name (no '/', not starting with '.')")
+    return p
+
+
+def _check_site(c: SiteConfig) -> list[str]:
+    p: list[str] = []
+    _one_of(p, "device", c.device, DEVICE_CHOICES)
+    _range(p, "max-epsilon", c.max_epsilon, 0.0, 1000.0)
+    _range(p, "delta", c.delta, 0.0, 0.1, lo_open=True)
+    if not c.site_name or not all(ch.isalnum() or ch in "-_." for ch in c.site_name):
+        p.append(f"`site-name` = {c.site_name!r}: use letters, digits, '-', '_' or '.'")
+    if not c.data_dir.is_dir():
+        p.append(f"`data-dir` = {str(c.data_dir)!r} is not a folder: point it at the site's DICOM folder")
+    return p
+
+
+def default_run_mapping() -> dict[str, Any]:
+    """The default run config in kebab-case, e.g. to write into pyproject or a config file."""
+    return RunConfig().to_mapping()

@@ -1,0 +1,117 @@
+"""From a site folder to torch datasets: scan (through the cache), targets, patient-level split.
+
+This is the one function both the hospital client and the simulations call, so a simulated site
+and a real one read their data the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from common.augment import identity, train_transform
+from common.cache import SiteCache
+from common.dataset import (
+    SiteIndex,
+    Split,
+    Targets,
+    encode_targets,
+    patient_strata,
+    scan_site,
+    site_salt,
+    split_patients,
+)
+
+log = logging.getLogger(__name__)
+
+
+class XrayDataset(Dataset):
+    """uint8 images [N, S, S] held in memory + targets; items are ([1, S, S] float in [0,1], target)."""
+
+    def __init__(self, images: np.ndarray, y: np.ndarray, transform: Callable[[torch.Tensor], torch.Tensor] = identity):
+        self.images = torch.from_numpy(np.ascontiguousarray(images))
+        self.y = torch.from_numpy(np.ascontiguousarray(y))
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.images[i].unsqueeze(0).to(torch.float32).div_(255.0)
+        return self.transform(x), self.y[i]
+
+
+@dataclass
+class SiteData:
+    """A site's data ready for a run: images at the run's size, targets, the patient-level split."""
+
+    index: SiteIndex
+    targets: Targets
+    split: Split
+    images: np.ndarray  # uint8 [N, S, S], aligned with targets.y
+    image_size: int
+
+    @property
+    def n_train(self) -> int:
+        return int(self.split.train.size)
+
+    @property
+    def n_val(self) -> int:
+        return int(self.split.val.size)
+
+    def train_hashes(self) -> list[str]:
+        """Content hashes of the training images: the input of the ledger's dataset fingerprint."""
+        recs = self.index.records
+        return [recs[int(self.targets.keep[i])].content_hash for i in self.split.train]
+
+    def train_dataset(self, augment: bool = True) -> XrayDataset:
+        t = train_transform(self.image_size) if augment else identity
+        return XrayDataset(self.images[self.split.train], self.targets.y[self.split.train], t)
+
+    def val_dataset(self) -> XrayDataset:
+        return XrayDataset(self.images[self.split.val], self.targets.y[self.split.val])
+
+    def prevalence(self, which: str = "train") -> list[float]:
+        """Share of positives per output (binary/multilabel) or per class (multiclass)."""
+        idx = self.split.train if which == "train" else self.split.val
+        y = self.targets.y[idx]
+        if y.size == 0:
+            return []
+        if self.targets.task == "multiclass":
+            counts = np.bincount(y, minlength=len(self.targets.labels))
+            return [float(c) / len(y) for c in counts]
+        return [float(v) for v in y.mean(axis=0)]
+
+
+def load_site(
+    data_dir: str | os.PathLike,
+    state_dir: str | os.PathLike,
+    *,
+    image_size: int,
+    task: str,
+    labels: tuple[str, ...],
+    val_fraction: float,
+    seed: int,
+    progress: bool = False,
+) -> SiteData:
+    """Scan ``data_dir`` through the site cache in ``state_dir`` and split it by patient."""
+    state = Path(state_dir)
+    index = scan_site(
+        data_dir, salt=site_salt(state), image_size=image_size, cache=SiteCache(state / "cache"), progress=progress
+    )
+    if index.skipped:
+        log.warning("%d file(s) skipped (run `fl-client check` for the reasons)", len(index.skipped))
+    targets = encode_targets(index, task, labels)
+    for reason, n in targets.dropped.items():
+        log.warning("%d image(s) left out: %s", n, reason)
+    kept = [index.records[int(i)] for i in targets.keep]
+    split = split_patients([r.patient for r in kept], patient_strata(targets), val_fraction=val_fraction, seed=seed)
+    images = np.stack([r.pixels for r in kept])  # type: ignore[misc]
+    return SiteData(index, targets, split, images, image_size)

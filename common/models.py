@@ -1,0 +1,307 @@
+"""The two chest X-ray classifiers (DenseNet121, MobileNetV2), in one builder used everywhere.
+
+Server, client and ONNX export all call :func:`build_model`, so the same ``(name, dp)`` always
+gives the same architecture and the same ``state_dict`` keys. The keys are torchvision's own
+(``features.*``, ``classifier.*``), so torchvision ImageNet weights load by name.
+
+Two forms of each architecture:
+
+* ``dp=True`` (the default, what federated training uses): DP-SGD needs a per-sample gradient
+  for every parameter, which BatchNorm breaks (it mixes the samples of a batch), so every
+  BatchNorm becomes a GroupNorm; and Opacus' backward hooks fail on in-place ops ("Output 0 of
+  BackwardHookFunction is a view and is being modified inplace"), so every ReLU/ReLU6 is
+  out-of-place and the forward is our own (torchvision's ``DenseNet.forward`` calls
+  ``F.relu(..., inplace=True)``). The result passes ``ModuleValidator.validate(strict=True)``.
+* ``dp=False``: the plain torchvision architecture (BatchNorm), for non-private baselines.
+
+Both take ``[N, 1, H, W]`` float inputs in [0, 1] (what ``common.dicom.read_radiograph`` gives)
+and normalise inside the model with plain Python floats (:data:`NORMALISATION`), so the
+exported ONNX graph takes the same input and no normalisation buffer sits in the state_dict.
+The output is raw logits ``[N, num_outputs]``.
+
+Pretrained weights are never downloaded (the machines have no hub access): torchvision
+builders always get ``weights=None``; a local file may be given with ``weights_path``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision import models as tvm
+
+log = logging.getLogger(__name__)
+
+MODEL_NAMES: tuple[str, ...] = ("densenet121", "mobilenet_v2")
+
+# (mean, std) of a [0, 1] grey value: the means of torchvision's ImageNet channel means
+# (0.485, 0.456, 0.406) and stds (0.229, 0.224, 0.225). A grey image copied to RGB and
+# normalised per channel then feeds an RGB first conv almost exactly like this single-channel
+# normalisation feeds the RGB-summed 1-channel conv, so ImageNet weights see familiar inputs.
+NORMALISATION: tuple[float, float] = (0.449, 0.226)
+
+# Opacus grad_sample_mode per model: the fastest on CPU in benchmarks/train_throughput.py
+# (figures and runs in docs/models.md). Change only with new figures.
+_GRAD_SAMPLE_MODE: dict[str, str] = {
+    "densenet121": "ghost",
+    "mobilenet_v2": "functorch",
+}
+
+# Key of the first convolution's weight (the one that takes the image) per architecture.
+_FIRST_CONV_KEY: dict[str, str] = {
+    "densenet121": "features.conv0.weight",
+    "mobilenet_v2": "features.0.0.weight",
+}
+
+_MAX_GROUPS = 32  # GroupNorm paper's default (Wu & He, 2018)
+
+
+class ModelError(ValueError):
+    """A model was asked for with an unknown name or bad arguments."""
+
+
+class WeightsError(ValueError):
+    """A weights file could not be read or does not fit the requested architecture."""
+
+
+class RadiographClassifier(nn.Module):
+    """A torchvision backbone behind in-model normalisation, with an in-place-free forward.
+
+    Holds torchvision's ``features`` and ``classifier`` modules under their own names, so the
+    state_dict keys are exactly torchvision's. ``final_relu`` is DenseNet's ReLU after
+    ``norm5`` (applied here out-of-place; torchvision applies it in place).
+    """
+
+    def __init__(
+        self,
+        features: nn.Module,
+        classifier: nn.Module,
+        *,
+        final_relu: bool,
+        mean: float,
+        std: float,
+    ) -> None:
+        super().__init__()
+        self.features = features
+        self.classifier = classifier
+        self.final_relu = final_relu
+        # Plain floats, not buffers: they never travel in state_dicts and are constants in ONNX.
+        self.mean = float(mean)
+        self.std = float(std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[N, 1, H, W] in [0, 1] -> logits [N, num_outputs]."""
+        if x.dim() != 4 or x.shape[1] != 1:
+            raise ModelError(
+                f"model input has shape {tuple(x.shape)}; expected [N, 1, H, W] grey images "
+                "in [0, 1]: add the channel axis with x.unsqueeze(1)"
+            )
+        x = (x - self.mean) / self.std
+        x = self.features(x)
+        if self.final_relu:
+            x = F.relu(x)
+        x = F.adaptive_avg_pool2d(x, 1)
+        x = torch.flatten(x, 1)
+        return self.classifier(x)
+
+
+def group_norm_groups(num_channels: int) -> int:
+    """Number of GroupNorm groups for ``num_channels``: gcd(32, C).
+
+    32 groups as in the GroupNorm paper wherever C allows it (every DenseNet121 layer and most
+    MobileNetV2 ones); otherwise the largest power of two dividing C (16 -> 16, 24 -> 8,
+    144 -> 16), the same rule as Opacus' ``ModuleValidator.fix``.
+    """
+    return math.gcd(_MAX_GROUPS, num_channels)
+
+
+def build_model(
+    name: str,
+    *,
+    num_outputs: int,
+    dp: bool = True,
+    weights_path: str | os.PathLike[str] | None = None,
+) -> nn.Module:
+    """Build ``name`` for 1-channel [0, 1] inputs with ``num_outputs`` logits.
+
+    Args:
+        name: one of :data:`MODEL_NAMES`.
+        num_outputs: logits per image (1 for a binary task, C for multiclass / multilabel).
+        dp: True for the DP-ready form (GroupNorm, no in-place ops); False for the plain
+            torchvision form (BatchNorm).
+        weights_path: optional local weights: a state_dict of this architecture (as saved from
+            a model built here, also with an Opacus ``_module.`` prefix) or torchvision ImageNet
+            weights (the RGB first conv is summed to one channel; tensors that do not fit, such
+            as BatchNorm running statistics or a 1000-class head, are skipped and logged).
+
+    Raises:
+        ModelError: unknown name or num_outputs < 1.
+        WeightsError: the weights file is unreadable or nothing in it fits this architecture.
+    """
+    if name not in MODEL_NAMES:
+        raise ModelError(f"unknown model {name!r}; expected one of {', '.join(MODEL_NAMES)}")
+    if isinstance(num_outputs, bool) or not isinstance(num_outputs, int) or num_outputs < 1:
+        raise ModelError(
+            f"num_outputs={num_outputs!r} for model {name!r}; expected an int >= 1 "
+            "(1 for a binary task, the number of classes or findings otherwise)"
+        )
+    mean, std = NORMALISATION
+    if name == "densenet121":
+        net = tvm.densenet121(weights=None, num_classes=num_outputs)
+        net.features.conv0 = _one_channel(net.features.conv0)
+        model = RadiographClassifier(
+            net.features, net.classifier, final_relu=True, mean=mean, std=std
+        )
+    else:
+        net = tvm.mobilenet_v2(weights=None, num_classes=num_outputs)
+        net.features[0][0] = _one_channel(net.features[0][0])
+        model = RadiographClassifier(
+            net.features, net.classifier, final_relu=False, mean=mean, std=std
+        )
+    if dp:
+        _to_dp_ready(model)
+    if weights_path is not None:
+        load_weights(model, name, weights_path)
+    return model
+
+
+def _one_channel(conv: nn.Conv2d) -> nn.Conv2d:
+    """The same convolution with one input channel (grey radiographs)."""
+    return nn.Conv2d(
+        1,
+        conv.out_channels,
+        kernel_size=conv.kernel_size,  # type: ignore[arg-type]
+        stride=conv.stride,  # type: ignore[arg-type]
+        padding=conv.padding,  # type: ignore[arg-type]
+        dilation=conv.dilation,  # type: ignore[arg-type]
+        groups=conv.groups,
+        bias=conv.bias is not None,
+    )
+
+
+def _to_dp_ready(model: nn.Module) -> None:
+    """In place: BatchNorm -> GroupNorm, every activation out-of-place."""
+    _replace_modules(
+        model,
+        lambda m: isinstance(m, nn.modules.batchnorm._BatchNorm),
+        lambda m: nn.GroupNorm(group_norm_groups(m.num_features), m.num_features, affine=True),
+    )
+    for module in model.modules():
+        if hasattr(module, "inplace"):
+            module.inplace = False
+
+
+def _replace_modules(
+    root: nn.Module,
+    match: Callable[[nn.Module], bool],
+    make: Callable[[nn.Module], nn.Module],
+) -> None:
+    for child_name, child in root.named_children():
+        if match(child):
+            setattr(root, child_name, make(child))
+        else:
+            _replace_modules(child, match, make)
+
+
+def load_weights(model: nn.Module, name: str, weights_path: str | os.PathLike[str]) -> None:
+    """Load what fits from a local weights file into ``model`` (built by :func:`build_model`).
+
+    Tensors are matched by key and shape; a 3-channel first conv is summed over its input
+    channels. Everything skipped is logged in one line. Never downloads anything.
+    """
+    path = Path(weights_path)
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, ValueError) as err:
+        raise WeightsError(
+            f"cannot read weights file {path} for model {name!r}: {err}; expected a torch.save'd "
+            "state_dict (tensors only)"
+        ) from err
+    if isinstance(loaded, Mapping) and isinstance(loaded.get("state_dict"), Mapping):
+        loaded = loaded["state_dict"]
+    if not isinstance(loaded, Mapping):
+        raise WeightsError(
+            f"weights file {path} holds a {type(loaded).__name__}, expected a state_dict "
+            f"(dict of name -> tensor) for model {name!r}"
+        )
+    source = {_strip_wrapper_prefix(str(k)): v for k, v in loaded.items()}
+    target = model.state_dict()
+    first_conv = _FIRST_CONV_KEY[name]
+
+    fitting: dict[str, torch.Tensor] = {}
+    skipped: list[str] = []
+    for key, tensor in source.items():
+        if not isinstance(tensor, torch.Tensor) or key not in target:
+            skipped.append(key)
+            continue
+        want = target[key].shape
+        if key == first_conv and tensor.dim() == 4 and tensor.shape[1] == 3 and want[1] == 1:
+            tensor = tensor.sum(dim=1, keepdim=True)  # RGB filters -> one grey filter
+        if tensor.shape != want:
+            skipped.append(f"{key} {tuple(tensor.shape)}!={tuple(want)}")
+            continue
+        fitting[key] = tensor
+    if not fitting:
+        raise WeightsError(
+            f"nothing in weights file {path} fits model {name!r} "
+            f"(first keys there: {', '.join(list(source)[:3]) or 'none'}); expected a "
+            f"state_dict of {name} as built by common.models.build_model or torchvision"
+        )
+    missing = [k for k in target if k not in fitting]
+    model.load_state_dict(fitting, strict=False)
+    if skipped or missing:
+        log.warning(
+            "weights %s -> %s: loaded %d of %d tensors; skipped %d from the file (%s); "
+            "left at initial values %d (%s)",
+            path.name, name, len(fitting), len(target), len(skipped), _few(skipped),
+            len(missing), _few(missing),
+        )
+    else:
+        log.info("weights %s -> %s: loaded all %d tensors", path.name, name, len(fitting))
+
+
+def _strip_wrapper_prefix(key: str) -> str:
+    """Drop Opacus' ``_module.`` and DDP's ``module.`` prefixes."""
+    for prefix in ("_module.", "module."):
+        while key.startswith(prefix):
+            key = key[len(prefix):]
+    return key
+
+
+def _few(keys: list[str], limit: int = 4) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... {len(keys) - limit} more" if len(keys) > limit else "") or "none"
+
+
+def grad_sample_mode(name: str) -> str:
+    """The Opacus ``grad_sample_mode`` fastest for ``name`` on CPU (see docs/models.md)."""
+    if name not in _GRAD_SAMPLE_MODE:
+        raise ModelError(f"unknown model {name!r}; expected one of {', '.join(MODEL_NAMES)}")
+    return _GRAD_SAMPLE_MODE[name]
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters (what DP-SGD clips and noises)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def describe(name: str, *, num_outputs: int = 1) -> dict[str, object]:
+    """A small self-description of the DP-ready model, for model cards and logs."""
+    model = build_model(name, num_outputs=num_outputs, dp=True)
+    mean, std = NORMALISATION
+    return {
+        "name": name,
+        "architecture": f"torchvision {name}, 1-channel first conv, {num_outputs} logits",
+        "parameters": count_parameters(model),
+        "num_outputs": num_outputs,
+        "input": "[N, 1, H, W] float32 in [0, 1]",
+        "normalisation": {"mean": mean, "std": std},
+        "dp_form": "BatchNorm -> GroupNorm(gcd(32, C) groups), no in-place ops",
+        "grad_sample_mode": grad_sample_mode(name),
+    }

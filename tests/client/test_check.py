@@ -1,0 +1,67 @@
+"""`fl-client check`: the pre-join summary, with no patient identifiers in it."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from client.cli import main
+
+
+@pytest.fixture
+def site(tmp_path, dicom_writer):
+    root = tmp_path / "hospital"
+    rows = ["file,label"]
+    for p in range(8):
+        label = "pneumonia" if p < 3 else "normal"
+        for k in range(2):
+            rel = f"pat{p}/{k}.dcm"
+            img = np.tile(np.linspace(0.1, 0.9, 32), (32, 1))
+            dicom_writer(root / rel, img, patient_id=f"MRN-77{p:02d}", bits=12 if p % 2 else 8,
+                         photometric="MONOCHROME1" if p == 0 else "MONOCHROME2")
+            rows.append(f"{rel},{label}")
+    (root / "pat0" / "junk.dcm").write_bytes(b"DICM but not really")
+    rows.append("pat0/junk.dcm,normal")
+    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def test_summary_text(site, capsys):
+    assert main(["check", str(site)]) == 0
+    out = capsys.readouterr().out
+    assert "usable images: 16   patients: 8" in out
+    assert "pneumonia" in out and "normal" in out
+    assert "skipped files: 1" in out
+    assert "MONOCHROME1 2" in out and "MONOCHROME2 14" in out
+    assert "patient-level split (binary: pneumonia" in out
+    assert "MRN-77" not in out and "pat0" not in out and "junk.dcm" not in out
+
+
+def test_summary_json_counts(site, capsys):
+    assert main(["check", str(site), "--json", "--val-fraction", "0.25"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["classes"]["pneumonia"] == {"images": 6, "patients": 3}
+    assert summary["mix"]["bits_stored"] == {"8": 8, "12": 8}
+    split = summary["split"]
+    assert split["train_images"] + split["val_images"] == 16
+    assert split["val_patients"] == 2 and split["val_positive"] >= 1
+    assert "MRN" not in json.dumps(summary)
+
+
+def test_list_skipped_shows_local_paths_only_on_request(site, capsys):
+    assert main(["check", str(site), "--list-skipped"]) == 0
+    assert "pat0/junk.dcm" in capsys.readouterr().out
+
+
+def test_reads_only(site):
+    before = sorted(p.relative_to(site) for p in site.rglob("*"))
+    main(["check", str(site)])
+    assert sorted(p.relative_to(site) for p in site.rglob("*")) == before
+
+
+def test_wrong_path_one_clear_line(tmp_path, capsys):
+    assert main(["check", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not exist" in err[0]

@@ -1,0 +1,63 @@
+"""RunConfig / SiteConfig: coercion, defaults and one error listing every problem."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from common.config import ConfigError, RunConfig, SiteConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class TestRunConfig:
+    def test_defaults_match_pyproject(self):
+        with open(ROOT / "pyproject.toml", "rb") as fh:
+            table = tomllib.load(fh)["tool"]["flwr"]["app"]["config"]
+        assert RunConfig.from_mapping(table) == RunConfig()
+        assert set(table) == set(RunConfig().to_mapping())
+
+    def test_coerces_cli_strings(self):
+        cfg = RunConfig.from_mapping({"num-server-rounds": "5", "dp": "false", "labels": "a, b ,c", "task": "multiclass"})
+        assert cfg.num_server_rounds == 5 and cfg.dp is False
+        assert cfg.labels == ("a", "b", "c") and cfg.num_outputs == 3
+
+    def test_every_problem_listed_at_once(self):
+        with pytest.raises(ConfigError) as info:
+            RunConfig.from_mapping({"model": "resnet", "image-size": 8, "batch-size": "x", "bogus": 1})
+        msg = str(info.value)
+        assert len(info.value.problems) == 4  # unknown key, bad int, bad model, bad size
+        assert "bogus" in msg and "batch-size" in msg
+        with pytest.raises(ConfigError) as info:
+            RunConfig.from_mapping({"model": "resnet", "image-size": 8, "strategy": "fedsgd", "delta": 0.5})
+        assert len(info.value.problems) == 4
+        for key in ("model", "image-size", "strategy", "delta"):
+            assert f"`{key}`" in str(info.value)
+
+    def test_binary_needs_exactly_one_label(self):
+        with pytest.raises(ConfigError, match="exactly one positive"):
+            RunConfig.from_mapping({"labels": "a,b"})
+
+    def test_round_trip_mapping(self):
+        cfg = RunConfig(model="densenet121", labels=("x", "y"), task="multilabel")
+        assert RunConfig.from_mapping(cfg.to_mapping()) == cfg
+
+
+class TestSiteConfig:
+    def test_valid(self, tmp_path):
+        cfg = SiteConfig.from_mapping({"data-dir": str(tmp_path), "state-dir": str(tmp_path / "s"), "site-name": "h1"})
+        assert cfg.max_epsilon == 10.0 and cfg.data_dir == tmp_path
+
+    def test_missing_and_bad(self, tmp_path):
+        with pytest.raises(ConfigError) as info:
+            SiteConfig.from_mapping({"data-dir": str(tmp_path / "nope"), "site-name": "bad name!", "max-epsilon": -1})
+        msg = str(info.value)
+        assert "`state-dir` is required" in msg
+        with pytest.raises(ConfigError) as info:
+            SiteConfig.from_mapping(
+                {"data-dir": str(tmp_path / "nope"), "state-dir": "s", "site-name": "bad name!", "max-epsilon": -1}
+            )
+        msg = str(info.value)
+        assert "data-dir" in msg and "site-name" in msg and "max-epsilon" in msg

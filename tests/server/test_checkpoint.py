@@ -1,0 +1,32 @@
+"""Checkpoints: atomic, newest readable one wins, damaged newest falls back."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from server.checkpoint import Checkpoint, latest_checkpoint, save_checkpoint
+
+
+def _ckpt(r: int) -> Checkpoint:
+    return Checkpoint(r, {"w": np.full((2, 2), float(r), np.float32)}, {"threshold": 0.4, "m_t": {"w": np.ones(2)}},
+                      [{"round": i} for i in range(1, r + 1)], {"num-server-rounds": 5})
+
+
+def test_round_trip_and_latest(tmp_path):
+    for r in (1, 2, 3, 4):
+        save_checkpoint(tmp_path, _ckpt(r), keep=2)
+    assert len(list((tmp_path / "checkpoints").glob("round-*.pt"))) == 2
+    c = latest_checkpoint(tmp_path)
+    assert c.round == 4 and c.weights["w"][0, 0] == 4.0 and len(c.history) == 4
+    assert np.allclose(c.strategy_state["m_t"]["w"], 1.0)
+
+
+def test_damaged_newest_falls_back(tmp_path):
+    save_checkpoint(tmp_path, _ckpt(1))
+    save_checkpoint(tmp_path, _ckpt(2))
+    (tmp_path / "checkpoints" / "round-00002.pt").write_bytes(b"half a file")
+    assert latest_checkpoint(tmp_path).round == 1
+
+
+def test_no_checkpoint(tmp_path):
+    assert latest_checkpoint(tmp_path) is None
