@@ -4,6 +4,10 @@ Benchmarks print one JSON document on stdout (progress goes to stderr), so their
 piped into files and compared between runs. Every document should carry :func:`machine_info`,
 because figures mean little without the machine, the library versions and the load they were
 measured under.
+
+Import it from a script in this folder as ``from _util import ...`` (the script's folder is on
+``sys.path``): ``benchmarks._util`` does not resolve, because opacus installs a top-level
+package named ``benchmarks`` into site-packages.
 """
 
 from __future__ import annotations

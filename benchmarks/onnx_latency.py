@@ -120,9 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="onnx_latency_") as tmp:
         for name in args.models:
             for size in args.sizes:
-                result = _bench_one(
-                    name, size, runs=args.runs, warmup=args.warmup, threads=args.threads, workdir=Path(tmp)
-                )
+                result = _bench_one(name, size, runs=args.runs, warmup=args.warmup, threads=args.threads, workdir=Path(tmp))
                 out["results"].append(result)
                 print(
                     f"{name} {size}px: torch {result['torch_ms_median']} ms, onnxruntime "

@@ -14,23 +14,27 @@ processes on a shared machine hits them alike. Each case reports wall-clock imag
 and best step) and images per CPU-second (steadier under load). The best DP mode is the one
 with the most images per CPU-second; ``common.models.grad_sample_mode`` is set from it.
 
-Usage (from the repository root):
-    PYTHONPATH=. .venv/bin/python benchmarks/train_throughput.py > bench.json
-    PYTHONPATH=. .venv/bin/python benchmarks/train_throughput.py --device cuda --sizes 224
+Usage (from the repository root; progress on stderr):
+    .venv/bin/python benchmarks/train_throughput.py > bench.json
+    .venv/bin/python benchmarks/train_throughput.py --device cuda --sizes 224
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-import torch
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+# Run as a script: the repository root makes `common` importable without PYTHONPATH. The
+# helpers are imported as `_util` from this folder, because opacus installs a top-level
+# package named `benchmarks` that would shadow `benchmarks._util`.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._util import (
+import torch  # noqa: E402
+from _util import (  # noqa: E402
     machine_info,
     per_cpu_second,
     print_json,
@@ -39,8 +43,11 @@ from benchmarks._util import (
     throughput,
     time_call,
 )
-from common.dp import GRAD_SAMPLE_MODES, dp_step, make_private
-from common.models import MODEL_NAMES, build_model, grad_sample_mode
+from torch import nn  # noqa: E402
+from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
+
+from common.dp import GRAD_SAMPLE_MODES, dp_step, make_private  # noqa: E402
+from common.models import MODEL_NAMES, build_model, grad_sample_mode  # noqa: E402
 
 NUM_OUTPUTS = 3  # a small multilabel head, like a few findings
 # Goal: DP training speed relative to the plain BatchNorm model, on CPU at 64 px.

@@ -55,9 +55,7 @@ class MetricsError(ValueError):
 # --------------------------------------------------------------------------- input checks
 
 
-def _check_binary(
-    y_true: ArrayLike, scores: ArrayLike, *, what: str = "scores"
-) -> tuple[NDArray[np.bool_], NDArray[np.float64]]:
+def _check_binary(y_true: ArrayLike, scores: ArrayLike, *, what: str = "scores") -> tuple[NDArray[np.bool_], NDArray[np.float64]]:
     """Return (labels as bool, scores as float64), both 1-D, after checking they are usable.
 
     A trailing singleton axis ([N,1], as a binary model outputs) is accepted for either.
@@ -70,8 +68,7 @@ def _check_binary(
         s = s[:, 0]
     if y.ndim != 1 or s.ndim != 1:
         raise MetricsError(
-            f"binary metrics need 1-D y_true and {what} (or [N,1]); got shapes {y.shape} and "
-            f"{s.shape}. For several classes use macro_auc."
+            f"binary metrics need 1-D y_true and {what} (or [N,1]); got shapes {y.shape} and {s.shape}. For several classes use macro_auc."
         )
     if y.shape[0] != s.shape[0]:
         raise MetricsError(f"y_true has {y.shape[0]} samples but {what} has {s.shape[0]}; pass one score per label")
@@ -83,8 +80,7 @@ def _check_binary(
         )
     if not np.isfinite(s).all():
         raise MetricsError(
-            f"{what} contain {int((~np.isfinite(s)).sum())} non-finite values (nan/inf); "
-            "check the model output before computing metrics"
+            f"{what} contain {int((~np.isfinite(s)).sum())} non-finite values (nan/inf); check the model output before computing metrics"
         )
     return y.astype(bool), s
 
@@ -92,8 +88,7 @@ def _check_binary(
 def _check_probs(probs: NDArray[np.float64]) -> None:
     if probs.size and (probs.min() < 0.0 or probs.max() > 1.0):
         raise MetricsError(
-            f"probabilities must lie in [0,1]; got range [{probs.min():.4g}, {probs.max():.4g}]. "
-            "Apply sigmoid/softmax to logits first."
+            f"probabilities must lie in [0,1]; got range [{probs.min():.4g}, {probs.max():.4g}]. Apply sigmoid/softmax to logits first."
         )
 
 
@@ -121,9 +116,7 @@ def _auc_from_counts(pos: NDArray[Any], neg: NDArray[Any]) -> NDArray[np.float64
         return np.where(n_pairs > 0, wins / np.where(n_pairs > 0, n_pairs, 1.0), np.nan)
 
 
-def _level_counts(
-    y: NDArray[np.bool_], s: NDArray[np.float64]
-) -> tuple[NDArray[np.float64], NDArray[np.int64], NDArray[np.int64]]:
+def _level_counts(y: NDArray[np.bool_], s: NDArray[np.float64]) -> tuple[NDArray[np.float64], NDArray[np.int64], NDArray[np.int64]]:
     """Distinct scores ascending, with the number of positives and negatives at each."""
     levels, inverse = np.unique(s, return_inverse=True)
     pos = np.bincount(inverse, weights=y, minlength=levels.size).astype(np.int64)
@@ -138,9 +131,7 @@ def roc_auc(y_true: ArrayLike, scores: ArrayLike) -> float:
     return float(_auc_from_counts(pos, neg))
 
 
-def roc_curve(
-    y_true: ArrayLike, scores: ArrayLike
-) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]:
+def roc_curve(y_true: ArrayLike, scores: ArrayLike) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]:
     """ROC points (fpr, tpr, thresholds), one per distinct score, thresholds descending.
 
     Point i is the operating point of ``score >= thresholds[i]``; the first point is (0, 0) with
@@ -277,9 +268,7 @@ def bootstrap_auc_ci(
         # How many times each positive / negative sample is drawn, per resample.
         w_pos = rng.multinomial(n_pos, np.full(n_pos, 1.0 / n_pos), size=rows)
         w_neg = rng.multinomial(n_neg, np.full(n_neg, 1.0 / n_neg), size=rows)
-        aucs[start : start + rows] = _auc_from_counts(
-            _per_level(w_pos, pos_level, levels.size), _per_level(w_neg, neg_level, levels.size)
-        )
+        aucs[start : start + rows] = _auc_from_counts(_per_level(w_pos, pos_level, levels.size), _per_level(w_neg, neg_level, levels.size))
     lo, hi = np.quantile(aucs, [alpha / 2, 1 - alpha / 2])
     return float(lo), float(hi)
 
@@ -311,14 +300,11 @@ def _sum_histograms(hists: Sequence[Mapping[str, Sequence[int]]]) -> tuple[NDArr
     lengths = set()
     for i, h in enumerate(hists):
         if "pos" not in h or "neg" not in h:
-            raise MetricsError(
-                f"histogram #{i} lacks 'pos'/'neg' (has {sorted(h)}); produce it with score_histograms()"
-            )
+            raise MetricsError(f"histogram #{i} lacks 'pos'/'neg' (has {sorted(h)}); produce it with score_histograms()")
         lengths.update({len(h["pos"]), len(h["neg"])})
     if len(lengths) != 1:
         raise MetricsError(
-            f"site histograms use different bin counts {sorted(lengths)}; every site must use "
-            "the same `bins` (the run config's value)"
+            f"site histograms use different bin counts {sorted(lengths)}; every site must use the same `bins` (the run config's value)"
         )
     pos = np.sum([np.asarray(h["pos"], dtype=np.int64) for h in hists], axis=0)
     neg = np.sum([np.asarray(h["neg"], dtype=np.int64) for h in hists], axis=0)
@@ -381,9 +367,7 @@ def macro_auc(y_true: ArrayLike, probs: ArrayLike) -> float:
         raise MetricsError(f"macro_auc needs probs of shape [N,C]; got {p.shape}")
     if y.ndim == 1:
         if y.size and (y.min() < 0 or y.max() >= p.shape[1] or not np.all(y == np.round(y))):
-            raise MetricsError(
-                f"class indices must be integers in [0, {p.shape[1] - 1}] for {p.shape[1]} probability columns"
-            )
+            raise MetricsError(f"class indices must be integers in [0, {p.shape[1] - 1}] for {p.shape[1]} probability columns")
         y = np.eye(p.shape[1], dtype=np.int64)[y.astype(np.int64)]
     if y.shape != p.shape:
         raise MetricsError(f"y_true shape {y.shape} does not match probs shape {p.shape}")

@@ -172,8 +172,7 @@ def _check_arguments(
         problems.append(f"labels must be unique, got {list(labels)}")
     elif task == "binary" and len(labels) != 1:
         problems.append(
-            f"a binary task has one output, the positive finding; got {len(labels)} labels "
-            f"{list(labels)}. Pass labels=[<positive finding>]"
+            f"a binary task has one output, the positive finding; got {len(labels)} labels {list(labels)}. Pass labels=[<positive finding>]"
         )
     elif task == "multiclass" and len(labels) < 2:
         problems.append(f"a multiclass task needs at least 2 labels, got {list(labels)}")
@@ -277,10 +276,7 @@ def export_onnx(
         and _valid_size(input_size)
         and (sample_batch.ndim != 4 or tuple(sample_batch.shape[1:]) != (1, *tuple(input_size)))
     ):
-        problems.append(
-            f"sample_batch must be [N,1,{input_size[0]},{input_size[1]}] like the model input, "
-            f"got {list(sample_batch.shape)}"
-        )
+        problems.append(f"sample_batch must be [N,1,{input_size[0]},{input_size[1]}] like the model input, got {list(sample_batch.shape)}")
     if problems:
         raise ExportMetadataError(problems)
     input_size = (int(input_size[0]), int(input_size[1]))
@@ -366,8 +362,7 @@ def _parse_meta(raw: Mapping[str, str], where: str) -> dict[str, Any]:
     missing = [PREFIX + k for k in (*FILLED_KEYS, *CALLER_KEYS) if PREFIX + k not in raw]
     if missing:
         raise OnnxModelError(
-            f"{where} is not a fedxray model: metadata lacks {', '.join(missing)}; "
-            "export it with common.onnx_export.export_onnx"
+            f"{where} is not a fedxray model: metadata lacks {', '.join(missing)}; export it with common.onnx_export.export_onnx"
         )
     meta: dict[str, Any] = {k[len(PREFIX) :]: v for k, v in raw.items() if k.startswith(PREFIX)}
     try:
@@ -419,18 +414,14 @@ class OnnxClassifier:
         h, w = self.input_size
         if x.ndim != 4 or x.shape[1:] != (1, h, w):
             raise OnnxModelError(
-                f"{self._where} expects images [N,1,{h},{w}] (grey, resized whole image, "
-                f"bilinear); got shape {list(x.shape)}"
+                f"{self._where} expects images [N,1,{h},{w}] (grey, resized whole image, bilinear); got shape {list(x.shape)}"
             )
         if x.size and (float(x.min()) < -1e-6 or float(x.max()) > 1 + 1e-6):
             raise OnnxModelError(
                 f"{self._where} expects pixel values in [0,1] as read_radiograph gives them; got "
                 f"range [{float(x.min()):.4g}, {float(x.max()):.4g}] (8-bit images: divide by 255)"
             )
-        chunks = [
-            self.session.run([OUTPUT_NAME], {INPUT_NAME: x[i : i + batch_size]})[0]
-            for i in range(0, x.shape[0], batch_size)
-        ]
+        chunks = [self.session.run([OUTPUT_NAME], {INPUT_NAME: x[i : i + batch_size]})[0] for i in range(0, x.shape[0], batch_size)]
         if not chunks:
             return np.zeros((0, len(self.labels)), dtype=np.float32)
         return np.concatenate(chunks).astype(np.float32, copy=False)
@@ -458,8 +449,7 @@ def load_onnx_model(
     outputs = [o.name for o in session.get_outputs()]
     if inputs != [INPUT_NAME] or OUTPUT_NAME not in outputs:
         raise OnnxModelError(
-            f"{where} has inputs {inputs} and outputs {outputs}; a fedxray model has input "
-            f"{INPUT_NAME!r} and output {OUTPUT_NAME!r}"
+            f"{where} has inputs {inputs} and outputs {outputs}; a fedxray model has input {INPUT_NAME!r} and output {OUTPUT_NAME!r}"
         )
     raw = dict(session.get_modelmeta().custom_metadata_map)
     return OnnxClassifier(session, raw, where)

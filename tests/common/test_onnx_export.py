@@ -221,9 +221,7 @@ class TestValidation:
     def test_site_without_dp_has_null_epsilon(self, tmp_path: Path) -> None:
         model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2, 1))
         meta = {**META, "epsilon": json.dumps({"site-a": 1.0, "site-b": None}), "strategy": "fedavg"}
-        export_onnx(
-            model, tmp_path / "m.onnx", task="binary", labels=["x"], input_size=SIZE, threshold=0.5, metadata=meta
-        )
+        export_onnx(model, tmp_path / "m.onnx", task="binary", labels=["x"], input_size=SIZE, threshold=0.5, metadata=meta)
         clf = load_onnx_model(tmp_path / "m.onnx")
         assert clf.meta["epsilon"] == {"site-a": 1.0, "site-b": None}
         assert clf.meta["strategy"] == "fedavg"  # extra keys kept as strings
@@ -236,6 +234,8 @@ class TestValidation:
         with pytest.raises(ExportMetadataError, match="sample_batch"):
             _export(TinyMobileNet(1), tmp_path / "m.onnx", "binary", ["x"], sample_batch=torch.rand(2, 3, 32, 32))
 
+    @pytest.mark.filterwarnings("ignore:You are using the legacy TorchScript-based ONNX export:DeprecationWarning")
+    @pytest.mark.filterwarnings("ignore:The feature will be removed:DeprecationWarning")
     def test_non_fedxray_onnx_is_refused(self, tmp_path: Path) -> None:
         path = tmp_path / "plain.onnx"
         torch.onnx.export(

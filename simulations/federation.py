@@ -1,0 +1,199 @@
+"""Run the fedxray Flower app over simulated hospitals, through Flower's Simulation Engine.
+
+The same ServerApp and ClientApp as a deployment run here: fl-sim starts a private simulation
+SuperLink on loopback (free ports, its own FLWR_HOME, runtime dependency installation off,
+telemetry off), submits the app with ``flwr run`` and stops the SuperLink afterwards. Flower
+fixes simulated node_config to {partition-id, num-partitions}, so the hospitals are described in
+``sites.json`` (one entry per simulated site) inside ``sim-root``; client/site.py maps a
+partition id to its entry.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+SITES_FILE = "sites.json"
+CONNECTION = "fedxray-sim"
+
+
+class SimulationRunError(RuntimeError):
+    """The simulated federation could not run; the message says where the logs are."""
+
+
+def project_root() -> Path:
+    """The folder holding fedxray's pyproject.toml: the Flower app that `flwr run` builds."""
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "pyproject.toml").is_file():
+        raise SimulationRunError(
+            f"no pyproject.toml next to the fedxray packages ({root}); run fl-sim from a source checkout "
+            "installed with `pip install -e .` (see README)"
+        )
+    return root
+
+
+def offline_env(flwr_home: Path | None = None) -> dict[str, str]:
+    """Environment for every Flower process fedxray starts: telemetry and update checks off, offline."""
+    env = os.environ.copy()
+    env.update({
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_DISABLE_DOCKER_CPU_WARNING": "1",
+        "PYTHONUNBUFFERED": "1",
+    })
+    if flwr_home is not None:
+        env["FLWR_HOME"] = str(flwr_home)
+    bin_dir = str(Path(sys.executable).parent)
+    env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
+    return env
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def write_sites(sim_root: Path, sites: Sequence[dict[str, Any]]) -> Path:
+    """sites.json: per simulated hospital its node-config (data-dir, state-dir, site-name, budget)."""
+    sim_root.mkdir(parents=True, exist_ok=True)
+    path = sim_root / SITES_FILE
+    path.write_text(json.dumps(list(sites), indent=2))
+    return path
+
+
+def _wait_http(port: int, proc: subprocess.Popen, timeout: float, log_path: Path) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SimulationRunError(f"the simulation SuperLink exited with code {proc.returncode}; see {log_path}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=0.5) as r:  # noqa: S310 - loopback
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.25)
+    raise SimulationRunError(f"the simulation SuperLink did not start within {timeout:.0f} s; see {log_path}")
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 15.0) -> None:
+    """SIGTERM the process group, then SIGKILL what is left."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=timeout)
+
+
+@contextmanager
+def simulation_superlink(sim_root: Path, *, num_supernodes: int, cpus_per_site: float, gpus_per_site: float,
+                         total_cpus: int) -> Iterator[dict[str, str]]:
+    """A private simulation SuperLink on loopback; yields the environment for `flwr` commands."""
+    flwr_home = sim_root / "flwr-home"
+    if flwr_home.exists():
+        shutil.rmtree(flwr_home)
+    flwr_home.mkdir(parents=True)
+    port, control = free_port(), free_port()
+    (flwr_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n'
+        f'[superlink.{CONNECTION}]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
+    )
+    env = offline_env(flwr_home)
+    log_path = sim_root / "superlink.log"
+    cmd = [
+        "flower-superlink", "--insecure", "--simulation", "--isolation", "subprocess",
+        "--control-api-address", f"127.0.0.1:{control}", "--host", "127.0.0.1", "--port", str(port),
+        "--disable-runtime-dependency-installation",
+    ]
+    with open(log_path, "wb") as fh:
+        proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, cwd=sim_root,
+                                start_new_session=True)
+    try:
+        _wait_http(port, proc, 60.0, log_path)
+        yield env
+    finally:
+        stop_process(proc)
+
+
+_ROUND_LINE = re.compile(r"round (\d+)/(\d+): pooled AUC")
+
+
+def run_app(sim_root: Path, run_config: dict[str, Any], *, num_supernodes: int, cpus_per_site: float = 1.0,
+            gpus_per_site: float = 0.0, total_cpus: int | None = None, timeout: float = 3600.0,
+            progress: bool = True) -> Path:
+    """Submit the fedxray app to a private simulation SuperLink and wait for the run to finish.
+
+    Returns the path of the log of the run. Raises ``SimulationRunError`` when the run fails.
+    """
+    overrides = sim_root / "run-config.toml"
+    overrides.write_text("".join(f"{k} = {_toml(v)}\n" for k, v in run_config.items()))
+    total = total_cpus or os.cpu_count() or 2
+    run_log = sim_root / "run.log"
+    with simulation_superlink(sim_root, num_supernodes=num_supernodes, cpus_per_site=cpus_per_site,
+                              gpus_per_site=gpus_per_site, total_cpus=total) as env:
+        federation = (f"num-supernodes={num_supernodes} client-resources-num-cpus={max(1, int(cpus_per_site))} "
+                      f"client-resources-num-gpus={gpus_per_site} init-args-num-cpus={total}")
+        cmd = ["flwr", "run", str(project_root()), CONNECTION, "--run-config", str(overrides),
+               "--federation-config", federation, "--stream"]
+        bar = None
+        rounds = int(run_config.get("num-server-rounds", 0))
+        if progress and rounds:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=rounds, desc="federated rounds", unit="round")
+        started = time.monotonic()
+        with open(run_log, "w") as fh:
+            proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                    cwd=sim_root, start_new_session=True)
+            assert proc.stdout is not None
+            try:
+                for line in proc.stdout:
+                    fh.write(line)
+                    fh.flush()
+                    m = _ROUND_LINE.search(line)
+                    if m and bar is not None:
+                        bar.n = int(m.group(1))
+                        bar.refresh()
+                    if time.monotonic() - started > timeout:
+                        raise SimulationRunError(f"the run took longer than {timeout:.0f} s; see {run_log}")
+                proc.wait()
+            finally:
+                stop_process(proc)
+                if bar is not None:
+                    bar.close()
+        if proc.returncode != 0:
+            raise SimulationRunError(f"`flwr run` failed (exit {proc.returncode}); see {run_log}")
+    return run_log
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(str(value))
