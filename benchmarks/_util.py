@@ -120,6 +120,10 @@ def machine_info(device: torch.device | str = "cpu") -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
         "device": str(device),
+        "env": {
+            k: os.environ.get(k)
+            for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS", "GOMP_SPINCOUNT")
+        },
         "packages": package_versions("torch", "torchvision", "opacus", "onnxruntime"),
     }
     if torch.device(device).type == "cuda" and torch.cuda.is_available():

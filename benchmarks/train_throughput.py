@@ -22,6 +22,7 @@ Usage (from the repository root; progress on stderr):
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,6 +33,11 @@ from typing import Any
 # helpers are imported as `_util` from this folder, because opacus installs a top-level
 # package named `benchmarks` that would shadow `benchmarks._util`.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# OpenMP threads that spin while they wait for each other make a training step 10-20x slower
+# when other processes hold the cores (measured here: 5-9 s instead of 0.35 s per step); on a
+# shared machine only passive waiting gives figures that mean anything. Must be set before
+# torch loads OpenMP; set OMP_WAIT_POLICY=ACTIVE to measure the default behaviour.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 from _util import (  # noqa: E402

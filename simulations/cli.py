@@ -1,10 +1,12 @@
 """`fl-sim`: simulated hospitals on one machine.
 
 Subcommands:
+  run (default)   the README's main job: a federated run over simulated hospitals through
+                  Flower's Simulation Engine (same ServerApp/ClientApp as a deployment)
   make-hospitals  write N hospital DICOM folders (synthetic phantoms, or a real labelled image
                   set partitioned by patient into hospitals)
-  demo            the README's main job: three synthetic non-IID hospitals, then the
-                  `fl-client check` summary each hospital would see before joining
+  demo            three synthetic non-IID hospitals and the `fl-client check` summary each
+                  hospital would see before joining
 """
 
 from __future__ import annotations
@@ -64,10 +66,130 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_sets(items: list[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"fl-sim: --set expects key=value, got {item!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Simulated hospitals (made or given) -> sites.json -> Flower simulation -> run directory."""
+    import json
+    import time
+
+    from common.config import ConfigError, RunConfig
+    from simulations.federation import SimulationRunError, run_app, write_sites
+    from simulations.hospitals import make_hospitals_from_images, make_synthetic_hospitals
+
+    out = Path(args.out).resolve()
+    name = args.name or time.strftime("sim-%Y%m%d-%H%M%S")
+    sim_root = out / name
+    hospitals = sim_root / "hospitals"
+    if args.data and (Path(args.data) / "labels.csv").is_file() and not any(Path(args.data).glob("*/labels.csv")):
+        print(f"partitioning the image set {args.data} into {args.sites} hospitals ({args.partition}) ...")
+        make_hospitals_from_images(Path(args.data), hospitals, args.sites, partition=args.partition, alpha=args.alpha,
+                                   seed=args.seed, max_images=args.max_images, image_size=max(args.image_size, 64),
+                                   progress=sys.stderr.isatty())
+        site_dirs = sorted(p for p in hospitals.iterdir() if p.is_dir() and p.name != "holdout")
+    elif args.data:
+        site_dirs = sorted(p for p in Path(args.data).resolve().iterdir() if (p / "labels.csv").is_file() or p.is_dir())
+        site_dirs = [p for p in site_dirs if p.name != "holdout"]
+    else:
+        print(f"making {args.sites} synthetic hospitals ({args.partition}) ...")
+        make_synthetic_hospitals(hospitals, args.sites, patients_per_site=args.patients, partition=args.partition,
+                                 alpha=args.alpha, seed=args.seed, progress=sys.stderr.isatty())
+        site_dirs = sorted(p for p in hospitals.iterdir() if p.is_dir())
+    if not site_dirs:
+        print(f"fl-sim: no hospital folders found in {args.data}", file=sys.stderr)
+        return 2
+    sites = [{"data-dir": str(d), "state-dir": str(sim_root / "state" / d.name), "site-name": d.name,
+              "max-epsilon": args.max_epsilon, "allow-no-dp": True} for d in site_dirs]
+    write_sites(sim_root, sites)
+    raw = {
+        "num-server-rounds": args.rounds, "model": args.model, "image-size": args.image_size, "dp": not args.no_dp,
+        "target-epsilon": args.target_epsilon, "strategy": args.strategy, "seed": args.seed,
+        "local-epochs": args.local_epochs, "min-sites": len(site_dirs), "run-name": "run",
+        "runs-dir": str(sim_root), "sim-root": str(sim_root), **_parse_sets(args.set),
+    }
+    try:
+        RunConfig.from_mapping(raw)
+    except ConfigError as err:
+        print(f"fl-sim: {err}", file=sys.stderr)
+        return 2
+    print(f"federated run: {len(site_dirs)} hospitals, {args.model} at {args.image_size} px, {args.rounds} rounds, "
+          f"DP {'off' if args.no_dp else f'on (target epsilon {args.target_epsilon} per site)'}, "
+          f"strategy {args.strategy}")
+    gpus = args.gpus_per_site
+    if gpus is None:
+        import torch
+
+        gpus = round(1.0 / len(site_dirs), 3) if torch.cuda.is_available() else 0.0
+    started = time.monotonic()
+    try:
+        run_app(sim_root, raw, num_supernodes=len(site_dirs), cpus_per_site=args.cpus_per_site,
+                gpus_per_site=gpus, progress=sys.stderr.isatty() or args.progress)
+    except SimulationRunError as err:
+        print(f"fl-sim: {err}", file=sys.stderr)
+        return 1
+    run_dir = sim_root / "run"
+    metrics_path = run_dir / "metrics.json"
+    if not metrics_path.is_file():
+        print(f"fl-sim: the run finished without metrics; see {sim_root / 'run.log'}", file=sys.stderr)
+        return 1
+    rounds = json.loads(metrics_path.read_text())["rounds"]
+    print(render_rounds(rounds))
+    print(f"\nrun directory: {run_dir}  ({time.monotonic() - started:.0f} s)")
+    print("  model.onnx, model_card.md, metrics.json, rounds.png, roc.png, checkpoints/")
+    return 0
+
+
+def render_rounds(rounds: list[dict]) -> str:
+    """Per round: pooled AUC, train loss and each site's cumulative epsilon."""
+    sites = sorted({s for r in rounds for s in r.get("epsilon", {})})
+    head = f"{'round':>5}  {'pooled AUC':>10}  {'train loss':>10}  " + "  ".join(f"{'eps ' + s:>16}" for s in sites)
+    lines = ["", head, "-" * len(head)]
+    for r in rounds:
+        auc = r.get("pooled_auc")
+        loss = r.get("train_loss")
+        eps = "  ".join(f"{r.get('epsilon', {}).get(s, float('nan')):>16.2f}" for s in sites)
+        lines.append(f"{r['round']:>5}  {auc if auc is None else f'{auc:.3f}':>10}  "
+                     f"{loss if loss is None else f'{loss:.4f}':>10}  {eps}")
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fl-sim", description="fedxray simulated federation")
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command")
+
+    p = sub.add_parser("run", help="federated run over simulated hospitals (the default)")
+    p.add_argument("--sites", type=int, default=3, help="number of simulated hospitals (when made here)")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--model", choices=("mobilenet_v2", "densenet121"), default="mobilenet_v2")
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--partition", choices=PARTITIONS, default="label-and-quantity")
+    p.add_argument("--alpha", type=float, default=0.5)
+    p.add_argument("--data", help="hospital folders (one per site), or an image set with labels.csv to partition")
+    p.add_argument("--max-images", type=int, help="image set: use at most this many images")
+    p.add_argument("--patients", type=int, default=60, help="synthetic: mean patients per hospital")
+    p.add_argument("--no-dp", action="store_true", help="train without DP (the simulated sites allow it)")
+    p.add_argument("--target-epsilon", type=float, default=8.0, help="per-site epsilon for the planned rounds")
+    p.add_argument("--max-epsilon", type=float, default=10.0, help="each simulated site's budget")
+    p.add_argument("--local-epochs", type=int, default=2)
+    p.add_argument("--strategy", choices=("fedavg", "fedprox", "fedadam", "trimmed-mean", "median"), default="fedavg")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other run-config key")
+    p.add_argument("--out", default="runs", help="where the simulation folder goes")
+    p.add_argument("--name", help="simulation folder name (default: sim-<timestamp>)")
+    p.add_argument("--cpus-per-site", type=float, default=1.0)
+    p.add_argument("--gpus-per-site", type=float, default=None,
+                   help="GPU share per simulated site (default: the GPU split between the sites when there is one)")
+    p.add_argument("--progress", action="store_true", help="progress bar even when not on a terminal")
+    p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("make-hospitals", help="write N simulated hospital DICOM folders")
     p.add_argument("--out", required=True, help="output folder (one subfolder per hospital)")
@@ -92,10 +214,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not any(a in ("run", "make-hospitals", "demo", "-h", "--help") for a in argv[:2]):
+        argv = ["run", *argv]  # `fl-sim [options]` is `fl-sim run [options]`
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if args.command is None:
-        args = parser.parse_args(["demo", *(argv or [])])
+    for noisy in ("openjpeg", "pylibjpeg", "pydicom"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     return int(args.func(args) or 0)
 
 

@@ -1,0 +1,152 @@
+"""Tests for common.dp: one DP-SGD step in every mode, clipping, conv per-sample routines."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from common.dp import (
+    PerSampleLoss,
+    PrivateTrainingError,
+    conv_grad_sample,
+    conv_norm_sample,
+    dp_step,
+    make_private,
+    unwrapped_state_dict,
+)
+from common.models import MODEL_NAMES, DPConv2d, build_model, grad_sample_mode
+
+PX = 32
+
+
+def _private(
+    name: str, mode: str, *, n: int = 4, noise: float = 1.0, clip: float = 1.0, lr: float = 0.1
+):
+    torch.manual_seed(0)
+    model = build_model(name, num_outputs=3, dp=True)
+    keys = list(model.state_dict())
+    x = torch.rand(n, 1, PX, PX)
+    y = torch.randint(0, 2, (n, 3)).float()
+    loader = DataLoader(TensorDataset(x, y), batch_size=n)
+    pt = make_private(
+        model, torch.optim.SGD(model.parameters(), lr=lr), loader,
+        noise_multiplier=noise, max_grad_norm=clip, mode=mode,
+        criterion=nn.BCEWithLogitsLoss(),
+    )
+    return pt, keys, x, y
+
+
+def _distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    return torch.sqrt(sum(((a[k] - b[k]) ** 2).sum() for k in a if a[k].is_floating_point()))
+
+
+class TestDpStep:
+    @pytest.mark.parametrize("name", MODEL_NAMES)
+    def test_chosen_mode_trains_and_keeps_original_keys(self, name: str) -> None:
+        pt, keys, x, y = _private(name, grad_sample_mode(name), n=2)
+        before = unwrapped_state_dict(pt)
+        loss = dp_step(pt, x, y)
+        after = unwrapped_state_dict(pt)
+        assert list(after) == keys  # Flower sees the original keys, no `_module.`
+        assert loss == pytest.approx(loss) and loss > 0  # finite
+        assert all(not torch.equal(before[k], after[k]) for k in keys)
+
+    @pytest.mark.parametrize("mode", ["hooks", "functorch", "ghost", "ew"])
+    def test_every_mode_runs_on_mobilenet(self, mode: str) -> None:
+        pt, keys, x, y = _private("mobilenet_v2", mode)
+        before = unwrapped_state_dict(pt)
+        dp_step(pt, x, y)
+        assert _distance(before, unwrapped_state_dict(pt)) > 0
+        assert pt.mode == mode
+
+    @pytest.mark.parametrize("mode", ["hooks", "functorch", "ghost"])
+    def test_empty_poisson_batch_still_adds_noise(self, mode: str) -> None:
+        pt, _, x, y = _private("mobilenet_v2", mode)
+        before = unwrapped_state_dict(pt)
+        steps = len(pt.engine.accountant.history)
+        loss = dp_step(pt, x[:0], y[:0])
+        assert loss != loss  # NaN: no samples, no loss
+        assert _distance(before, unwrapped_state_dict(pt)) > 0
+        assert len(pt.engine.accountant.history) >= steps  # the step is accounted
+
+    @pytest.mark.parametrize(
+        ("name", "mode"),
+        [(n, m) for n in MODEL_NAMES for m in ("hooks", "ghost")],
+    )
+    def test_one_sample_update_is_clipped_to_the_bound(self, name: str, mode: str) -> None:
+        # No noise, one sample, SGD: the update is lr * the clipped gradient, whose norm is
+        # exactly max_grad_norm when the raw gradient is larger. Wrong per-sample norms
+        # (too small or too large) move it off the bound.
+        clip, lr = 1e-3, 1.0
+        pt, _, x, y = _private(name, mode, n=1, noise=0.0, clip=clip, lr=lr)
+        before = unwrapped_state_dict(pt)
+        dp_step(pt, x, y)
+        assert _distance(before, unwrapped_state_dict(pt)) == pytest.approx(lr * clip, rel=1e-3)
+
+    def test_unknown_mode_and_bad_bounds_are_refused(self) -> None:
+        model = build_model("mobilenet_v2", num_outputs=1)
+        loader = DataLoader(TensorDataset(torch.rand(2, 1, PX, PX), torch.rand(2, 1)))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        kwargs = dict(criterion=nn.BCEWithLogitsLoss(), noise_multiplier=1.0)
+        with pytest.raises(PrivateTrainingError, match="hooks, functorch, ew, ghost"):
+            make_private(model, optimizer, loader, max_grad_norm=1.0, mode="fast", **kwargs)
+        with pytest.raises(PrivateTrainingError, match="max_grad_norm"):
+            make_private(model, optimizer, loader, max_grad_norm=0.0, mode="hooks", **kwargs)
+
+
+class TestPerSampleLoss:
+    def test_multilabel_loss_is_reduced_per_sample(self) -> None:
+        out, y = torch.randn(4, 3), torch.randint(0, 2, (4, 3)).float()
+        plain = nn.BCEWithLogitsLoss()
+        loss = PerSampleLoss(plain)
+        torch.testing.assert_close(loss(out, y), plain(out, y))
+        loss.reduction = "none"
+        assert loss(out, y).shape == (4,)
+        assert plain.reduction == "mean"  # the caller's criterion is untouched
+
+    def test_class_index_targets(self) -> None:
+        out, y = torch.randn(5, 4), torch.randint(0, 4, (5,))
+        torch.testing.assert_close(
+            PerSampleLoss(nn.CrossEntropyLoss())(out, y), nn.CrossEntropyLoss()(out, y)
+        )
+
+
+CONVS = {
+    "depthwise": dict(in_channels=8, out_channels=8, kernel_size=3, padding=1, groups=8),
+    "depthwise_stride2": dict(
+        in_channels=6, out_channels=6, kernel_size=3, stride=2, padding=1, groups=6
+    ),
+    "pointwise": dict(in_channels=6, out_channels=4, kernel_size=1),
+    "pointwise_stride2": dict(in_channels=6, out_channels=4, kernel_size=1, stride=2),
+    "grouped_dilated": dict(
+        in_channels=8, out_channels=4, kernel_size=3, padding=2, dilation=2, groups=2
+    ),
+    "stem_7x7": dict(in_channels=1, out_channels=4, kernel_size=7, stride=2, padding=3),
+    "deep_1x1_few_positions": dict(in_channels=64, out_channels=32, kernel_size=1),  # ghost norm
+}
+
+
+class TestConvSamplers:
+    @pytest.mark.parametrize("config", list(CONVS))
+    @pytest.mark.parametrize("size", [4, 9])
+    def test_match_autograd_one_sample_at_a_time(self, config: str, size: int) -> None:
+        torch.manual_seed(0)
+        conv = DPConv2d(**CONVS[config], bias=True)
+        x = torch.randn(3, conv.in_channels, size, size)
+        grad_out = torch.randn_like(conv(x))
+        reference = []
+        for i in range(3):
+            conv.zero_grad()
+            (conv(x[i : i + 1]) * grad_out[i : i + 1]).sum().backward()
+            reference.append((conv.weight.grad.clone(), conv.bias.grad.clone()))
+        samples = conv_grad_sample(conv, [x], grad_out)
+        norms = conv_norm_sample(conv, [x], grad_out)
+        for i, (weight_grad, bias_grad) in enumerate(reference):
+            torch.testing.assert_close(samples[conv.weight][i], weight_grad, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(samples[conv.bias][i], bias_grad, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(
+                norms[conv.weight][i], weight_grad.norm(), rtol=1e-4, atol=1e-5
+            )
+            torch.testing.assert_close(norms[conv.bias][i], bias_grad.norm(), rtol=1e-4, atol=1e-5)
