@@ -9,6 +9,9 @@ step; batch 16 of random data) for:
 * ``dp_<mode>``     DP-SGD through ``common.dp`` in each Opacus grad-sample mode
                     (hooks, functorch, ew, ghost); a mode that fails is reported with its error.
 
+Optional variants (field ``variant``): ``--explore`` adds channels_last memory format,
+``--opacus-conv`` adds hooks/ghost with Opacus' own conv routines instead of DPConv2d's.
+
 The cases of one (model, size) run round-robin, one step each in turn, so load from other
 processes on a shared machine hits them alike. Each case reports wall-clock images/s (median
 and best step) and images per CPU-second (steadier under load). The best DP mode is the one
@@ -53,7 +56,7 @@ from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 from common.dp import GRAD_SAMPLE_MODES, dp_step, make_private  # noqa: E402
-from common.models import MODEL_NAMES, build_model, grad_sample_mode  # noqa: E402
+from common.models import MODEL_NAMES, DPConv2d, build_model, grad_sample_mode  # noqa: E402
 
 NUM_OUTPUTS = 3  # a small multilabel head, like a few findings
 # Goal: DP training speed relative to the plain BatchNorm model, on CPU at 64 px.
@@ -103,10 +106,19 @@ def _plain_case(
 
 
 def _dp_case(
-    name: str, mode: str, x: torch.Tensor, y: torch.Tensor, channels_last: bool
+    name: str,
+    mode: str,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    channels_last: bool,
+    opacus_conv: bool = False,
 ) -> Callable[[], Callable[[], None]]:
     def build() -> Callable[[], None]:
         model = build_model(name, num_outputs=NUM_OUTPUTS, dp=True).to(x.device)
+        if opacus_conv:  # back to plain nn.Conv2d: Opacus' own per-sample routines
+            for module in model.modules():
+                if isinstance(module, DPConv2d):
+                    module.__class__ = nn.Conv2d
         inputs = x
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -128,7 +140,12 @@ def _dp_case(
 
 
 def _cases(
-    name: str, x: torch.Tensor, y: torch.Tensor, modes: list[str], explore: bool
+    name: str,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    modes: list[str],
+    explore: bool,
+    opacus_conv: bool,
 ) -> list[Case]:
     cases = [
         Case("plain_bn", _plain_case(name, False, x, y, False)),
@@ -143,6 +160,12 @@ def _cases(
         cases += [
             Case(f"dp_{mode}", _dp_case(name, mode, x, y, True), "channels_last")
             for mode in modes
+        ]
+    if opacus_conv:
+        cases += [
+            Case(f"dp_{mode}", _dp_case(name, mode, x, y, False, True), "opacus_conv")
+            for mode in modes
+            if mode in ("hooks", "ghost")  # the modes that use the registered samplers
         ]
     return cases
 
@@ -249,6 +272,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--explore", action="store_true", help="also time channels_last variants"
     )
+    parser.add_argument(
+        "--opacus-conv",
+        action="store_true",
+        help="also time hooks/ghost with Opacus' own conv samplers (what DPConv2d gains)",
+    )
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -269,7 +297,7 @@ def main(argv: list[str] | None = None) -> None:
         for size in sizes:
             progress(f"{name} {size}px")
             x, y = _batch(size, args.batch, device)
-            cases = _cases(name, x, y, modes, args.explore)
+            cases = _cases(name, x, y, modes, args.explore, args.opacus_conv)
             _run_group(cases, args.warmup, args.steps, device)
             group = [_case_result(name, size, args.batch, c) for c in cases]
             results += group

@@ -6,6 +6,10 @@ training step: ``make_private`` also returns a wrapped criterion whose ``loss.ba
 runs two backward passes. :func:`make_private` and :func:`dp_step` hide that difference, so a
 training loop does the same thing whatever ``common.models.grad_sample_mode`` picked.
 
+Importing this module also registers with Opacus faster per-sample gradient and gradient-norm
+routines for ``common.models.DPConv2d`` (every convolution of the DP-ready models); see
+:func:`conv_grad_sample` and docs/models.md for the figures.
+
 Privacy accounting is not done here: the engine's RDP accountant records the steps, but the
 site's privacy ledger (client side) is the source of truth for epsilon.
 """

@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import pickle
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import cast
@@ -50,8 +51,8 @@ NORMALISATION: tuple[float, float] = (0.449, 0.226)
 # Opacus grad_sample_mode per model: the fastest on CPU in benchmarks/train_throughput.py
 # (figures and runs in docs/models.md). Change only with new figures.
 _GRAD_SAMPLE_MODE: dict[str, str] = {
-    "densenet121": "ghost",
-    "mobilenet_v2": "functorch",
+    "densenet121": "hooks",
+    "mobilenet_v2": "hooks",
 }
 
 # Key of the first convolution's weight (the one that takes the image) per architecture.
@@ -79,6 +80,7 @@ class DPConv2d(nn.Conv2d):
     how Opacus treats any other ``nn.Conv2d`` in the process. Opacus' own routine computes a
     grouped (depthwise) convolution's per-sample gradient as if it were dense and keeps the
     diagonal: ~90x slower on MobileNetV2's last depthwise layers (docs/models.md).
+    Without ``common.dp`` imported, Opacus still handles it (through functorch), only slower.
     """
 
 
@@ -250,10 +252,11 @@ def load_weights(model: nn.Module, name: str, weights_path: str | os.PathLike[st
     path = Path(weights_path)
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, ValueError) as err:
+    except (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise WeightsError(
-            f"cannot read weights file {path} for model {name!r}: {err}; expected a torch.save'd "
-            "state_dict (tensors only)"
+            f"cannot read weights file {path} for model {name!r}: {reason}; expected a "
+            "torch.save'd state_dict of tensors (arbitrary pickles are never loaded)"
         ) from err
     if isinstance(loaded, Mapping) and isinstance(loaded.get("state_dict"), Mapping):
         loaded = loaded["state_dict"]

@@ -213,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads stall shared cores
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     if not any(a in ("run", "make-hospitals", "demo", "-h", "--help") for a in argv[:2]):

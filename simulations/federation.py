@@ -56,6 +56,7 @@ def offline_env(flwr_home: Path | None = None) -> dict[str, str]:
         "RAY_USAGE_STATS_ENABLED": "0",
         "RAY_DISABLE_DOCKER_CPU_WARNING": "1",
         "PYTHONUNBUFFERED": "1",
+        "OMP_WAIT_POLICY": env.get("OMP_WAIT_POLICY", "PASSIVE"),
     })
     if flwr_home is not None:
         env["FLWR_HOME"] = str(flwr_home)

@@ -12,6 +12,11 @@ from pathlib import Path
 
 import pytest
 
+# OpenMP threads that spin-wait make torch steps 5-20x slower when the 2 cores are shared
+# (tests, Ray actors, a SuperLink): yield the core instead. Set before torch is imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+
 
 def _data_root() -> Path | None:
     value = os.environ.get("FEDXRAY_DATA")

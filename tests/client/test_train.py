@@ -38,7 +38,7 @@ def test_dp_round_runs_exact_steps_and_keeps_keys():
     assert changed > 10
 
 
-def test_dp_requires_matching_run_seed_for_reproducibility():
+def test_dp_seeds_change_the_noise():
     w1, _ = train_one_round(build_model("mobilenet_v2", num_outputs=1, dp=True), _data(), _settings(seed=3), device=CPU)
     torch.manual_seed(0)
     w2, _ = train_one_round(build_model("mobilenet_v2", num_outputs=1, dp=True), _data(), _settings(seed=4), device=CPU)

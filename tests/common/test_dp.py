@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
 from torch import nn
@@ -19,6 +21,21 @@ from common.dp import (
 from common.models import MODEL_NAMES, DPConv2d, build_model, grad_sample_mode
 
 PX = 32
+# Opacus hooks the first conv, whose input (the image) needs no gradient; torch says so.
+pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread() -> Iterator[None]:
+    """Run these tests on one intra-op thread, then restore the setting.
+
+    On the 2 shared cores of CI/dev machines a 2-thread OpenMP pool spin-waits for a thread
+    that another process holds: the DenseNet DP step took 34 s instead of 5 s.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 def _private(

@@ -6,6 +6,7 @@ Tiny inputs (32 px, batch 2-4) keep every test to seconds, DenseNet121 included.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,19 @@ from common.models import (
 )
 
 PX = 32
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread() -> Iterator[None]:
+    """Run these tests on one intra-op thread, then restore the setting.
+
+    On the 2 shared cores of CI/dev machines a 2-thread OpenMP pool spin-waits for a thread
+    that another process holds: the DenseNet DP step took 34 s instead of 5 s.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
@@ -144,6 +158,7 @@ class TestDpForm:
         ]
         assert in_place == []
 
+    @pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")
     @pytest.mark.parametrize("name", MODEL_NAMES)
     def test_forward_has_no_inplace_op_under_backward_hooks(self, name: str) -> None:
         # The failure Opacus hooks hit with torchvision's forward: an in-place op on a
