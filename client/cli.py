@@ -59,6 +59,25 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from client.evaluate import evaluate_model, render_report
+    from common.dataset import site_salt
+    from common.dicom import DEFAULT_SALT
+    from common.onnx_export import OnnxModelError
+
+    salt = site_salt(Path(args.state_dir)) if args.state_dir else DEFAULT_SALT
+    try:
+        report = evaluate_model(args.model, args.data, salt=salt, out_dir=args.out, bootstrap=args.bootstrap,
+                                progress=sys.stderr.isatty())
+    except (DatasetError, OnnxModelError, FileNotFoundError, ValueError) as err:
+        print(f"fl-client evaluate: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(report, indent=2, default=float) if args.json else render_report(report))
+    if args.out:
+        print(f"report and ROC plot in {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fl-client", description="fedxray hospital client")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -74,6 +93,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--list-skipped", action="store_true", help="also list skipped files (local paths)")
     p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("evaluate", help="score an ONNX model on this site's labelled data")
+    p.add_argument("--model", required=True, help="model.onnx from a fedxray run")
+    p.add_argument("--data", required=True, help="labelled site folder (labels.csv or class subfolders)")
+    p.add_argument("--out", help="folder for evaluation.json and roc.png")
+    p.add_argument("--state-dir", help="the site's state dir (for its salt)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the AUC interval")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_evaluate)
     return parser
 
 

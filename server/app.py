@@ -201,7 +201,8 @@ def finish(run_dir: Path, run_name: str, run: RunConfig) -> None:
     model = build_model(run.model, num_outputs=run.num_outputs, dp=True)
     model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in ckpt.weights.items()})
     last = ckpt.history[-1] if ckpt.history else {}
-    threshold = float(last.get("threshold", 0.5) or 0.5)
+    threshold = last.get("threshold")
+    threshold = 0.5 if threshold is None else float(threshold)
     epsilon = last.get("epsilon", {})
     import json
 

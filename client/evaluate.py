@@ -1,0 +1,90 @@
+"""`fl-client evaluate`: a hospital scores a federated model on its own labelled data.
+
+The images are read exactly as training reads them (common.dataset: the DICOM display chain,
+then the contract-3 resize), scored by the ONNX model in onnxruntime, and compared with the
+site's labels. Everything stays on the site: the report holds counts and metrics only.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common import metrics
+from common.dataset import encode_targets, scan_site
+from common.onnx_export import load_onnx_model
+
+
+def evaluate_model(model_path: str | Path, data_dir: str | Path, *, salt: bytes | str, out_dir: str | Path | None = None,
+                   bootstrap: int = 1000, progress: bool = False) -> dict[str, Any]:
+    """AUC (95% bootstrap CI), sensitivity, specificity at the model's threshold, confusion, ROC plot."""
+    model = load_onnx_model(model_path)
+    height, width = model.input_size
+    if height != width:
+        raise ValueError(f"{model_path}: non-square input {height}x{width} is not supported by the site reader")
+    index = scan_site(data_dir, salt=salt, image_size=height, progress=progress)
+    task = str(model.meta.get("task", "binary"))
+    labels = tuple(model.labels)
+    targets = encode_targets(index, task, labels)
+    images = np.stack([index.records[int(i)].pixels for i in targets.keep]).astype(np.float32) / 255.0
+    probs = model.predict(images[:, None])
+    threshold = float(model.meta.get("threshold", 0.5))
+    report: dict[str, Any] = {
+        "model": str(model_path), "task": task, "labels": list(labels), "threshold": threshold,
+        "images": int(len(images)), "skipped_files": len(index.skipped), "left_out": targets.dropped,
+    }
+    if task == "binary":
+        y = targets.y[:, 0]
+        br = metrics.binary_report(y, probs[:, 0], threshold, bootstrap=bootstrap)
+        report.update(br.to_dict() if hasattr(br, "to_dict") else asdict(br))
+        if out_dir is not None:
+            _roc_plot(Path(out_dir) / "roc.png", y, probs[:, 0], report)
+    else:
+        y = targets.y if task == "multilabel" else targets.y
+        report["macro_auc"] = metrics.macro_auc(y, probs)
+    if out_dir is not None:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(out_dir) / "evaluation.json").write_text(json.dumps(report, indent=2, default=float))
+    return report
+
+
+def _roc_plot(path: Path, y: np.ndarray, scores: np.ndarray, report: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fpr, tpr, _ = metrics.roc_curve(y, scores)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(4, 4))
+    ax.plot(fpr, tpr, color="tab:red", label=f"AUC {report.get('auc', float('nan')):.3f}")
+    sens, spec = report.get("sensitivity"), report.get("specificity")
+    if sens is not None and spec is not None:
+        ax.plot([1 - spec], [sens], "ko", label=f"threshold {report['threshold']:.2f}")
+    ax.plot([0, 1], [0, 1], ":", color="grey")
+    ax.set(xlabel="1 - specificity", ylabel="sensitivity", title="ROC on this site's data")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def render_report(report: dict[str, Any]) -> str:
+    lines = [f"images scored: {report['images']}  (skipped files: {report['skipped_files']})"]
+    if "auc" in report:
+        ci = report.get("auc_ci") or (float("nan"), float("nan"))
+        lines.append(f"AUC {report['auc']:.3f}  (95% CI {ci[0]:.3f}-{ci[1]:.3f})")
+        lines.append(f"at threshold {report['threshold']:.3f}: sensitivity {report['sensitivity']:.3f}, "
+                     f"specificity {report['specificity']:.3f}")
+        c = report.get("confusion", {})
+        if c:
+            lines.append(f"confusion: TP {c['tp']}  FP {c['fp']}  TN {c['tn']}  FN {c['fn']}")
+        if report.get("ece") is not None:
+            lines.append(f"calibration (ECE): {report['ece']:.3f}")
+    elif "macro_auc" in report:
+        lines.append(f"macro AUC {report['macro_auc']:.3f}")
+    return "\n".join(lines)
