@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -147,6 +148,35 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_resume(args: argparse.Namespace) -> int:
+    """Continue a simulated run from its last checkpoint (same sites, same state dirs, same ledgers)."""
+    import json
+    import tomllib
+
+    from simulations.federation import SimulationRunError, run_app
+
+    sim_root = Path(args.sim_dir).resolve()
+    cfg_path = sim_root / "run-config.toml"
+    sites_path = sim_root / "sites.json"
+    if not cfg_path.is_file() or not sites_path.is_file():
+        print(f"fl-sim resume: {sim_root} is not an fl-sim folder (no run-config.toml / sites.json)", file=sys.stderr)
+        return 2
+    raw = tomllib.loads(cfg_path.read_text())
+    raw["resume-from"] = str(sim_root / raw.get("run-name", "run"))
+    n_sites = len(json.loads(sites_path.read_text()))
+    print(f"resuming {raw['resume-from']} ({n_sites} hospitals)")
+    try:
+        run_app(sim_root, raw, num_supernodes=n_sites, cpus_per_site=args.cpus_per_site,
+                progress=sys.stderr.isatty())
+    except SimulationRunError as err:
+        print(f"fl-sim: {err}", file=sys.stderr)
+        return 1
+    rounds = json.loads((Path(raw["resume-from"]) / "metrics.json").read_text())["rounds"]
+    print(render_rounds(rounds))
+    print(f"\nrun directory: {raw['resume-from']}")
+    return 0
+
+
 def render_rounds(rounds: list[dict]) -> str:
     """Per round: pooled AUC, train loss and each site's cumulative epsilon."""
     sites = sorted({s for r in rounds for s in r.get("epsilon", {})})
@@ -191,6 +221,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--progress", action="store_true", help="progress bar even when not on a terminal")
     p.set_defaults(func=cmd_run)
 
+    p = sub.add_parser("resume", help="continue a simulated run from its last checkpoint")
+    p.add_argument("sim_dir", help="the fl-sim folder (runs/sim-...)")
+    p.add_argument("--cpus-per-site", type=float, default=1.0)
+    p.set_defaults(func=cmd_resume)
+
     p = sub.add_parser("make-hospitals", help="write N simulated hospital DICOM folders")
     p.add_argument("--out", required=True, help="output folder (one subfolder per hospital)")
     p.add_argument("--sites", type=int, default=3, help="number of hospitals")
@@ -216,10 +251,12 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads stall shared cores
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not any(a in ("run", "make-hospitals", "demo", "-h", "--help") for a in argv[:2]):
+    if not any(a in ("run", "resume", "make-hospitals", "demo", "-h", "--help") for a in argv[:2]):
         argv = ["run", *argv]  # `fl-sim [options]` is `fl-sim run [options]`
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # A SIGTERM (Ctrl-C, a killed job) unwinds normally, so the SuperLink and `flwr run` are stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     for noisy in ("openjpeg", "pylibjpeg", "pydicom"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     return int(args.func(args) or 0)
