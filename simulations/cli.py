@@ -107,7 +107,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not site_dirs:
         print(f"fl-sim: no hospital folders found in {args.data}", file=sys.stderr)
         return 2
-    sites = [{"data-dir": str(d), "state-dir": str(sim_root / "state" / d.name), "site-name": d.name,
+    state_root = Path(args.state_dir).resolve() if args.state_dir else sim_root / "state"
+    sites = [{"data-dir": str(d), "state-dir": str(state_root / d.name), "site-name": d.name,
               "max-epsilon": args.max_epsilon, "allow-no-dp": True} for d in site_dirs]
     write_sites(sim_root, sites)
     raw = {
@@ -183,11 +184,12 @@ def render_rounds(rounds: list[dict]) -> str:
     head = f"{'round':>5}  {'pooled AUC':>10}  {'train loss':>10}  " + "  ".join(f"{'eps ' + s:>16}" for s in sites)
     lines = ["", head, "-" * len(head)]
     for r in rounds:
-        auc = r.get("pooled_auc")
-        loss = r.get("train_loss")
+        auc, loss = r.get("pooled_auc"), r.get("train_loss")
+        auc_s = "-" if auc is None else f"{auc:.3f}"
+        loss_s = "-" if loss is None else f"{loss:.4f}"
         eps = "  ".join(f"{r.get('epsilon', {}).get(s, float('nan')):>16.2f}" for s in sites)
-        lines.append(f"{r['round']:>5}  {auc if auc is None else f'{auc:.3f}':>10}  "
-                     f"{loss if loss is None else f'{loss:.4f}':>10}  {eps}")
+        note = f"  refused/failed: {len(r['failures'])}" if r.get("failures") else ""
+        lines.append(f"{r['round']:>5}  {auc_s:>10}  {loss_s:>10}  {eps}{note}")
     return "\n".join(lines)
 
 
@@ -209,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-dp", action="store_true", help="train without DP (the simulated sites allow it)")
     p.add_argument("--target-epsilon", type=float, default=8.0, help="per-site epsilon for the planned rounds")
     p.add_argument("--max-epsilon", type=float, default=10.0, help="each simulated site's budget")
+    p.add_argument("--state-dir", help="root of the simulated sites' state dirs (ledgers, caches); reuse it to "
+                   "run again on the same sites (default: inside the simulation folder)")
     p.add_argument("--local-epochs", type=int, default=2)
     p.add_argument("--strategy", choices=("fedavg", "fedprox", "fedadam", "trimmed-mean", "median"), default="fedavg")
     p.add_argument("--seed", type=int, default=0)
