@@ -286,7 +286,9 @@ def make_hospitals_from_images(
     images_dir, out = Path(images_dir), Path(out)
     part.check_scheme(partition)
     if n_sites < 1 or (image_size is not None and image_size < 8) or (max_images is not None and max_images < 2):
-        raise SimulationError(f"n_sites={n_sites}, image_size={image_size}, max_images={max_images}: need n_sites >= 1, image_size >= 8, max_images >= 2")
+        raise SimulationError(
+            f"n_sites={n_sites}, image_size={image_size}, max_images={max_images}: need n_sites >= 1, image_size >= 8 and max_images >= 2"
+        )
     images, classes = load_image_set(images_dir)
     if max_images is not None:
         images = _subset(images, max_images, seed)
@@ -296,7 +298,7 @@ def make_hospitals_from_images(
     patient_class = {p: max(i.label for i in imgs) for p, imgs in by_patient.items()}  # positive if any image is
     held, rest = part.holdout_split(patient_class, holdout_fraction, seed=seed)
     groups = part.partition_patients({p: patient_class[p] for p in rest}, n_sites, scheme=partition, alpha=alpha, seed=seed)
-    pseudonyms = _pseudonyms(list(by_patient), _prefix(images_dir), seed)
+    pseudonyms = pseudonymise(list(by_patient), source_prefix(images_dir), seed)
     profiles = site_profiles(n_sites + 1, seed)  # the last one is the hold-out's
     plan = [(site_name(i), profiles[i], groups[i]) for i in range(n_sites)]
     if held:
@@ -436,8 +438,12 @@ def _subset(images: list[_SourceImage], max_images: int, seed: int) -> list[_Sou
     return chosen
 
 
-def _pseudonyms(patients: Iterable[str], prefix: str, seed: int) -> dict[str, str]:
-    """Real patient key -> ``PREFIX-xxxxxxxx`` (keyed hash, lengthened until there is no collision)."""
+def pseudonymise(patients: Iterable[str], prefix: str, seed: int) -> dict[str, str]:
+    """Real patient key -> ``PREFIX-xxxxxxxx`` (keyed hash, lengthened until there is no collision).
+
+    A pseudonym, not anonymisation: anyone with the seed and a candidate id can recompute it.
+    That is fine for public research sets; do not feed real hospital ids through it.
+    """
     patients = sorted(patients)
     for length in (8, 10, 12, 16, 64):
         ids = {p: f"{prefix}-{_keyed_hash(seed, 'patient:' + p)[:length]}" for p in patients}
@@ -451,7 +457,8 @@ def _keyed_hash(seed: int, value: str) -> str:
     return hmac.new(f"fedxray-simulation-{seed}".encode(), value.encode(), hashlib.sha256).hexdigest()
 
 
-def _prefix(images_dir: Path) -> str:
+def source_prefix(images_dir: Path) -> str:
+    """Short tag of the image set for pseudonymous PatientIDs: KER (Kermany), NIH, else 3 letters."""
     name = images_dir.name.lower()
     known = {"kermany": "KER", "nih": "NIH"}
     for key, prefix in known.items():

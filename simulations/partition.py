@@ -160,9 +160,7 @@ def partition_patients(
     return assign_patients(patient_classes, table, rng)
 
 
-def holdout_split(
-    patient_classes: Mapping[Hashable, int], fraction: float, *, seed: int = 0
-) -> tuple[list[Hashable], list[Hashable]]:
+def holdout_split(patient_classes: Mapping[Hashable, int], fraction: float, *, seed: int = 0) -> tuple[list[Hashable], list[Hashable]]:
     """Stratified, patient-level hold-out: returns (held-out patients, the rest).
 
     ``round(fraction * n_c)`` patients of each class c are held out, so the hold-out has the
