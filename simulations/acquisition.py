@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,6 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
     RLELossless,
-    generate_uid,
 )
 
 log = logging.getLogger(__name__)
@@ -210,6 +210,17 @@ def _windows(
 
 # --------------------------------------------------------------------------- writing
 
+_UID_NAMESPACE = uuid.UUID("6f1c1f0e-5b7a-5d4e-9a51-0fedc0ffee00")
+
+
+def deterministic_uid(*parts: object) -> str:
+    """A valid UID ``2.25.<uuid>`` from a name-based (SHA-1, version 5) UUID of ``parts``.
+
+    pydicom's ``generate_uid(prefix=None)`` is random (it ignores entropy sources), which would
+    break byte-identical output for a given seed.
+    """
+    return f"2.25.{uuid.uuid5(_UID_NAMESPACE, chr(31).join(str(p) for p in parts)).int}"
+
 
 def site_response(display01: np.ndarray, profile: AcquisitionProfile, rng: np.random.Generator) -> np.ndarray:
     """The site's own rendering of the image: gamma (contrast), gain around mid-grey, noise."""
@@ -379,7 +390,7 @@ def _image_dataset(
 ) -> Dataset:
     dx = profile.modality == "DX"
     sop_class = DX_IMAGE_STORAGE_FOR_PRESENTATION if dx else CR_IMAGE_STORAGE
-    sop_uid = generate_uid(prefix=None, entropy_srcs=["sop", study_uid, patient_id, str(instance_number), str(seed)])
+    sop_uid = deterministic_uid("sop", study_uid, patient_id, str(instance_number), str(seed))
     ds = Dataset()
     ds.file_meta = _file_meta(sop_class, sop_uid, ExplicitVRLittleEndian)
     ds.preamble = b"\x00" * 128
@@ -401,7 +412,7 @@ def _image_dataset(
     ds.BodyPartExamined = "CHEST"
     ds.ViewPosition = view
     ds.StudyInstanceUID = study_uid
-    ds.SeriesInstanceUID = generate_uid(prefix=None, entropy_srcs=["series", study_uid, profile.name])
+    ds.SeriesInstanceUID = deterministic_uid("series", study_uid, profile.name)
     ds.StudyID = ""
     ds.SeriesNumber = 1
     ds.InstanceNumber = instance_number
@@ -472,7 +483,7 @@ def write_corrupt_file(path: str | os.PathLike, kind: str, *, template: str | os
         target.write_bytes(b"\x00" * 128 + b"DICM" + rng.bytes(int(rng.integers(2000, 6000))))
     elif kind == "non-image":
         source = pydicom.dcmread(template, stop_before_pixels=True, force=True)
-        sop_uid = generate_uid(prefix=None, entropy_srcs=["sr", str(seed)])
+        sop_uid = deterministic_uid("sr", str(seed))
         ds = Dataset()
         ds.file_meta = _file_meta(BASIC_TEXT_SR_STORAGE, sop_uid, ExplicitVRLittleEndian)
         ds.preamble = b"\x00" * 128
@@ -482,7 +493,7 @@ def write_corrupt_file(path: str | os.PathLike, kind: str, *, template: str | os
         for keyword in ("PatientID", "PatientName", "StudyInstanceUID", "StudyDate"):
             if keyword in source:
                 setattr(ds, keyword, source.data_element(keyword).value)
-        ds.SeriesInstanceUID = generate_uid(prefix=None, entropy_srcs=["sr-series", str(seed)])
+        ds.SeriesInstanceUID = deterministic_uid("sr-series", str(seed))
         ds.ValueType = "CONTAINER"
         ds.CompletionFlag = "COMPLETE"
         ds.VerificationFlag = "UNVERIFIED"

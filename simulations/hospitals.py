@@ -28,12 +28,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydicom.uid import generate_uid
 
 from simulations import partition as part
 from simulations.acquisition import (
     CORRUPT_KINDS,
     AcquisitionProfile,
+    deterministic_uid,
     site_profiles,
     write_corrupt_file,
     write_radiograph,
@@ -122,7 +122,9 @@ def make_synthetic_hospitals(
     number they are the mean, and ``partition`` (with ``alpha``) decides how sizes and prevalence
     vary between sites. Patients are positive or negative as a whole; each has 1..n follow-up
     studies. ``corrupt_per_site`` unreadable files (truncated, non-image, garbage) are added to
-    each site and left out of labels.csv.
+    each site and listed in labels.csv like the others (an export lists what it meant to write),
+    so a reader meets them while decoding; the manifest counts them apart (``n_corrupt``), and its
+    ``n_images`` / ``images_per_class`` count readable images only.
     """
     out = Path(out)
     table = _synthetic_plan(n_sites, patients_per_site, prevalence, partition, alpha, seed, images_per_patient, corrupt_per_site)
@@ -225,7 +227,7 @@ def _write_synthetic_site(
                 profile,
                 patient_id=patient_id,
                 patient_name=f"SYNTHETIC^{code}{p + 1:04d}",
-                study_uid=generate_uid(prefix=None, entropy_srcs=["study", str(seed), name, patient_id, str(k)]),
+                study_uid=deterministic_uid("study", str(seed), name, patient_id, str(k)),
                 view=view,
                 seed=_derive_seed(seed, name, rel),
                 study_date=(first_day + timedelta(days=30 * k)).strftime("%Y%m%d"),
@@ -234,18 +236,22 @@ def _write_synthetic_site(
             rows.append((rel, SYNTHETIC_CLASSES[label]))
             if bar is not None:
                 bar.update(1)
-    n_corrupt = _write_corrupt_files(root, code, index, corrupt_per_site, template=root / rows[0][0], seed=seed)
-    _write_labels(root, rows)
+    corrupt = _write_corrupt_files(root, code, index, corrupt_per_site, template=root / rows[0][0], seed=seed)
+    _write_labels(root, rows + corrupt)
     patients = Counter(SYNTHETIC_CLASSES[label] for label in labels.tolist())
-    return _summary(name, rows, patients, n_corrupt, profile)
+    return _summary(name, rows, patients, len(corrupt), profile)
 
 
-def _write_corrupt_files(root: Path, code: str, index: int, n: int, *, template: Path, seed: int) -> int:
-    """Corrupt files named like real ones (a reader cannot tell by the path); kinds rotate by site."""
+def _write_corrupt_files(root: Path, code: str, index: int, n: int, *, template: Path, seed: int) -> list[tuple[str, str]]:
+    """Corrupt files named and labelled like real ones (a reader cannot tell them by path or
+    labels.csv, only by decoding); kinds rotate by site. Returns their labels.csv rows."""
+    rows = []
     for j in range(n):
         kind = CORRUPT_KINDS[(index + j) % len(CORRUPT_KINDS)]
-        write_corrupt_file(root / f"SIM-{code}-{9001 + j}/study-1/1.dcm", kind, template=template, seed=_derive_seed(seed, code, str(j)))
-    return n
+        rel = f"SIM-{code}-{9001 + j}/study-1/1.dcm"
+        write_corrupt_file(root / rel, kind, template=template, seed=_derive_seed(seed, code, str(j)))
+        rows.append((rel, SYNTHETIC_CLASSES[j % 2]))
+    return rows
 
 
 # --------------------------------------------------------------------------- from images
@@ -322,7 +328,7 @@ def make_hospitals_from_images(
                     profile,
                     patient_id=pid,
                     patient_name=f"{pid.split('-')[0]}^{pid.split('-')[1]}",
-                    study_uid=generate_uid(prefix=None, entropy_srcs=["study", key]),
+                    study_uid=deterministic_uid("study", key),
                     view=img.view,
                     seed=int(key[:15], 16),
                     study_date=(date(2023, 1, 1) + timedelta(days=int(key[15:20], 16) % 365)).strftime("%Y%m%d"),
@@ -506,7 +512,7 @@ def _summary(name: str, rows: list[tuple[str, str]], patients: Counter, n_corrup
         images_per_class=dict(sorted(Counter(label for _, label in rows).items())),
         patients_per_class=dict(sorted(patients.items())),
         n_corrupt=n_corrupt,
-        profile=profile.to_dict(),
+        profile=json.loads(json.dumps(profile.to_dict())),  # lists, as the saved manifest has
     )
 
 
