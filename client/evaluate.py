@@ -44,8 +44,7 @@ def evaluate_model(model_path: str | Path, data_dir: str | Path, *, salt: bytes 
         if out_dir is not None:
             _roc_plot(Path(out_dir) / "roc.png", y, probs[:, 0], report)
     else:
-        y = targets.y if task == "multilabel" else targets.y
-        report["macro_auc"] = metrics.macro_auc(y, probs)
+        report["macro_auc"] = metrics.macro_auc(targets.y, probs)
     if out_dir is not None:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         (Path(out_dir) / "evaluation.json").write_text(json.dumps(report, indent=2, default=float))

@@ -141,7 +141,8 @@ def train_one_round(
                 if done >= steps:
                     break
         weights = unwrapped_state_dict(pt)
-        pt.model.remove_hooks() if hasattr(pt.model, "remove_hooks") else None
+        if hasattr(pt.model, "remove_hooks"):
+            pt.model.remove_hooks()  # the caller's model is plain again for evaluation and export
     else:
         loss_fn = PerSampleLoss(crit)
         steps = 0

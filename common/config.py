@@ -99,7 +99,6 @@ class SiteConfig:
     delta: float = 1e-5  # the delta this site accounts with
     allow_no_dp: bool = False  # whether this site ever trains without DP when a run asks for it
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda
-    approved_only: bool = True  # run only app bundles approved by the site (deployment)
 
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any]) -> SiteConfig:
@@ -259,8 +258,3 @@ def _check_site(c: SiteConfig) -> list[str]:
     if not c.data_dir.is_dir():
         p.append(f"`data-dir` = {str(c.data_dir)!r} is not a folder: point it at the site's DICOM folder")
     return p
-
-
-def default_run_mapping() -> dict[str, Any]:
-    """The default run config in kebab-case, e.g. to write into pyproject or a config file."""
-    return RunConfig().to_mapping()

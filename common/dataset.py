@@ -13,7 +13,6 @@ train/validation split.
 from __future__ import annotations
 
 import csv
-import hashlib
 import logging
 import os
 import secrets
@@ -118,8 +117,10 @@ def site_salt(state_dir: str | os.PathLike) -> bytes:
 
 
 def _hash(value: str, salt: bytes | str) -> str:
-    salt_b = salt.encode() if isinstance(salt, str) else salt
-    return hashlib.sha256(salt_b + b"\x00" + value.encode()).hexdigest()
+    """The same keyed hash the DICOM reader uses for PatientID, so both kinds of file agree."""
+    from common.dicom import salted_hash
+
+    return salted_hash(value, salt)
 
 
 # --------------------------------------------------------------------------- labels

@@ -185,10 +185,10 @@ def build_model(
     return model
 
 
-def _one_channel(conv: nn.Conv2d) -> nn.Conv2d:
-    """The same convolution with one input channel (grey radiographs)."""
-    return nn.Conv2d(
-        1,
+def _conv_like(conv: nn.Conv2d, cls: type[nn.Conv2d], in_channels: int) -> nn.Conv2d:
+    """A new convolution of class ``cls`` with ``conv``'s geometry and ``in_channels`` inputs."""
+    return cls(
+        in_channels,
         conv.out_channels,
         kernel_size=conv.kernel_size,  # type: ignore[arg-type]
         stride=conv.stride,  # type: ignore[arg-type]
@@ -196,7 +196,13 @@ def _one_channel(conv: nn.Conv2d) -> nn.Conv2d:
         dilation=conv.dilation,  # type: ignore[arg-type]
         groups=conv.groups,
         bias=conv.bias is not None,
+        padding_mode=conv.padding_mode,
     )
+
+
+def _one_channel(conv: nn.Conv2d) -> nn.Conv2d:
+    """The same convolution with one input channel (grey radiographs)."""
+    return _conv_like(conv, nn.Conv2d, 1)
 
 
 def _to_dp_ready(model: nn.Module) -> None:
@@ -216,17 +222,7 @@ def _to_dp_ready(model: nn.Module) -> None:
 
 def _as_dp_conv(conv: nn.Conv2d) -> DPConv2d:
     """The same convolution, weights included, as a :class:`DPConv2d`."""
-    new = DPConv2d(
-        conv.in_channels,
-        conv.out_channels,
-        kernel_size=conv.kernel_size,  # type: ignore[arg-type]
-        stride=conv.stride,  # type: ignore[arg-type]
-        padding=conv.padding,  # type: ignore[arg-type]
-        dilation=conv.dilation,  # type: ignore[arg-type]
-        groups=conv.groups,
-        bias=conv.bias is not None,
-        padding_mode=conv.padding_mode,
-    )
+    new = cast(DPConv2d, _conv_like(conv, DPConv2d, conv.in_channels))
     new.load_state_dict(conv.state_dict())
     return new
 

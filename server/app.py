@@ -7,6 +7,7 @@ after every round, which writes the round record, an atomic checkpoint and metri
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -21,6 +22,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from common.config import ConfigError, RunConfig
+from common.metrics import weighted_mean
 from common.models import build_model, describe
 from common.onnx_export import export_onnx
 from server.checkpoint import Checkpoint, latest_checkpoint, save_checkpoint
@@ -109,8 +111,6 @@ def round_record(strategy: Any, r: int, seconds: float) -> dict[str, Any]:
                 auc=m.get("auc"), sensitivity=m.get("sensitivity"), specificity=m.get("specificity"),
                 eval_loss=m.get("eval-loss"), hist_pos=m.get("hist-pos"), hist_neg=m.get("hist-neg"),
             )
-    from common.metrics import weighted_mean
-
     return {
         "round": r,
         "pooled_auc": pooled.get("pooled-auc", math.nan),
@@ -204,8 +204,6 @@ def finish(run_dir: Path, run_name: str, run: RunConfig) -> None:
     threshold = last.get("threshold")
     threshold = 0.5 if threshold is None else float(threshold)
     epsilon = last.get("epsilon", {})
-    import json
-
     report = export_onnx(
         model, run_dir / "model.onnx", task=run.task, labels=list(run.labels),
         input_size=(run.image_size, run.image_size), threshold=threshold,

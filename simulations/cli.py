@@ -37,7 +37,7 @@ def cmd_make_hospitals(args: argparse.Namespace) -> int:
                 out, args.sites, patients_per_site=args.patients, partition=args.partition, alpha=args.alpha,
                 seed=args.seed, progress=sys.stderr.isatty(),
             )
-    except SimulationError as err:
+    except (SimulationError, FileExistsError) as err:
         print(f"fl-sim make-hospitals: {err}", file=sys.stderr)
         return 2
     print(f"{len(manifest.sites)} hospital(s) in {out} ({manifest.source}, partition {manifest.partition}):")
@@ -84,26 +84,38 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from common.config import ConfigError, RunConfig
     from simulations.federation import SimulationRunError, run_app, write_sites
-    from simulations.hospitals import make_hospitals_from_images, make_synthetic_hospitals
+    from simulations.hospitals import SimulationError, make_hospitals_from_images, make_synthetic_hospitals
 
     out = Path(args.out).resolve()
     name = args.name or time.strftime("sim-%Y%m%d-%H%M%S")
     sim_root = out / name
     hospitals = sim_root / "hospitals"
-    if args.data and (Path(args.data) / "labels.csv").is_file() and not any(Path(args.data).glob("*/labels.csv")):
-        print(f"partitioning the image set {args.data} into {args.sites} hospitals ({args.partition}) ...")
-        make_hospitals_from_images(Path(args.data), hospitals, args.sites, partition=args.partition, alpha=args.alpha,
-                                   seed=args.seed, max_images=args.max_images, image_size=max(args.image_size, 64),
-                                   progress=sys.stderr.isatty())
-        site_dirs = sorted(p for p in hospitals.iterdir() if p.is_dir() and p.name != "holdout")
-    elif args.data:
-        site_dirs = sorted(p for p in Path(args.data).resolve().iterdir() if (p / "labels.csv").is_file() or p.is_dir())
-        site_dirs = [p for p in site_dirs if p.name != "holdout"]
-    else:
-        print(f"making {args.sites} synthetic hospitals ({args.partition}) ...")
-        make_synthetic_hospitals(hospitals, args.sites, patients_per_site=args.patients, partition=args.partition,
-                                 alpha=args.alpha, seed=args.seed, progress=sys.stderr.isatty())
-        site_dirs = sorted(p for p in hospitals.iterdir() if p.is_dir())
+    if sim_root.exists():
+        print(f"fl-sim: {sim_root} already exists; pass another --name (or `fl-sim resume {sim_root}`)",
+              file=sys.stderr)
+        return 2
+    data = Path(args.data).resolve() if args.data else None
+    if data is not None and not data.is_dir():
+        print(f"fl-sim: --data {args.data} is not a folder; give hospital folders or an image set with labels.csv",
+              file=sys.stderr)
+        return 2
+    try:
+        if data is not None and (data / "labels.csv").is_file() and not any(data.glob("*/labels.csv")):
+            print(f"partitioning the image set {data} into {args.sites} hospitals ({args.partition}) ...")
+            make_hospitals_from_images(data, hospitals, args.sites, partition=args.partition, alpha=args.alpha,
+                                       seed=args.seed, max_images=args.max_images, image_size=max(args.image_size, 64),
+                                       progress=sys.stderr.isatty())
+            site_dirs = sorted(p for p in hospitals.iterdir() if p.is_dir() and p.name != "holdout")
+        elif data is not None:
+            site_dirs = sorted(p for p in data.iterdir() if p.is_dir() and p.name != "holdout")
+        else:
+            print(f"making {args.sites} synthetic hospitals ({args.partition}) ...")
+            make_synthetic_hospitals(hospitals, args.sites, patients_per_site=args.patients, partition=args.partition,
+                                     alpha=args.alpha, seed=args.seed, progress=sys.stderr.isatty())
+            site_dirs = sorted(p for p in hospitals.iterdir() if p.is_dir())
+    except (SimulationError, FileExistsError) as err:
+        print(f"fl-sim: {err}", file=sys.stderr)
+        return 2
     if not site_dirs:
         print(f"fl-sim: no hospital folders found in {args.data}", file=sys.stderr)
         return 2

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 from torch import nn
@@ -26,16 +24,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing:Use
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> Iterator[None]:
-    """Run these tests on one intra-op thread, then restore the setting.
-
-    On the 2 shared cores of CI/dev machines a 2-thread OpenMP pool spin-waits for a thread
-    that another process holds: the DenseNet DP step took 34 s instead of 5 s.
-    """
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+def _threads(one_torch_thread: None) -> None:
+    """Every test here on one torch thread (see tests/conftest.py)."""
 
 
 def _private(

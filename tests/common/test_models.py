@@ -6,7 +6,6 @@ Tiny inputs (32 px, batch 2-4) keep every test to seconds, DenseNet121 included.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -32,16 +31,8 @@ PX = 32
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> Iterator[None]:
-    """Run these tests on one intra-op thread, then restore the setting.
-
-    On the 2 shared cores of CI/dev machines a 2-thread OpenMP pool spin-waits for a thread
-    that another process holds: the DenseNet DP step took 34 s instead of 5 s.
-    """
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+def _threads(one_torch_thread: None) -> None:
+    """Every test here on one torch thread (see tests/conftest.py)."""
 
 
 @pytest.fixture(scope="module")

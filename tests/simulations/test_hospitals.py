@@ -375,3 +375,31 @@ class TestHospitalsFromImages:
         assert 30 <= written <= 40
         assert sum(s.n_images for s in manifest.sites) + manifest.holdout.n_images == written  # type: ignore[union-attr]
         assert {k for s in manifest.sites for k in s.images_per_class} == {"NORMAL", "PNEUMONIA"}
+
+
+class TestCliBadInput:
+    """fl-sim answers a wrong path or a used folder with one line and a non-zero exit, nothing lost."""
+
+    def test_missing_data_folder(self, tmp_path, capsys):
+        from simulations.cli import main
+
+        assert main(["run", "--out", str(tmp_path), "--name", "x", "--data", str(tmp_path / "nope")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "is not a folder" in err[0]
+
+    def test_existing_simulation_folder_is_kept(self, tmp_path, capsys):
+        from simulations.cli import main
+
+        (tmp_path / "old" / "run").mkdir(parents=True)
+        (tmp_path / "old" / "run" / "metrics.json").write_text("{}")
+        assert main(["run", "--out", str(tmp_path), "--name", "old"]) == 2
+        assert "already exists" in capsys.readouterr().err
+        assert (tmp_path / "old" / "run" / "metrics.json").read_text() == "{}"
+
+    def test_make_hospitals_into_non_empty_folder(self, tmp_path, capsys):
+        from simulations.cli import main
+
+        (tmp_path / "keep.txt").write_text("x")
+        assert main(["make-hospitals", "--out", str(tmp_path), "--sites", "1"]) == 2
+        assert len(capsys.readouterr().err.strip().splitlines()) == 1
+        assert (tmp_path / "keep.txt").read_text() == "x"
