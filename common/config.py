@@ -71,6 +71,7 @@ class RunConfig:
     run_name: str = ""  # run directory name under runs-dir; empty: a timestamped name
     runs_dir: str = "runs"  # where run directories go (absolute, or relative to the coordinator's cwd)
     resume_from: str = ""  # run directory to continue from its last checkpoint (fl-server resume sets it)
+    parity_data: str = ""  # coordinator's reference radiographs (never patient data) for the ONNX parity check
     sim_root: str = ""  # simulation only: folder whose sites.json describes the simulated hospitals
 
     @classmethod
@@ -258,3 +259,17 @@ def _check_site(c: SiteConfig) -> list[str]:
     if not c.data_dir.is_dir():
         p.append(f"`data-dir` = {str(c.data_dir)!r} is not a folder: point it at the site's DICOM folder")
     return p
+
+
+def to_toml(values: Mapping[str, Any]) -> str:
+    """Flat ``key = value`` TOML, as `flwr run --run-config FILE` and ``--node-config`` read it."""
+    import json
+
+    def one(value: Any) -> str:
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        if isinstance(value, (int, float)):
+            return repr(value)
+        return json.dumps(str(value))
+
+    return "".join(f"{k} = {one(v)}\n" for k, v in values.items())

@@ -453,3 +453,31 @@ def load_onnx_model(
         )
     raw = dict(session.get_modelmeta().custom_metadata_map)
     return OnnxClassifier(session, raw, where)
+
+
+def reference_batch(folder: str | Path, input_size: tuple[int, int], limit: int = 16) -> torch.Tensor:
+    """Up to ``limit`` radiographs from ``folder`` as [N,1,H,W], read and resized as sites read them.
+
+    The parity check should see real radiographs, not only noise: their intensity histograms and
+    structure exercise the network the way deployment will. The coordinator holds no patient data,
+    so this is a folder of reference images it may keep (public or synthetic radiographs). Files
+    that cannot be read are skipped; none readable raises ``ExportError``.
+    """
+    from common.dicom import DicomError, read_radiograph
+    from common.images import ImageError, is_image_file, read_image, resize_image
+
+    root = Path(folder)
+    if not root.is_dir():
+        raise ExportError(f"parity-data {root} is not a folder: point it at reference radiographs the coordinator holds")
+    images = []
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() not in (".csv", ".json", ".md", ".txt")):
+        try:
+            pixels = read_image(path) if is_image_file(path) else read_radiograph(path).pixels
+        except (DicomError, ImageError, ValueError):
+            continue
+        images.append(resize_image(pixels, input_size))
+        if len(images) >= limit:
+            break
+    if not images:
+        raise ExportError(f"no readable radiograph in parity-data {root}")
+    return torch.from_numpy(np.stack(images).astype(np.float32))[:, None]

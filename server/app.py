@@ -24,7 +24,7 @@ from flwr.serverapp import Grid, ServerApp
 from common.config import ConfigError, RunConfig
 from common.metrics import weighted_mean
 from common.models import build_model, describe
-from common.onnx_export import export_onnx
+from common.onnx_export import export_onnx, reference_batch
 from server.checkpoint import Checkpoint, latest_checkpoint, save_checkpoint
 from server.report import write_metrics, write_model_card, write_plots
 from server.strategy import load_strategy_state, make_strategy, strategy_state
@@ -204,14 +204,19 @@ def finish(run_dir: Path, run_name: str, run: RunConfig) -> None:
     threshold = last.get("threshold")
     threshold = 0.5 if threshold is None else float(threshold)
     epsilon = last.get("epsilon", {})
+    sample = None
+    if run.parity_data:
+        sample = reference_batch(run.parity_data, (run.image_size, run.image_size))
+        log.info("ONNX parity: %d reference radiographs from %s plus random images", len(sample), run.parity_data)
     report = export_onnx(
-        model, run_dir / "model.onnx", task=run.task, labels=list(run.labels),
+        model, run_dir / "model.onnx", sample_batch=sample, task=run.task, labels=list(run.labels),
         input_size=(run.image_size, run.image_size), threshold=threshold,
         metadata={"fedxray.model": run.model, "fedxray.rounds": str(ckpt.round),
                   "fedxray.sites": json.dumps(sorted({s for h in ckpt.history for s in h.get("sites", {})})),
                   "fedxray.epsilon": json.dumps(epsilon)},
     )
-    export = {"max_abs_diff": report.max_abs_diff, "size_bytes": report.size_bytes}
+    export = {"max_abs_diff": report.max_abs_diff, "size_bytes": report.size_bytes,
+              "parity_images": 0 if sample is None else len(sample)}
     write_metrics(run_dir, run_name, ckpt.run_config, ckpt.history, {"export": export, "threshold": threshold})
     write_plots(run_dir, ckpt.history)
     info = describe(run.model, num_outputs=run.num_outputs)

@@ -115,7 +115,10 @@ def write_model_card(run_dir: Path, *, run_name: str, run_config: dict[str, Any]
         f"- decision threshold: {threshold:.3f} (maximises sensitivity + specificity on pooled validation data)",
     ]
     if export:
-        lines.append(f"- ONNX: `model.onnx`, onnxruntime parity max abs diff {export.get('max_abs_diff', float('nan')):.2e}")
+        n_ref = int(export.get("parity_images", 0))
+        on = f"{n_ref} reference radiographs and 3 random images" if n_ref else "3 random images only (no parity-data set)"
+        lines.append(f"- ONNX: `model.onnx`, onnxruntime parity max abs diff {export.get('max_abs_diff', float('nan')):.2e} "
+                     f"on {on}")
     lines += [
         "",
         "## Data (per site; counts only)",

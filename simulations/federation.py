@@ -15,15 +15,15 @@ import logging
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from common.config import to_toml
+from common.processes import free_port, offline_env, stop_process, wait_http
 
 log = logging.getLogger(__name__)
 
@@ -46,69 +46,12 @@ def project_root() -> Path:
     return root
 
 
-def offline_env(flwr_home: Path | None = None) -> dict[str, str]:
-    """Environment for every Flower process fedxray starts: telemetry and update checks off, offline."""
-    env = os.environ.copy()
-    env.update({
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "RAY_USAGE_STATS_ENABLED": "0",
-        "RAY_DISABLE_DOCKER_CPU_WARNING": "1",
-        "PYTHONUNBUFFERED": "1",
-        "OMP_WAIT_POLICY": env.get("OMP_WAIT_POLICY", "PASSIVE"),
-    })
-    if flwr_home is not None:
-        env["FLWR_HOME"] = str(flwr_home)
-    bin_dir = str(Path(sys.executable).parent)
-    env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
-    return env
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def write_sites(sim_root: Path, sites: Sequence[dict[str, Any]]) -> Path:
     """sites.json: per simulated hospital its node-config (data-dir, state-dir, site-name, budget)."""
     sim_root.mkdir(parents=True, exist_ok=True)
     path = sim_root / SITES_FILE
     path.write_text(json.dumps(list(sites), indent=2))
     return path
-
-
-def _wait_http(port: int, proc: subprocess.Popen, timeout: float, log_path: Path) -> None:
-    import urllib.request
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SimulationRunError(f"the simulation SuperLink exited with code {proc.returncode}; see {log_path}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=0.5) as r:  # noqa: S310 - loopback
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.25)
-    raise SimulationRunError(f"the simulation SuperLink did not start within {timeout:.0f} s; see {log_path}")
-
-
-def stop_process(proc: subprocess.Popen, timeout: float = 15.0) -> None:
-    """SIGTERM the process group, then SIGKILL what is left."""
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=timeout)
 
 
 @contextmanager
@@ -135,7 +78,10 @@ def simulation_superlink(sim_root: Path, *, num_supernodes: int, cpus_per_site: 
         proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, cwd=sim_root,
                                 start_new_session=True)
     try:
-        _wait_http(port, proc, 60.0, log_path)
+        try:
+            wait_http(f"http://127.0.0.1:{port}/health", proc, 60.0, "the simulation SuperLink", log_path)
+        except RuntimeError as err:
+            raise SimulationRunError(str(err)) from None
         yield env
     finally:
         stop_process(proc)
@@ -152,7 +98,7 @@ def run_app(sim_root: Path, run_config: dict[str, Any], *, num_supernodes: int, 
     Returns the path of the log of the run. Raises ``SimulationRunError`` when the run fails.
     """
     overrides = sim_root / "run-config.toml"
-    overrides.write_text("".join(f"{k} = {_toml(v)}\n" for k, v in run_config.items()))
+    overrides.write_text(to_toml(run_config))
     total = total_cpus or os.cpu_count() or 2
     run_log = sim_root / "run.log"
     with simulation_superlink(sim_root, num_supernodes=num_supernodes, cpus_per_site=cpus_per_site,
@@ -190,11 +136,3 @@ def run_app(sim_root: Path, run_config: dict[str, Any], *, num_supernodes: int, 
         if proc.returncode != 0:
             raise SimulationRunError(f"`flwr run` failed (exit {proc.returncode}); see {run_log}")
     return run_log
-
-
-def _toml(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    return json.dumps(str(value))

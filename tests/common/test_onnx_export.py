@@ -298,3 +298,27 @@ def test_build_model_exports(tmp_path: Path, name: str) -> None:
     assert report.max_abs_diff <= 1e-4
     clf = load_onnx_model(report.path)
     assert clf.predict(_images(2).numpy()).shape == (2, 1) and clf.meta["model"] == name
+
+
+def test_parity_on_real_radiographs(tmp_path: Path, dicom_dir: Path) -> None:
+    """The parity batch can be real radiographs (the shared DICOM files), read as sites read them."""
+    from common.models import build_model
+    from common.onnx_export import reference_batch
+
+    batch = reference_batch(dicom_dir, SIZE, limit=6)
+    assert batch.shape[1:] == (1, *SIZE) and 1 <= len(batch) <= 6
+    assert 0.0 <= float(batch.min()) and float(batch.max()) <= 1.0 and float(batch.std()) > 0.05  # real structure
+    torch.manual_seed(0)
+    report = export_onnx(build_model("mobilenet_v2", num_outputs=1, dp=True), tmp_path / "m.onnx", task="binary",
+                         labels=["opacity"], input_size=SIZE, threshold=0.5, metadata=META, sample_batch=batch)
+    assert report.max_abs_diff <= 1e-4
+
+
+def test_reference_batch_refuses_empty_folder(tmp_path: Path) -> None:
+    from common.onnx_export import reference_batch
+
+    (tmp_path / "notes.txt").write_text("no images")
+    with pytest.raises(ExportError, match="no readable radiograph"):
+        reference_batch(tmp_path, SIZE)
+    with pytest.raises(ExportError, match="not a folder"):
+        reference_batch(tmp_path / "missing", SIZE)

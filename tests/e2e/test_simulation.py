@@ -67,3 +67,11 @@ def test_ledgers_metrics_card_agree(sim_run):
         assert 0 < eps <= 4.0 + 1e-6  # the target epsilon for the planned rounds
         assert f"| {site} |" in card and f"{eps:.3f}" in card
         assert float(onnx_eps[site]) == pytest.approx(eps, rel=1e-9)
+
+
+def test_onnx_parity_checked_on_radiographs(sim_run):
+    """The export's parity check ran on real-looking radiographs (fl-sim passes a hospital folder), within 1e-4."""
+    _, root = sim_run
+    export = json.loads((root / "run" / "metrics.json").read_text())["export"]
+    assert export["parity_images"] > 0 and export["max_abs_diff"] <= 1e-4
+    assert "reference radiographs" in (root / "run" / "model_card.md").read_text()
