@@ -78,6 +78,27 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_init(args: argparse.Namespace) -> int:
+    from client.provision import AUTH_KEY_FILE, AUTH_PUB_FILE, TLS_KEY_FILE, ProvisionError, init_site, request_check_code
+
+    try:
+        request_path = init_site(args.dir, args.site, force=args.force)
+    except ProvisionError as err:
+        print(f"fl-client init: {err}", file=sys.stderr)
+        return 2
+    root = request_path.parent
+    code = request_check_code(json.loads(request_path.read_text()))
+    print(f"site {args.site}: created in {root}")
+    print(f"  {TLS_KEY_FILE}   private: TLS client key (stays here)")
+    print(f"  {AUTH_KEY_FILE}  private: SuperNode authentication key (stays here)")
+    print(f"  {AUTH_PUB_FILE}  public half of {AUTH_KEY_FILE}")
+    print(f"  {request_path.name}  the request for your coordinator (no private keys)")
+    print(f"check code {code}: tell it to your coordinator by phone; fl-server admit shows the same")
+    print(f"next: send {request_path.name} to your coordinator; keep {TLS_KEY_FILE} and {AUTH_KEY_FILE} here. "
+          f"Copy the kit you get back (ca.pem, client.pem, coordinator.json) into {root}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fl-client", description="fedxray hospital client")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -93,6 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--list-skipped", action="store_true", help="also list skipped files (local paths)")
     p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("init", help="make this site's keys and the request to send to the coordinator")
+    p.add_argument("--site", required=True, help="site name: lowercase letters, digits and '-' (1-40)")
+    p.add_argument("--dir", default="fedxray-site", help="folder for the keys and request (default ./fedxray-site)")
+    p.add_argument("--force", action="store_true", help="replace existing keys (the coordinator must admit the new request)")
+    p.set_defaults(func=cmd_init)
 
     p = sub.add_parser("evaluate", help="score an ONNX model on this site's labelled data")
     p.add_argument("--model", required=True, help="model.onnx from a fedxray run")

@@ -1,0 +1,592 @@
+"""The coordinator's provisioning: the federation CA, the proxy's server certificate, site admission and removal.
+
+Why a private CA and two keys per site. Open-source Flower checks no client certificate, so the
+fleet proxy (server/proxy.py) does: a hospital gets through only with a certificate signed by the
+federation CA and absent from the CRL. Flower itself then authenticates every SuperNode message
+with the site's *auth key* (``--enable-supernode-auth``; the coordinator registers the public half
+with ``flwr supernode register``). The TLS key proves "this is an admitted hospital" at the door;
+the auth key is what the SuperLink knows the node by.
+
+Keys stay with their owner. The CA key is made here and never leaves ``pki/``; a hospital makes
+its own keys (``fl-client init``) and sends only a request: a CSR (proof that it holds the TLS key,
+CN = site) and its SuperNode public key, signed with the auth key (proof that it holds that one
+too, and that nothing was swapped on the way). ``admit`` signs a client certificate and writes a
+kit of public files to send back. Both ends print the same *check code* so the two people can
+compare it over the phone: a request replaced in transit would show a different code.
+
+Layout of a federation folder (the names are the ``*_FILE``/``*_DIR`` constants below)::
+
+    federation.json              {"federation", "address" (what sites dial: the proxy), "sans", "created"}
+    pki/ca.key      (0600)       EC P-384 CA key: never copied anywhere
+    pki/ca.pem                   self-signed CA, path length 0, 10 years
+    pki/server.key  (0600)       the proxy's and the SuperLink's TLS key (EC P-256)
+    pki/server.pem               serverAuth, SANs = address host + --san + localhost + 127.0.0.1, 2 years
+    pki/crl.pem                  revoked client certificates (nginx ``ssl_crl``; reload nginx after a change)
+    sites/<site>/client.pem      the certificate issued to the site (1 year)
+    sites/<site>/auth.pub        its SuperNode public key (OpenSSH), for ``flwr supernode register``
+    sites/<site>/site.json       {site, serial (hex), auth_key_sha256 ("SHA256:..." as ssh-keygen -l prints it),
+                                  admitted, expires, revoked (time or null), node_id (null: not registered), ...}
+    sites/<site>/previous/<serial>/   an earlier, removed admission of the same name (audit)
+    kits/<site>/                 ca.pem, client.pem, coordinator.json: what the site receives
+
+Private keys are created with mode 0600 (``os.open`` with the mode, then ``os.replace``), every
+write is atomic, and admit/remove/record_node_id run under an exclusive lock on ``.lock``, since
+``fl-server start`` may record node ids while an operator admits a site.
+
+The request format and the site-name rule are mirrored in client/provision.py (the arrows forbid
+a shared module outside common/, and common/ holds no provisioning); tests check they agree.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import fcntl
+import hashlib
+import ipaddress
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+logger = logging.getLogger(__name__)
+
+FEDERATION_FILE = "federation.json"
+PKI_DIR = "pki"
+CA_KEY_FILE = "ca.key"
+CA_CERT_FILE = "ca.pem"
+SERVER_KEY_FILE = "server.key"
+SERVER_CERT_FILE = "server.pem"
+CRL_FILE = "crl.pem"
+SITES_DIR = "sites"
+KITS_DIR = "kits"
+SITE_CERT_FILE = "client.pem"
+SITE_AUTH_PUB_FILE = "auth.pub"
+SITE_RECORD_FILE = "site.json"
+KIT_COORDINATOR_FILE = "coordinator.json"
+LOCK_FILE = ".lock"
+
+REQUEST_VERSION = 1
+#: Site names: what goes into certificates, folder names and Flower node names.
+SITE_NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,39}")
+SITE_NAME_RULE = "1-40 lowercase letters, digits and '-', starting with a letter or digit (e.g. st-marys-2)"
+#: Always in the server certificate: the proxy reaches the SuperLink on loopback with it.
+LOOPBACK_SANS = ("localhost", "127.0.0.1")
+CA_DAYS, SERVER_DAYS, CLIENT_DAYS, CRL_DAYS = 3650, 730, 365, 365
+#: Certificates start this long before "now", so a site whose clock is a little behind accepts them.
+CLOCK_SKEW = dt.timedelta(minutes=5)
+_SIGNED_DOMAIN = b"fedxray-request-v1\n"
+_DNS_RE = re.compile(r"(\*\.)?([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+
+
+class ProvisionError(ValueError):
+    """A federation folder, request or site is missing or invalid; the message says which and the fix."""
+
+
+@dataclass(frozen=True)
+class FederationPaths:
+    """Where a federation folder keeps each file (see the module docstring); from :func:`federation_paths`."""
+
+    root: Path
+    federation: Path
+    ca_key: Path
+    ca_cert: Path
+    server_key: Path
+    server_cert: Path
+    crl: Path
+    sites: Path
+    kits: Path
+
+    def site(self, site: str) -> Path:
+        return self.sites / site
+
+    def kit(self, site: str) -> Path:
+        return self.kits / site
+
+
+def federation_paths(root: str | os.PathLike[str]) -> FederationPaths:
+    root = Path(root).expanduser().resolve()
+    pki = root / PKI_DIR
+    return FederationPaths(root=root, federation=root / FEDERATION_FILE, ca_key=pki / CA_KEY_FILE, ca_cert=pki / CA_CERT_FILE,
+                           server_key=pki / SERVER_KEY_FILE, server_cert=pki / SERVER_CERT_FILE, crl=pki / CRL_FILE,
+                           sites=root / SITES_DIR, kits=root / KITS_DIR)
+
+
+# ---------------------------------------------------------------- small helpers
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC).replace(microsecond=0)
+
+
+def _iso(when: dt.datetime) -> str:
+    return when.isoformat(timespec="seconds")
+
+
+def _write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Write via a temp file in the same folder and ``os.replace``; the file has ``mode`` from creation on."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), mode)  # exact mode whatever the umask
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    _write_atomic(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+
+
+def _cert_pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+@contextmanager
+def _locked(root: Path) -> Iterator[None]:
+    with open(root / LOCK_FILE, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def check_site_name(site: object) -> str:
+    if not isinstance(site, str) or not SITE_NAME_RE.fullmatch(site):
+        raise ProvisionError(f"site name {site!r} is invalid: use {SITE_NAME_RULE}")
+    return site
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """``HOST:PORT`` (IPv6 as ``[::1]:9443``) -> (host, port), or a ProvisionError."""
+    match = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:(\d+)|([^:\[\]\s]+):(\d+)", address.strip())
+    port = int(match.group(2) or match.group(4)) if match else 0
+    if not match or not 0 < port < 65536:
+        raise ProvisionError(f"--address {address!r} is not HOST:PORT (e.g. fl.example.org:9443 or [2001:db8::1]:9443)")
+    return (match.group(1) or match.group(3)).lower(), port
+
+
+def _general_name(name: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(name))
+    except ValueError:
+        pass
+    if not _DNS_RE.fullmatch(name.lower()) or len(name) > 253:
+        raise ProvisionError(f"SAN {name!r} is neither an IP address nor a DNS name")
+    return x509.DNSName(name.lower())
+
+
+def request_check_code(request: dict[str, Any]) -> str:
+    """Short code both people compare out of band; changes if any signed field of the request does."""
+    digest = hashlib.sha256(signed_payload(request)).hexdigest()[:20]
+    return "-".join(digest[i : i + 4] for i in range(0, 20, 4))
+
+
+def signed_payload(request: dict[str, Any]) -> bytes:
+    """The bytes ``auth_signature`` covers (ECDSA P-384, SHA-384): every field but the signature, canonical JSON."""
+    body = {k: request.get(k) for k in ("fedxray_request", "site", "csr", "auth_public_key", "created")}
+    return _SIGNED_DOMAIN + json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+
+def site_uri(site: str) -> str:
+    """The site's identity in its certificate's SAN (RFC 5280 verifiers want a SAN; the CN says the same)."""
+    return f"urn:fedxray:site:{site}"
+
+
+def ssh_fingerprint(public_line: str) -> str:
+    """``SHA256:...`` of an OpenSSH public key, as ``ssh-keygen -l`` prints it."""
+    blob = base64.b64decode(public_line.split()[1])
+    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+
+
+# ---------------------------------------------------------------- init
+
+
+def init_federation(root: str | os.PathLike[str], address: str, sans: Iterable[str] = (), name: str = "fedxray", *,
+                    force: bool = False) -> Path:
+    """Create the federation folder: CA, server certificate, empty CRL, ``sites/``. Returns the folder.
+
+    ``address`` is what hospitals dial (the fleet proxy); its host and every entry of ``sans`` go into
+    the server certificate, with ``localhost`` and ``127.0.0.1``. An existing federation is refused
+    unless ``force``; then it is moved, CA key included, to ``replaced-<time>/`` rather than deleted.
+    """
+    paths = federation_paths(root)
+    host, _ = parse_address(address)
+    if not SITE_NAME_RE.fullmatch(name):
+        raise ProvisionError(f"federation name {name!r} is invalid: use {SITE_NAME_RULE}")
+    san_names = list(dict.fromkeys([host, *(s.strip().lower() for s in sans if s.strip()), *LOOPBACK_SANS]))
+    general_names = [_general_name(s) for s in san_names]
+    existing = [p for p in (paths.federation, paths.ca_cert.parent, paths.sites, paths.kits) if p.exists()]
+    if existing and not force:
+        raise ProvisionError(f"{paths.root} already holds a federation ({existing[0].name}): a new CA would lock out "
+                             "every admitted site; use --force to replace it (the old one is kept in replaced-<time>/)")
+    try:
+        paths.root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ProvisionError(f"cannot create {paths.root}: {err.strerror}") from err
+    with _locked(paths.root):
+        if existing:
+            archive = paths.root / f"replaced-{_now().strftime('%Y%m%dT%H%M%SZ')}"
+            archive.mkdir(mode=0o700)
+            for p in existing:
+                p.rename(archive / p.name)
+            logger.warning("previous federation moved to %s", archive)
+        paths.ca_cert.parent.mkdir(mode=0o700)
+        paths.sites.mkdir(mode=0o700)
+
+        now = _now()
+        ca_key = ec.generate_private_key(ec.SECP384R1())
+        ca_name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedxray"),
+                             x509.NameAttribute(NameOID.COMMON_NAME, f"{name} federation CA")])
+        ca_ski = x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key())
+        ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+              .serial_number(x509.random_serial_number())
+              .not_valid_before(now - CLOCK_SKEW).not_valid_after(now + dt.timedelta(days=CA_DAYS))
+              .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+              .add_extension(_key_usage(cert_sign=True), critical=True)
+              .add_extension(ca_ski, critical=False)
+              .sign(ca_key, hashes.SHA384()))
+        server_key = ec.generate_private_key(ec.SECP256R1())
+        server = (_leaf_builder(ca, server_key.public_key(), host, now, SERVER_DAYS, ExtendedKeyUsageOID.SERVER_AUTH)
+                  .add_extension(x509.SubjectAlternativeName(general_names), critical=False)
+                  .sign(ca_key, hashes.SHA384()))
+        _write_atomic(paths.ca_key, _key_pem(ca_key), 0o600)
+        _write_atomic(paths.ca_cert, _cert_pem(ca))
+        _write_atomic(paths.server_key, _key_pem(server_key), 0o600)
+        _write_atomic(paths.server_cert, _cert_pem(server))
+        _write_crl(paths, ca, ca_key, revoked=[], number=1)
+        _write_json(paths.federation, {"federation": name, "address": address.strip(), "sans": san_names, "created": _iso(now)})
+    logger.debug("federation %s created in %s (server certificate for %s)", name, paths.root, ", ".join(san_names))
+    return paths.root
+
+
+def _key_usage(*, cert_sign: bool = False) -> x509.KeyUsage:
+    return x509.KeyUsage(digital_signature=not cert_sign, content_commitment=False, key_encipherment=False,
+                         data_encipherment=False, key_agreement=False, key_cert_sign=cert_sign, crl_sign=cert_sign,
+                         encipher_only=False, decipher_only=False)
+
+
+def _leaf_builder(ca: x509.Certificate, public_key: Any, common_name: str, now: dt.datetime, days: int,
+                  usage: x509.ObjectIdentifier) -> x509.CertificateBuilder:
+    ca_ski = ca.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    return (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+            .issuer_name(ca.subject).public_key(public_key).serial_number(x509.random_serial_number())
+            .not_valid_before(now - CLOCK_SKEW).not_valid_after(now + dt.timedelta(days=days))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(_key_usage(), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False))
+
+
+def _write_crl(paths: FederationPaths, ca: x509.Certificate, ca_key: Any, revoked: list[x509.RevokedCertificate],
+               number: int) -> None:
+    now = _now()
+    ca_ski = ca.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    builder = (x509.CertificateRevocationListBuilder().issuer_name(ca.subject)
+               .last_update(now - CLOCK_SKEW).next_update(now + dt.timedelta(days=CRL_DAYS))
+               .add_extension(x509.CRLNumber(number), critical=False)
+               .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False))
+    for entry in revoked:
+        builder = builder.add_revoked_certificate(entry)
+    _write_atomic(paths.crl, builder.sign(ca_key, hashes.SHA384()).public_bytes(serialization.Encoding.PEM))
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_federation(root: str | os.PathLike[str]) -> dict[str, Any]:
+    """federation.json of ``root``, or a ProvisionError saying to run ``fl-server init``."""
+    paths = federation_paths(root)
+    if not paths.federation.is_file():
+        raise ProvisionError(f"{paths.root} is not a fedxray federation (no {FEDERATION_FILE}): "
+                             f"run fl-server init --dir {paths.root} --address HOST:PORT first")
+    try:
+        data = json.loads(paths.federation.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ProvisionError(f"{paths.federation} is unreadable ({err}): restore it from a backup") from err
+    missing = [k for k in ("federation", "address") if not isinstance(data.get(k), str)]
+    if missing:
+        raise ProvisionError(f"{paths.federation} lacks {', '.join(missing)}: restore it from a backup")
+    return data
+
+
+def _load_ca(paths: FederationPaths) -> tuple[x509.Certificate, Any]:
+    for p in (paths.ca_cert, paths.ca_key, paths.crl):
+        if not p.is_file():
+            raise ProvisionError(f"{p} is missing: restore {PKI_DIR}/ from a backup (or start over with fl-server init --force)")
+    ca = x509.load_pem_x509_certificate(paths.ca_cert.read_bytes())
+    ca_key = serialization.load_pem_private_key(paths.ca_key.read_bytes(), password=None)
+    return ca, ca_key
+
+
+def _load_crl(paths: FederationPaths, ca: x509.Certificate) -> x509.CertificateRevocationList:
+    crl = x509.load_pem_x509_crl(paths.crl.read_bytes())
+    if not crl.is_signature_valid(ca.public_key()):  # type: ignore[arg-type]
+        raise ProvisionError(f"{paths.crl} is not signed by {paths.ca_cert}: restore it from a backup")
+    return crl
+
+
+def _read_record(paths: FederationPaths, site: str) -> dict[str, Any] | None:
+    record = paths.site(site) / SITE_RECORD_FILE
+    return json.loads(record.read_text()) if record.is_file() else None
+
+
+# ---------------------------------------------------------------- admission
+
+
+@dataclass(frozen=True)
+class SiteRequest:
+    """A request from ``fl-client init`` that passed every check."""
+
+    site: str
+    csr: x509.CertificateSigningRequest
+    auth_public_key: str  # the OpenSSH line, without comment
+    created: str
+    check_code: str
+
+
+def read_request(path: str | os.PathLike[str]) -> SiteRequest:
+    """Parse and check a site request; all problems are listed in one ProvisionError, one line each."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except OSError as err:
+        raise ProvisionError(f"cannot read request {path}: {err.strerror}") from err
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ProvisionError(f"{path} is not a fedxray request (not JSON: {err}): ask the site for the "
+                             "<site>.request.json that fl-client init wrote, unchanged") from err
+    if not isinstance(data, dict) or data.get("fedxray_request") != REQUEST_VERSION:
+        version = data.get("fedxray_request") if isinstance(data, dict) else None
+        raise ProvisionError(f"{path} is not a fedxray request version {REQUEST_VERSION} (fedxray_request={version!r}): "
+                             "ask the site for the <site>.request.json that fl-client init wrote")
+    problems: list[str] = []
+    for field in ("site", "csr", "auth_public_key", "created", "auth_signature"):
+        if not isinstance(data.get(field), str) or not data[field]:
+            problems.append(f"missing field `{field}`")
+    site = data.get("site")
+    if isinstance(site, str) and not SITE_NAME_RE.fullmatch(site):
+        problems.append(f"site name {site!r} is invalid: use {SITE_NAME_RULE}")
+    csr = None
+    if isinstance(data.get("csr"), str):
+        try:
+            csr = x509.load_pem_x509_csr(data["csr"].encode())
+        except ValueError:
+            problems.append("`csr` is not a PEM certificate signing request")
+    if csr is not None:
+        if not csr.is_signature_valid:
+            problems.append("the CSR's signature does not verify: it was altered, or not signed by its own key")
+        key = csr.public_key()
+        if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1 | ec.SECP384R1):
+            problems.append("the CSR key must be EC P-256 or P-384 (fl-client init makes P-256)")
+        cns = [a.value for a in csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+        if cns != [site]:
+            problems.append(f"the CSR names CN={','.join(map(str, cns)) or '(none)'} but the request is for site {site!r}")
+    auth_key = None
+    if isinstance(data.get("auth_public_key"), str):
+        try:
+            auth_key = serialization.load_ssh_public_key(data["auth_public_key"].encode())
+        except (ValueError, UnsupportedAlgorithm):
+            problems.append("`auth_public_key` is not an OpenSSH public key")
+    if auth_key is not None:
+        if not isinstance(auth_key, ec.EllipticCurvePublicKey):
+            problems.append(f"`auth_public_key` is a {type(auth_key).__name__}: Flower SuperNode authentication needs an "
+                            "EC key on a NIST curve (ecdsa-sha2-nistp384, as fl-client init makes)")
+            auth_key = None
+        elif not isinstance(auth_key.curve, ec.SECP256R1 | ec.SECP384R1 | ec.SECP521R1):
+            problems.append(f"`auth_public_key` uses curve {auth_key.curve.name}: Flower needs a NIST curve (P-256/384/521)")
+            auth_key = None
+    if auth_key is not None and isinstance(data.get("auth_signature"), str):
+        try:
+            auth_key.verify(base64.b64decode(data["auth_signature"], validate=True), signed_payload(data),
+                            ec.ECDSA(hashes.SHA384()))
+        except (InvalidSignature, ValueError):
+            problems.append("`auth_signature` does not verify with `auth_public_key`: the request was altered after "
+                            "fl-client init wrote it")
+    if problems:
+        raise ProvisionError(f"{path} is refused:\n" + "\n".join(f"  - {p}" for p in problems))
+    line = " ".join(data["auth_public_key"].split()[:2])
+    return SiteRequest(site=site, csr=csr, auth_public_key=line, created=data["created"],  # type: ignore[arg-type]
+                       check_code=request_check_code(data))
+
+
+def admit(root: str | os.PathLike[str], request_path: str | os.PathLike[str], out: str | os.PathLike[str] | None = None) -> Path:
+    """Check a site's request, sign its client certificate and write its record and kit; returns the kit folder.
+
+    Refused: a site name already admitted and not removed, or a key (TLS or auth) that an admitted
+    site already uses. A removed site may be admitted again; its earlier files move to
+    ``sites/<site>/previous/<serial>/``. The auth key is recorded with ``node_id: null``: the
+    SuperLink registration is done by whoever calls :func:`pending_registrations`.
+    """
+    paths = federation_paths(root)
+    federation = load_federation(paths.root)
+    request = read_request(request_path)
+    site = request.site
+    with _locked(paths.root):
+        ca, ca_key = _load_ca(paths)
+        auth_fp = ssh_fingerprint(request.auth_public_key)
+        csr_key = request.csr.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        for other in _records(paths):
+            if other.get("revoked"):
+                continue
+            if other["site"] == site:
+                raise ProvisionError(f"site {site!r} is already admitted (serial {other['serial']}, {other['admitted']}): "
+                                     f"run fl-server remove {site} first to replace it")
+            if other.get("auth_key_sha256") == auth_fp:
+                raise ProvisionError(f"the request's SuperNode key is already used by site {other['site']!r}: "
+                                     "each site needs its own keys (fl-client init in a fresh folder)")
+            if _cert_key_der(paths.site(other["site"]) / SITE_CERT_FILE) == csr_key:
+                raise ProvisionError(f"the request's TLS key is already used by site {other['site']!r}: "
+                                     "each site needs its own keys (fl-client init in a fresh folder)")
+        now = _now()
+        cert = (_leaf_builder(ca, request.csr.public_key(), site, now, CLIENT_DAYS, ExtendedKeyUsageOID.CLIENT_AUTH)
+                .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(site_uri(site))]), critical=False)
+                .sign(ca_key, hashes.SHA384()))
+        site_dir = paths.site(site)
+        previous = _read_record(paths, site)
+        if previous is not None:  # removed earlier: keep its files for audit
+            archive = site_dir / "previous" / previous["serial"]
+            archive.mkdir(parents=True, exist_ok=True)
+            for name in (SITE_CERT_FILE, SITE_AUTH_PUB_FILE, SITE_RECORD_FILE):
+                if (site_dir / name).exists():
+                    (site_dir / name).rename(archive / name)
+        site_dir.mkdir(parents=True, exist_ok=True)
+        record = {"site": site, "serial": format(cert.serial_number, "x"), "auth_key_sha256": auth_fp,
+                  "admitted": _iso(now), "expires": _iso(cert.not_valid_after_utc), "revoked": None, "node_id": None,
+                  "request_created": request.created, "check_code": request.check_code}
+        _write_atomic(site_dir / SITE_CERT_FILE, _cert_pem(cert))
+        _write_atomic(site_dir / SITE_AUTH_PUB_FILE, f"{request.auth_public_key} fedxray:{site}\n".encode())
+        _write_json(site_dir / SITE_RECORD_FILE, record)
+
+        kit = Path(out).expanduser().resolve() if out is not None else paths.kit(site)
+        kit.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(paths.ca_cert, kit / CA_CERT_FILE)
+        _write_atomic(kit / SITE_CERT_FILE, _cert_pem(cert))
+        _write_json(kit / KIT_COORDINATOR_FILE, {"federation": federation["federation"], "address": federation["address"],
+                                                 "site": site})
+    logger.debug("admitted site %s (serial %s, SuperNode key %s)", site, record["serial"], auth_fp)
+    return kit
+
+
+def _cert_key_der(path: Path) -> bytes | None:
+    if not path.is_file():
+        return None
+    cert = x509.load_pem_x509_certificate(path.read_bytes())
+    return cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+# ---------------------------------------------------------------- removal and the site table
+
+
+def revoke(root: str | os.PathLike[str], site: str) -> int | None:
+    """Revoke a site's certificate (CRL re-signed), mark it removed; returns its node_id to unregister.
+
+    Files stay for audit. Removing a site twice changes nothing and returns the same node_id, so a
+    caller whose SuperLink unregistration failed can simply run it again. nginx reads the CRL when
+    it (re)loads: reload the proxy for the removal to take effect at the door.
+    """
+    paths = federation_paths(root)
+    load_federation(paths.root)
+    check_site_name(site)
+    with _locked(paths.root):
+        record = _read_record(paths, site)
+        if record is None:
+            raise ProvisionError(f"no site {site!r} in {paths.sites}: see fl-server sites")
+        ca, ca_key = _load_ca(paths)
+        crl = _load_crl(paths, ca)
+        serial = int(record["serial"], 16)
+        if crl.get_revoked_certificate_by_serial_number(serial) is None:
+            now = _now()
+            entry = (x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(now)
+                     .add_extension(x509.CRLReason(x509.ReasonFlags.cessation_of_operation), critical=False).build())
+            try:
+                number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number + 1
+            except x509.ExtensionNotFound:
+                number = 1
+            _write_crl(paths, ca, ca_key, revoked=[*crl, entry], number=number)
+            logger.debug("revoked site %s (serial %s); CRL number %d", site, record["serial"], number)
+        if not record.get("revoked"):  # also completes a removal interrupted between the two writes
+            record["revoked"] = _iso(_now())
+            _write_json(paths.site(site) / SITE_RECORD_FILE, record)
+    return record.get("node_id")
+
+
+def list_sites(root: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Every site's record (site.json) plus ``cert_expires`` and the paths of its public files, by name."""
+    paths = federation_paths(root)
+    load_federation(paths.root)
+    rows = []
+    for record in _records(paths):
+        cert_path = paths.site(record["site"]) / SITE_CERT_FILE
+        expires = None
+        if cert_path.is_file():
+            expires = _iso(x509.load_pem_x509_certificate(cert_path.read_bytes()).not_valid_after_utc)
+        rows.append({**record, "cert_expires": expires, "client_cert": str(cert_path),
+                     "auth_pub": str(paths.site(record["site"]) / SITE_AUTH_PUB_FILE)})
+    return rows
+
+
+def _records(paths: FederationPaths) -> list[dict[str, Any]]:
+    if not paths.sites.is_dir():
+        return []
+    records = []
+    for path in sorted(paths.sites.glob(f"*/{SITE_RECORD_FILE}")):
+        try:
+            records.append(json.loads(path.read_text()))
+        except (OSError, json.JSONDecodeError) as err:
+            raise ProvisionError(f"{path} is unreadable ({err}): restore it from a backup") from err
+    return records
+
+
+def pending_registrations(root: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Admitted, not removed sites whose SuperNode key is not registered yet (node_id null).
+
+    Each item is a :func:`list_sites` row; ``auth_pub`` is the file for ``flwr supernode register``.
+    """
+    return [row for row in list_sites(root) if not row.get("revoked") and row.get("node_id") is None]
+
+
+def record_node_id(root: str | os.PathLike[str], site: str, node_id: int) -> None:
+    """Remember the node id the SuperLink gave the site's key (``flwr supernode register`` output)."""
+    paths = federation_paths(root)
+    load_federation(paths.root)
+    check_site_name(site)
+    if isinstance(node_id, bool) or not isinstance(node_id, int) or node_id < 0:
+        raise ProvisionError(f"node_id must be a non-negative integer, got {node_id!r}")
+    with _locked(paths.root):
+        record = _read_record(paths, site)
+        if record is None:
+            raise ProvisionError(f"no site {site!r} in {paths.sites}: see fl-server sites")
+        if record.get("revoked"):
+            raise ProvisionError(f"site {site!r} was removed on {record['revoked']}: its key must not be registered")
+        record["node_id"] = node_id
+        _write_json(paths.site(site) / SITE_RECORD_FILE, record)
