@@ -123,11 +123,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     sites = [{"data-dir": str(d), "state-dir": str(state_root / d.name), "site-name": d.name,
               "max-epsilon": args.max_epsilon, "allow-no-dp": True} for d in site_dirs]
     write_sites(sim_root, sites)
+    # The ONNX parity check runs on real-looking radiographs: in a simulation the coordinator may read the
+    # (synthetic or public) hold-out set, or else the first simulated hospital's folder.
+    holdout = site_dirs[0].parent / "holdout"
+    parity = holdout if holdout.is_dir() else site_dirs[0]
     raw = {
         "num-server-rounds": args.rounds, "model": args.model, "image-size": args.image_size, "dp": not args.no_dp,
         "target-epsilon": args.target_epsilon, "strategy": args.strategy, "seed": args.seed,
         "local-epochs": args.local_epochs, "min-sites": len(site_dirs), "run-name": "run",
-        "runs-dir": str(sim_root), "sim-root": str(sim_root), **_parse_sets(args.set),
+        "runs-dir": str(sim_root), "sim-root": str(sim_root), "parity-data": str(parity),
+        **_parse_sets(args.set),
     }
     try:
         RunConfig.from_mapping(raw)
@@ -190,6 +195,21 @@ def cmd_resume(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    """Pooled vs each hospital alone vs federated, with and without DP, on one image set (simulations/study.py)."""
+    from simulations.study import StudyError, render_goals, render_table, run_study, settings_from_args
+
+    arms = [a.strip() for a in args.arms.split(",")] if args.arms else None
+    try:
+        doc = run_study(args.data, args.out, settings_from_args(args), arms=arms)
+    except StudyError as err:
+        print(f"fl-sim study: {err}", file=sys.stderr)
+        return 2
+    print("\n" + render_table(doc) + "\n\n" + render_goals(doc))
+    print(f"\nresults: {Path(args.out) / 'results.json'} (table results.md, plots roc.png rounds.png); {doc['study_seconds'] / 60:.0f} min")
+    return 0
+
+
 def render_rounds(rounds: list[dict]) -> str:
     """Per round: pooled AUC, train loss and each site's cumulative epsilon."""
     sites = sorted({s for r in rounds for s in r.get("epsilon", {})})
@@ -242,6 +262,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpus-per-site", type=float, default=1.0)
     p.set_defaults(func=cmd_resume)
 
+    p = sub.add_parser("study", help="pooled vs single-hospital vs federated, with and without DP (docs/results.md)")
+    p.add_argument("--data", required=True, help="labelled image set (labels.csv with patient_id), e.g. kermany-pneumonia")
+    p.add_argument("--out", default="runs/study", help="study folder; finished arms there are reused")
+    p.add_argument("--quick", action="store_true", help="tiny smoke version: a few dozen images, 2 sites, 1 round, 32 px")
+    p.add_argument("--arms", help="comma-separated subset of arms to run (default: all)")
+    for opt, typ in (("image-size", int), ("sites", int), ("epochs", int), ("rounds", int), ("dp-epochs", int),
+                     ("max-images", int), ("seed", int), ("bootstrap", int), ("epsilons", str)):
+        p.add_argument(f"--{opt}", type=typ, default=None, help="override the study default (see simulations/study.py)")
+    p.set_defaults(func=cmd_study)
+
     p = sub.add_parser("make-hospitals", help="write N simulated hospital DICOM folders")
     p.add_argument("--out", required=True, help="output folder (one subfolder per hospital)")
     p.add_argument("--sites", type=int, default=3, help="number of hospitals")
@@ -267,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads stall shared cores
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not any(a in ("run", "resume", "make-hospitals", "demo", "-h", "--help") for a in argv[:2]):
+    if not any(a in ("run", "resume", "make-hospitals", "demo", "study", "-h", "--help") for a in argv[:2]):
         argv = ["run", *argv]  # `fl-sim [options]` is `fl-sim run [options]`
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
