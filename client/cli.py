@@ -99,6 +99,94 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_approve(args: argparse.Namespace) -> int:
+    from client.approval import ApprovalError, approve, installed_bundle, load_approvals, revoke
+
+    state = Path(args.state_dir)
+    try:
+        if args.list:
+            entries = load_approvals(state)
+            if not entries:
+                print(f"no app bundle approved in {state}: runs are refused until you approve one")
+            for e in entries:
+                print(f"{e['hash']}  approved {e['approved']}{'  REVOKED ' + e['revoked'] if e.get('revoked') else ''}"
+                      f"{'  ' + e['note'] if e.get('note') else ''}")
+            return 0
+        if args.installed:
+            fab_hash, _ = installed_bundle()
+            if args.dry_run:
+                print(fab_hash)
+                return 0
+            note = args.note or "bundle of the installed fedxray version"
+        elif args.hash:
+            fab_hash, note = args.hash, args.note
+        else:
+            print("fl-client approve: give a bundle HASH, or --installed, or --list", file=sys.stderr)
+            return 2
+        if args.revoke:
+            done = revoke(state, fab_hash)
+            print(f"approval of {fab_hash} withdrawn" if done else f"{fab_hash} was not approved")
+            return 0
+        added = approve(state, fab_hash, note=note)
+    except ApprovalError as err:
+        print(f"fl-client approve: {err}", file=sys.stderr)
+        return 2
+    print(f"{'approved' if added else 'already approved'}: app bundle {fab_hash} (runs of any other bundle are refused here)")
+    return 0
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    from client.approval import approved_hashes
+    from client.check import summarize
+    from client.join import JoinError, probe_coordinator, run_site, write_node_config
+    from client.provision import ProvisionError, load_site_identity
+    from common.cache import SiteCache
+    from common.config import ConfigError
+    from common.dataset import site_salt
+
+    def fail(message: str) -> int:
+        print(f"fl-client start: {message}", file=sys.stderr)
+        return 2
+
+    try:
+        identity = load_site_identity(args.kit)
+    except ProvisionError as err:
+        return fail(str(err))
+    state = Path(args.state_dir or Path(args.kit) / "state").resolve()
+    state.mkdir(parents=True, exist_ok=True)
+    data = Path(args.data).resolve()
+    address = args.coordinator or identity.address
+    # 1. The data, read as training reads it: counts only, no identifiers or paths.
+    try:
+        index = scan_site(data, salt=site_salt(state), cache=SiteCache(state / "cache"), progress=sys.stderr.isatty())
+    except DatasetError as err:
+        return fail(str(err))
+    if not index.records:
+        return fail(f"no usable image in {data}: see fl-client check {data} --list-skipped")
+    guess = _infer_task(index.class_names, index.label_kind)
+    report = summarize(index, task=guess[0] if guess else None, labels=guess[1] if guess else None)
+    print(f"site {identity.site}: data in {data}")
+    print(report.render(list_skipped=False))
+    # 2. The coordinator, with mutual TLS, before any process starts.
+    try:
+        probe_coordinator(address, identity.ca_cert, identity.client_cert, identity.tls_key)
+        node_config = write_node_config(state, data, identity.site, args.max_epsilon, args.delta, args.allow_no_dp,
+                                        args.device)
+    except JoinError as err:
+        return fail(str(err))
+    except ConfigError as err:
+        return fail(str(err))
+    approved = approved_hashes(state)
+    if not approved:
+        print("fl-client start: warning: no app bundle approved yet; every run is refused here until you approve one "
+              f"(fl-client approve HASH --state-dir {state})", file=sys.stderr)
+    print(f"joining {identity.coordinator.get('federation', 'the federation')} at {address} as {identity.site} "
+          f"(outbound only; {len(approved)} approved bundle(s); budget max-epsilon {args.max_epsilon}). Ctrl-C to leave.",
+          flush=True)
+    return run_site(identity=identity, address=address, data_dir=data, state_dir=state, node_config=node_config,
+                    log=lambda m: print(m, file=sys.stderr, flush=True))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fl-client", description="fedxray hospital client")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -120,6 +208,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", default="fedxray-site", help="folder for the keys and request (default ./fedxray-site)")
     p.add_argument("--force", action="store_true", help="replace existing keys (the coordinator must admit the new request)")
     p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("approve", help="approve an app bundle (by sha256): this site runs only approved bundles")
+    p.add_argument("hash", nargs="?", help="the bundle's sha256, as fl-server run prints it")
+    p.add_argument("--installed", action="store_true", help="approve the bundle of the fedxray version installed here")
+    p.add_argument("--dry-run", action="store_true", help="with --installed: print the hash, approve nothing")
+    p.add_argument("--revoke", action="store_true", help="withdraw the approval instead")
+    p.add_argument("--list", action="store_true", help="list approved bundles")
+    p.add_argument("--note", default="", help="why (e.g. release reviewed on 2026-11-20 by IT security)")
+    p.add_argument("--state-dir", default="fedxray-site/state", help="the site's state dir (default ./fedxray-site/state)")
+    p.set_defaults(func=cmd_approve)
+
+    p = sub.add_parser("start", help="join the federation: check data, probe the coordinator, run the SuperNode")
+    p.add_argument("--kit", default="fedxray-site", help="site folder: keys from fl-client init plus the kit files")
+    p.add_argument("--data", required=True, help="the site's DICOM folder (labels.csv or class subfolders)")
+    p.add_argument("--coordinator", help="HOST:PORT of the coordinator (default: from coordinator.json in the kit)")
+    p.add_argument("--state-dir", help="ledger, salt, cache, approvals, logs (default KIT/state)")
+    p.add_argument("--max-epsilon", type=float, default=10.0, help="this site's privacy budget over all runs (default 10)")
+    p.add_argument("--delta", type=float, default=1e-5, help="DP delta this site accepts at most (default 1e-5)")
+    p.add_argument("--allow-no-dp", action="store_true", help="let runs train here without DP (off by default)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="training device (default auto)")
+    p.set_defaults(func=cmd_start)
 
     p = sub.add_parser("evaluate", help="score an ONNX model on this site's labelled data")
     p.add_argument("--model", required=True, help="model.onnx from a fedxray run")

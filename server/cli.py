@@ -3,7 +3,9 @@
 One subparser and one ``cmd_*`` function per subcommand, each importing what it needs inside, so
 ``fl-server --help`` and the provisioning commands start without importing Flower or torch.
 Provisioning (server/pki.py): ``init`` (CA, server certificate, CRL), ``admit`` (a site's request
--> its certificate and kit), ``remove`` (revoke), ``sites`` (the table). Errors are one line on
+-> its certificate and kit; its key registered when the coordinator runs), ``remove`` (revoke,
+unregister), ``sites`` (the table). Operation (server/coordinator.py): ``start``/``stop`` (SuperLink
+behind the mutual-TLS fleet proxy), ``run``, ``resume``, ``status``. Errors are one line on
 stderr, ``fl-server <cmd>: <message>``, and exit code 2.
 """
 
@@ -41,37 +43,149 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_admit(args: argparse.Namespace) -> int:
-    from server.pki import ProvisionError, admit, federation_paths, read_request
+    from server.coordinator import CoordinatorError, admit_site
+    from server.pki import ProvisionError, federation_paths, read_request
 
     try:
         request = read_request(args.request)
-        kit = admit(args.dir, args.request, out=args.out)
-    except ProvisionError as err:
+        kit, registered = admit_site(args.dir, args.request, out=args.out)
+    except (ProvisionError, CoordinatorError) as err:
         return _fail("admit", err)
     site_dir = federation_paths(args.dir).site(request.site)
     print(f"admitted site {request.site}: certificate and SuperNode key in {site_dir}")
     print(f"check code {request.check_code}: it must equal the one fl-client init showed the site")
     print(f"kit: {kit} (ca.pem, client.pem, coordinator.json; no private keys)")
     print(f"next: send the kit to {request.site}; they copy the three files into their fedxray-site folder")
-    print("the SuperNode key is recorded, not yet registered with the SuperLink (node_id pending)")
+    if registered:
+        print("its SuperNode key is registered with the running SuperLink: the site can join now")
+    else:
+        print("its SuperNode key is recorded and will be registered when the coordinator starts (fl-server start)")
     return 0
 
 
 def cmd_remove(args: argparse.Namespace) -> int:
-    from server.pki import ProvisionError, list_sites, revoke
+    from pathlib import Path
+
+    from server.coordinator import CoordinatorError, Layout, remove_site, running_state
+    from server.pki import ProvisionError, list_sites
 
     try:
         before = {row["site"]: row for row in list_sites(args.dir)}
-        node_id = revoke(args.dir, args.site)
-    except ProvisionError as err:
+        if args.site not in before:
+            raise ProvisionError(f"no site {args.site} in {args.dir}; admitted: {', '.join(sorted(before)) or 'none'}")
+        running = running_state(Layout(Path(args.dir).resolve())) is not None
+        remove_site(args.dir, args.site)
+    except (ProvisionError, CoordinatorError) as err:
         return _fail("remove", err)
     if before[args.site].get("revoked"):
         print(f"site {args.site} was already removed on {before[args.site]['revoked']} (CRL checked)")
     else:
         print(f"site {args.site} removed: certificate revoked in the CRL (files kept for audit)")
-    print("reload the fleet proxy (nginx -s reload) so that it reads the new CRL")
-    if node_id is not None:
-        print(f"unregister its SuperNode from the SuperLink: flwr supernode unregister {node_id}")
+    if running:
+        print("its SuperNode key is unregistered and the fleet proxy reloaded the CRL: the site is out now")
+    else:
+        print("the coordinator is not running: the next fl-server start serves the new CRL")
+    return 0
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from server.coordinator import CoordinatorError, start
+    from server.pki import ProvisionError
+    from server.proxy import ProxyError
+
+    try:
+        return start(Path(args.dir), listen_host=args.listen_host, listen_port=args.listen_port)
+    except (CoordinatorError, ProvisionError, ProxyError) as err:
+        return _fail("start", err)
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from server.coordinator import stop
+
+    if not stop(Path(args.dir)):
+        print(f"fl-server stop: no coordinator is running for {args.dir}")
+        return 1
+    print("coordinator stopped")
+    return 0
+
+
+def _parse_sets(pairs: list[str]) -> dict:
+    import tomllib
+
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ValueError(f"-c {pair}: expected key=value")
+        try:
+            out[key.strip()] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key.strip()] = value
+    return out
+
+
+def _print_launch(record: dict) -> None:
+    print(f"run {record['run_name']} started (Flower run id {record['run_id']})")
+    print(f"app bundle sha256 {record['bundle']}: each site must have approved it (fl-client approve HASH)")
+    print(f"results in {record['run_dir']}; follow with fl-server status")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from server.coordinator import CoordinatorError, launch
+
+    try:
+        record = launch(Path(args.dir), config_file=Path(args.config) if args.config else None,
+                        overrides=_parse_sets(args.set), follow=args.follow)
+    except (CoordinatorError, ValueError) as err:
+        return _fail("run", err)
+    _print_launch(record)
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from server.coordinator import CoordinatorError, resume
+
+    try:
+        record = resume(Path(args.dir), args.run, follow=args.follow)
+    except CoordinatorError as err:
+        return _fail("resume", err)
+    _print_launch(record)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from server.coordinator import CoordinatorError, status
+    from server.pki import ProvisionError
+
+    try:
+        doc = status(Path(args.dir))
+    except (CoordinatorError, ProvisionError) as err:
+        return _fail("status", err)
+    if args.json:
+        print(json.dumps(doc, indent=2))
+        return 0
+    print(f"federation {doc['federation']} at {doc['address']}: coordinator {'running' if doc['running'] else 'stopped'}")
+    print("sites:")
+    for site in doc["sites"]:
+        state = "removed" if site["revoked"] else site["status"]
+        print(f"  {site['site']:<24} {state}")
+    if not doc["runs"]:
+        print("runs: none yet (fl-server run)")
+    for run in doc["runs"]:
+        eps = ", ".join(f"{k} {v:.2f}" for k, v in sorted(run["epsilon"].items()))
+        auc = "-" if run["pooled_auc"] is None else f"{run['pooled_auc']:.3f}"
+        print(f"  run {run['run']}: {run['rounds_done']} round(s), pooled AUC {auc}, epsilon {eps or '-'}"
+              f"{' (finished)' if run['finished'] else ''}")
     return 0
 
 
@@ -125,6 +239,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", default=DEFAULT_DIR, help=f"federation folder (default ./{DEFAULT_DIR})")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     p.set_defaults(func=cmd_sites)
+
+    p = sub.add_parser("start", help="run the SuperLink (TLS, node auth, state database) behind the mutual-TLS fleet proxy")
+    p.add_argument("--dir", default=DEFAULT_DIR, help=f"federation folder (default ./{DEFAULT_DIR})")
+    p.add_argument("--listen-host", default="0.0.0.0", help="interface the fleet proxy listens on (default all)")  # noqa: S104
+    p.add_argument("--listen-port", type=int, help="proxy port (default: the port of the federation address)")
+    p.set_defaults(func=cmd_start)
+
+    p = sub.add_parser("stop", help="stop a running coordinator (SuperLink and proxy)")
+    p.add_argument("--dir", default=DEFAULT_DIR, help=f"federation folder (default ./{DEFAULT_DIR})")
+    p.set_defaults(func=cmd_stop)
+
+    p = sub.add_parser("run", help="launch a run of the fedxray app on the running coordinator")
+    p.add_argument("--dir", default=DEFAULT_DIR, help=f"federation folder (default ./{DEFAULT_DIR})")
+    p.add_argument("--config", help="TOML file of run settings (keys as in pyproject's [tool.flwr.app.config])")
+    p.add_argument("-c", "--set", action="append", default=[], metavar="KEY=VALUE", help="one run setting (repeatable)")
+    p.add_argument("--follow", action="store_true", help="stream the run's log until it ends")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("resume", help="continue a run from its last checkpoint with the rounds it has left")
+    p.add_argument("run", help="run name (folder under DIR/runs)")
+    p.add_argument("--dir", default=DEFAULT_DIR, help=f"federation folder (default ./{DEFAULT_DIR})")
+    p.add_argument("--follow", action="store_true", help="stream the run's log until it ends")
+    p.set_defaults(func=cmd_resume)
+
+    p = sub.add_parser("status", help="sites online, runs, current round, epsilon per site")
+    p.add_argument("--dir", default=DEFAULT_DIR, help=f"federation folder (default ./{DEFAULT_DIR})")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
     return parser
 
 

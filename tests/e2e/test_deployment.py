@@ -1,0 +1,248 @@
+"""A real deployment on loopback: CA, admitted sites, nginx with mutual TLS, SuperLink with node auth.
+
+Everything is started for real, as a hospital and a coordinator would: `fl-server init`, three
+`fl-client init` requests admitted with `fl-server admit`, `fl-server start` (SuperLink with TLS,
+--enable-supernode-auth and a state database, behind nginx that forwards only the Fleet API to
+clients presenting a certificate of the federation), three `fl-client start` (SuperNode with the
+site certificate and auth key, and the approved-bundle launcher), `fl-server run` for 2 rounds.
+Then what must be refused is tried, each with its one clear line: a plaintext client, a
+certificate from another CA, an unregistered auth key, a Control API call through the proxy, an
+unapproved bundle (refused at the site, none of its code run). Every process is stopped at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import ssl
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from client.approval import approve, installed_bundle
+from client.ledger import PrivacyLedger
+from client.provision import init_site
+from common.onnx_export import load_onnx_model
+from common.processes import free_port
+from server.pki import admit, init_federation
+from simulations.hospitals import make_synthetic_hospitals
+
+pytestmark = [pytest.mark.e2e, pytest.mark.skipif(shutil.which("nginx") is None and not Path("/usr/sbin/nginx").exists(),
+                                                  reason="nginx not installed (.ci/run installs it)")]
+
+SITES = ("hospital-a", "hospital-b", "hospital-c")
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "FLWR_TELEMETRY_ENABLED": "0", "OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", *args], env=_env(), capture_output=True, text=True, timeout=timeout,
+                          cwd=ROOT)
+
+
+class Procs:
+    """Every process the test starts, stopped (process group) at the end whatever happens."""
+
+    def __init__(self) -> None:
+        self.items: list[subprocess.Popen] = []
+
+    def start(self, args: list[str], log: Path) -> subprocess.Popen:
+        fh = open(log, "ab")  # noqa: SIM115 - closed with the process
+        proc = subprocess.Popen([sys.executable, "-m", *args], env=_env(), stdout=fh, stderr=subprocess.STDOUT,
+                                cwd=ROOT, start_new_session=True)
+        self.items.append(proc)
+        return proc
+
+    def stop(self, proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+        if proc.poll() is None:
+            os.killpg(proc.pid, sig)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+
+    def stop_all(self) -> None:
+        for proc in reversed(self.items):
+            self.stop(proc)
+
+
+def _wait(cond, timeout: float, what: str, interval: float = 1.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def _status(fed: Path) -> dict:
+    out = _cli("server.cli", "status", "--dir", str(fed), "--json")
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def _site_kit(tmp: Path, fed: Path, name: str, *, with_cli: bool = False) -> Path:
+    """fl-client init + admission. ``with_cli``: `fl-server admit`, which registers the key with a running coordinator."""
+    site_dir = tmp / "sites" / name
+    request = init_site(site_dir, name)
+    if with_cli:
+        out = _cli("server.cli", "admit", str(request), "--dir", str(fed))
+        assert out.returncode == 0, out.stdout + out.stderr
+        kit = fed / "kits" / name
+    else:
+        kit = admit(fed, request)
+    for f in ("ca.pem", "client.pem", "coordinator.json"):
+        shutil.copy(kit / f, site_dir / f)
+    return site_dir
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("deploy")
+    port = free_port()
+    fed = tmp / "coordinator"
+    init_federation(fed, f"localhost:{port}", name="e2e")
+    make_synthetic_hospitals(tmp / "data", 3, patients_per_site=10, partition="label-skew", seed=0)
+    bundle, _ = installed_bundle()
+    procs = Procs()
+    sites = {}
+    try:
+        for name in SITES:
+            site_dir = _site_kit(tmp, fed, name)
+            approve(site_dir / "state", bundle)
+            sites[name] = site_dir
+        coordinator = procs.start(["server.cli", "start", "--dir", str(fed), "--listen-host", "127.0.0.1"],
+                                  tmp / "coordinator.log")
+        _wait(lambda: (fed / "coordinator.json").exists() or coordinator.poll() is not None, 90, "the coordinator")
+        assert coordinator.poll() is None, (tmp / "coordinator.log").read_text()[-3000:]
+        for name, site_dir in sites.items():
+            procs.start(["client.cli", "start", "--kit", str(site_dir), "--data", str(tmp / "data" / name),
+                         "--max-epsilon", "20"], tmp / f"{name}.log")
+        yield {"tmp": tmp, "fed": fed, "port": port, "procs": procs, "coordinator": coordinator, "sites": sites,
+               "bundle": bundle}
+    finally:
+        procs.stop_all()
+
+
+@pytest.fixture(scope="module")
+def finished_run(federation):
+    fed = federation["fed"]
+    _wait(lambda: sum(s["status"] == "online" for s in _status(fed)["sites"]) == 3, 120, "3 sites online")
+    out = _cli("server.cli", "run", "--dir", str(fed), "-c", "num-server-rounds=2", "-c", "image-size=32",
+               "-c", "min-sites=3", "-c", "run-name=e2e", "-c", "target-epsilon=6", "-c", "wait-timeout=120",
+               "-c", "round-timeout=150")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert federation["bundle"] in out.stdout  # the coordinator is told which bundle sites must approve
+    run_dir = fed / "runs" / "e2e"
+    _wait(lambda: (run_dir / "model.onnx").exists(), 480, "model.onnx of the 2-round run", interval=2)
+    return run_dir
+
+
+def test_two_rounds_over_mutual_tls(finished_run, federation):
+    rounds = json.loads((finished_run / "metrics.json").read_text())["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2]
+    assert set(rounds[-1]["epsilon"]) == set(SITES)
+    model = load_onnx_model(finished_run / "model.onnx")
+    probs = model.predict(np.random.default_rng(0).random((2, 1, 32, 32), dtype=np.float32))
+    assert probs.shape == (2, 1)
+    for name in SITES:
+        ledger = PrivacyLedger(federation["sites"][name] / "state", site=name, max_epsilon=20.0, delta=1e-5)
+        assert sorted(c.round for c in ledger.contributions()) == [1, 2]
+    # Every Fleet request the SuperLink saw came through the proxy with a federation certificate.
+    access = (federation["fed"] / "proxy" / "proxy-access.log").read_text()
+    assert all(f"CN={name}" in access for name in SITES)
+
+
+def test_status_reports_sites_and_rounds(finished_run, federation):
+    status = _status(federation["fed"])
+    assert status["running"] and {s["site"] for s in status["sites"]} == set(SITES)
+    run = next(r for r in status["runs"] if r["run"] == "e2e")
+    assert run["finished"] and run["last_round"] == 2 and set(run["epsilon"]) == set(SITES)
+
+
+def _ctx(site_dir: Path | None, ca: Path) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=str(ca))
+    if site_dir is not None:
+        ctx.load_cert_chain(site_dir / "client.pem", site_dir / "tls.key")
+    return ctx
+
+
+def test_control_api_is_not_reachable_through_the_proxy(federation):
+    site = federation["sites"]["hospital-a"]
+    req = urllib.request.Request(f"https://localhost:{federation['port']}/v1/control/list-runs", data=b"", method="POST")
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(req, context=_ctx(site, site / "ca.pem"), timeout=10)  # noqa: S310
+    assert err.value.code == 403
+
+
+def test_plaintext_client_is_refused(federation):
+    req = urllib.request.Request(f"http://localhost:{federation['port']}/v1/fleet/pull-messages", data=b"", method="POST")
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(req, timeout=10)  # noqa: S310
+    assert err.value.code == 400  # nginx: plain HTTP request sent to the HTTPS port
+    site = federation["sites"]["hospital-a"]
+    with pytest.raises(urllib.error.HTTPError) as err:  # TLS but no client certificate
+        urllib.request.urlopen(urllib.request.Request(f"https://localhost:{federation['port']}/v1/fleet/x", data=b""),
+                               context=_ctx(None, site / "ca.pem"), timeout=10)  # noqa: S310
+    assert err.value.code == 400
+
+
+def test_certificate_from_another_ca_is_refused(federation):
+    tmp = federation["tmp"]
+    other = tmp / "other-federation"
+    init_federation(other, f"localhost:{federation['port']}", name="other")
+    stranger = _site_kit(tmp / "other", other, "stranger")
+    shutil.copy(federation["sites"]["hospital-a"] / "ca.pem", stranger / "ca.pem")  # trusts the real coordinator
+    out = _cli("client.cli", "start", "--kit", str(stranger), "--data", str(tmp / "data" / "hospital-a"), timeout=60)
+    assert out.returncode == 2
+    assert "rejected this site's certificate" in out.stderr, out.stderr
+
+
+def test_unreachable_coordinator_is_one_line(federation):
+    site = federation["sites"]["hospital-a"]
+    out = _cli("client.cli", "start", "--kit", str(site), "--data", str(federation["tmp"] / "data" / "hospital-a"),
+               "--coordinator", f"localhost:{free_port()}", "--state-dir", str(federation["tmp"] / "unreach"), timeout=60)
+    assert out.returncode == 2 and "cannot reach the coordinator" in out.stderr, out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_unregistered_auth_key_is_refused(federation):
+    """A site with a valid certificate whose key the coordinator never registered: exit 305, said in words."""
+    tmp = federation["tmp"]
+    site = _site_kit(tmp, federation["fed"], "hospital-x")  # signed offline (server.pki.admit): key not registered
+    approve(site / "state", federation["bundle"])
+    out = _cli("client.cli", "start", "--kit", str(site), "--data", str(tmp / "data" / "hospital-a"), timeout=120)
+    assert out.returncode == 3, out.stdout + out.stderr
+    assert "refused this site's authentication key" in out.stderr
+
+
+def test_unapproved_bundle_is_refused_at_the_site(finished_run, federation):
+    """A site that approved nothing: the run's bundle is refused before any of its code runs there."""
+    tmp, fed, procs = federation["tmp"], federation["fed"], federation["procs"]
+    site = _site_kit(tmp, fed, "hospital-d", with_cli=True)
+    proc = procs.start(["client.cli", "start", "--kit", str(site), "--data", str(tmp / "data" / "hospital-a")],
+                       tmp / "hospital-d.log")
+    _wait(lambda: any(s["site"] == "hospital-d" and s["status"] == "online" for s in _status(fed)["sites"]), 90,
+          "hospital-d online")
+    out = _cli("server.cli", "run", "--dir", str(fed), "-c", "num-server-rounds=1", "-c", "image-size=32",
+               "-c", "min-sites=4", "-c", "run-name=unapproved", "-c", "round-timeout=30", "-c", "wait-timeout=60")
+    assert out.returncode == 0, out.stderr
+    log = site / "state" / "logs" / "launcher.log"
+    _wait(lambda: log.exists() and "is not approved at this site" in log.read_text(), 120, "the refusal line")
+    assert federation["bundle"] in log.read_text()
+    # None of the bundle's code ran at the site: the ClientApp would have written a ledger and replies.
+    assert not (site / "state" / "privacy_ledger.json").exists() and not (site / "state" / "replies").exists()
+    procs.stop(proc)
