@@ -201,14 +201,26 @@ def test_plaintext_client_is_refused(federation):
 
 
 def test_certificate_from_another_ca_is_refused(federation):
+    """A site of another federation that trusts our coordinator: the proxy refuses its certificate."""
+    from client.join import JoinError, probe_coordinator
+
     tmp = federation["tmp"]
     other = tmp / "other-federation"
     init_federation(other, f"localhost:{federation['port']}", name="other")
     stranger = _site_kit(tmp / "other", other, "stranger")
-    shutil.copy(federation["sites"]["hospital-a"] / "ca.pem", stranger / "ca.pem")  # trusts the real coordinator
+    real_ca = federation["sites"]["hospital-a"] / "ca.pem"
+    with pytest.raises(urllib.error.HTTPError) as err:  # at the proxy, before any Flower code
+        req = urllib.request.Request(f"https://localhost:{federation['port']}/v1/fleet/pull-messages", data=b"")
+        ctx = ssl.create_default_context(cafile=str(real_ca))
+        ctx.load_cert_chain(stranger / "client.pem", stranger / "tls.key")
+        urllib.request.urlopen(req, context=ctx, timeout=10)  # noqa: S310
+    assert err.value.code == 400
+    with pytest.raises(JoinError, match="rejected this site's certificate"):  # what fl-client start says
+        probe_coordinator(f"localhost:{federation['port']}", real_ca, stranger / "client.pem", stranger / "tls.key")
+    # A kit whose ca.pem does not match its certificate is caught at the site before dialling at all.
+    shutil.copy(real_ca, stranger / "ca.pem")
     out = _cli("client.cli", "start", "--kit", str(stranger), "--data", str(tmp / "data" / "hospital-a"), timeout=60)
-    assert out.returncode == 2
-    assert "rejected this site's certificate" in out.stderr, out.stderr
+    assert out.returncode == 2 and "was not signed by ca.pem" in out.stderr, out.stderr
 
 
 def test_unreachable_coordinator_is_one_line(federation):
@@ -227,6 +239,59 @@ def test_unregistered_auth_key_is_refused(federation):
     out = _cli("client.cli", "start", "--kit", str(site), "--data", str(tmp / "data" / "hospital-a"), timeout=120)
     assert out.returncode == 3, out.stdout + out.stderr
     assert "refused this site's authentication key" in out.stderr
+
+
+def _ledger_rounds(site_dir: Path, site: str, run_name: str) -> list[int]:
+    ledger = PrivacyLedger(site_dir / "state", site=site, max_epsilon=20.0, delta=1e-5)
+    return sorted(c.round for c in ledger.contributions() if c.run_id.startswith(f"{run_name}@"))
+
+
+def test_site_killed_mid_round_then_rejoins(finished_run, federation):
+    """hospital-c is killed while it trains round 1: the round completes with the two others (min-sites 2),
+    hospital-c is started again and trains in round 2 under the same node id."""
+    tmp, fed, procs, sites = federation["tmp"], federation["fed"], federation["procs"], federation["sites"]
+    site_c = sites["hospital-c"]
+    proc_c = next(p for p in procs.items if p.args[3:5] == ["start", "--kit"] and p.args[5] == str(site_c))
+    out = _cli("server.cli", "run", "--dir", str(fed), "-c", "num-server-rounds=2", "-c", "image-size=32",
+               "-c", "min-sites=2", "-c", "run-name=site-crash", "-c", "target-epsilon=6", "-c", "round-timeout=150")
+    assert out.returncode == 0, out.stderr
+    _wait(lambda: _ledger_rounds(site_c, "hospital-c", "site-crash") == [1], 180, "hospital-c training round 1", 0.2)
+    procs.stop(proc_c, signal.SIGKILL)  # the whole site: SuperNode, launcher and the training ClientApp
+    run_dir = fed / "runs" / "site-crash"
+    _wait(lambda: (run_dir / "checkpoints" / "round-00001.pt").exists(), 300, "round 1 without hospital-c")
+    procs.start(["client.cli", "start", "--kit", str(site_c), "--data", str(tmp / "data" / "hospital-c"),
+                 "--max-epsilon", "20"], tmp / "hospital-c-restart.log")
+    _wait(lambda: (run_dir / "model.onnx").exists(), 420, "the run to finish", interval=2)
+    rounds = json.loads((run_dir / "metrics.json").read_text())["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2]
+    assert {"hospital-a", "hospital-b"} <= set(rounds[0]["epsilon"])
+    assert _ledger_rounds(site_c, "hospital-c", "site-crash") == [1, 2]  # rejoined and trained round 2
+    assert "hospital-c" in rounds[1]["epsilon"]
+
+
+def test_coordinator_killed_mid_run_then_resumed(finished_run, federation):
+    """SuperLink, proxy and ServerApp are killed (SIGKILL) after round 1; a new `fl-server start` and
+    `fl-server resume` finish rounds 2 and 3: no round lost or counted twice, no duplicate ledger entry."""
+    tmp, fed, procs = federation["tmp"], federation["fed"], federation["procs"]
+    _wait(lambda: sum(s["status"] == "online" for s in _status(fed)["sites"]) >= 3, 120, "3 sites online")
+    out = _cli("server.cli", "run", "--dir", str(fed), "-c", "num-server-rounds=3", "-c", "image-size=32",
+               "-c", "min-sites=3", "-c", "run-name=coord-crash", "-c", "target-epsilon=6", "-c", "round-timeout=150")
+    assert out.returncode == 0, out.stderr
+    run_dir = fed / "runs" / "coord-crash"
+    _wait(lambda: (run_dir / "checkpoints" / "round-00001.pt").exists(), 300, "round 1 checkpoint")
+    procs.stop(federation["coordinator"], signal.SIGKILL)
+    assert not (run_dir / "model.onnx").exists()
+    coordinator = procs.start(["server.cli", "start", "--dir", str(fed), "--listen-host", "127.0.0.1"],
+                              tmp / "coordinator-restart.log")
+    federation["coordinator"] = coordinator
+    _wait(lambda: sum(s["status"] == "online" for s in _status(fed)["sites"]) >= 3, 180, "sites to reconnect")
+    out = _cli("server.cli", "resume", "coord-crash", "--dir", str(fed))
+    assert out.returncode == 0, out.stdout + out.stderr
+    _wait(lambda: (run_dir / "model.onnx").exists(), 480, "the resumed run to finish", interval=2)
+    rounds = json.loads((run_dir / "metrics.json").read_text())["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2, 3]
+    for name in SITES:
+        assert _ledger_rounds(federation["sites"][name], name, "coord-crash") == [1, 2, 3], name
 
 
 def test_unapproved_bundle_is_refused_at_the_site(finished_run, federation):
