@@ -97,17 +97,13 @@ def revoke(state_dir: Path, fab_hash: str) -> bool:
 
 
 def installed_bundle() -> tuple[str, bytes]:
-    """(sha256, bytes) of the Flower App Bundle of this fedxray installation, built as `flwr run` builds it."""
-    import hashlib
+    """(sha256, bytes) of the Flower App Bundle of this fedxray installation, as `flwr run` builds it."""
+    from common.bundle import BundleError, build_bundle
 
-    from flwr.cli.build import build_fab_from_disk
-
-    root = Path(__file__).resolve().parents[1]
-    if not (root / "pyproject.toml").is_file():
-        raise ApprovalError(f"no pyproject.toml next to the fedxray packages ({root}): install fedxray from its "
-                            "source folder (pip install -e .) to approve the installed version")
-    fab = build_fab_from_disk(root)
-    return hashlib.sha256(fab).hexdigest(), fab
+    try:
+        return build_bundle()
+    except BundleError as err:
+        raise ApprovalError(f"{err}; a site approves the installed version only from its source") from None
 
 
 # ----------------------------------------------------------------------------- the guarded launcher

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from common.bundle import BundleError, project_root, stage_app
 from common.cache import atomic_write_bytes
 from common.config import to_toml
 from common.processes import free_port, offline_env, stop_process, wait_http
@@ -235,11 +236,10 @@ def require_running(layout: Layout) -> dict[str, Any]:
 
 
 def _project_root() -> Path:
-    root = Path(__file__).resolve().parents[1]
-    if not (root / "pyproject.toml").is_file():
-        raise CoordinatorError(f"no pyproject.toml next to the fedxray packages ({root}); install fedxray from its "
-                               "source folder (pip install -e .)")
-    return root
+    try:
+        return project_root()
+    except BundleError as err:
+        raise CoordinatorError(str(err)) from None
 
 
 def launch(root: Path, *, config_file: Path | None = None, overrides: dict[str, Any] | None = None,
@@ -275,7 +275,8 @@ def launch(root: Path, *, config_file: Path | None = None, overrides: dict[str, 
     cfg.parent.mkdir(parents=True, exist_ok=True)
     cfg.write_text(to_toml(values))
     fab_hash, _ = installed_bundle()
-    args = ["run", str(_project_root()), CONNECTION, "--run-config", str(cfg)]
+    app = stage_app(layout.root / "state")  # only the app files: `flwr run` walks all of its folder
+    args = ["run", str(app), CONNECTION, "--run-config", str(cfg)]
     if not follow:
         proc = flwr(layout, *args, "--format", "json")
         out = _json_out(proc)

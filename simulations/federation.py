@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from common.bundle import stage_app
 from common.config import to_toml
 from common.processes import free_port, offline_env, stop_process, wait_http
 
@@ -105,7 +106,8 @@ def run_app(sim_root: Path, run_config: dict[str, Any], *, num_supernodes: int, 
                               gpus_per_site=gpus_per_site, total_cpus=total) as env:
         federation = (f"num-supernodes={num_supernodes} client-resources-num-cpus={max(1, int(cpus_per_site))} "
                       f"client-resources-num-gpus={gpus_per_site} init-args-num-cpus={total}")
-        cmd = ["flwr", "run", str(project_root()), CONNECTION, "--run-config", str(overrides),
+        app = stage_app(sim_root, project_root())  # only the app files: `flwr run` walks all of its folder
+        cmd = ["flwr", "run", str(app), CONNECTION, "--run-config", str(overrides),
                "--federation-config", federation, "--stream"]
         bar = None
         rounds = int(run_config.get("num-server-rounds", 0))
