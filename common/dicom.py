@@ -23,6 +23,7 @@ import logging
 import os
 import stat
 import struct
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +35,10 @@ from pydicom.pixels.processing import apply_color_lut
 from pydicom.uid import UID
 
 logger = logging.getLogger(__name__)
+# pydicom's own warnings name the file's full path (a patient's folder and file name) in the log.
+# fedxray reports an unreadable file once, as a DicomError kept on the local site, so pydicom's
+# logger only passes errors.
+logging.getLogger("pydicom").setLevel(logging.ERROR)
 
 DEFAULT_SALT: bytes = b"fedxray-default-salt/for-tests-and-simulations-only"
 """Salt for tests and simulations only: a site must pass its own secret salt (kept in its state
@@ -117,6 +122,14 @@ def read_radiograph(path: str | os.PathLike[str], *, salt: bytes | str = DEFAULT
     """
     name = os.fspath(path)
     _salt_bytes(salt)  # checked before any file work
+    with warnings.catch_warnings():
+        # pydicom warns with the file's full path (a patient's folder and file name) about defects
+        # it can read past; the file either decodes, or fails with a DicomError kept at the site.
+        warnings.simplefilter("ignore")
+        return _read(name, salt)
+
+
+def _read(name: str, salt: bytes | str) -> Radiograph:
     try:
         ds = _open_dataset(name)
         _check_image(ds)

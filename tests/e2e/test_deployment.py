@@ -147,30 +147,8 @@ def finished_run(federation):
     assert out.returncode == 0, out.stdout + out.stderr
     assert federation["bundle"] in out.stdout  # the coordinator is told which bundle sites must approve
     run_dir = fed / "runs" / "e2e"
-    _wait(lambda: (run_dir / "model.onnx").exists(), 480, "model.onnx of the 2-round run", interval=2)
+    _wait(lambda: (run_dir / "model.onnx").exists(), 900, "model.onnx of the 2-round run", interval=2)
     return run_dir
-
-
-def test_two_rounds_over_mutual_tls(finished_run, federation):
-    rounds = json.loads((finished_run / "metrics.json").read_text())["rounds"]
-    assert [r["round"] for r in rounds] == [1, 2]
-    assert set(rounds[-1]["epsilon"]) == set(SITES)
-    model = load_onnx_model(finished_run / "model.onnx")
-    probs = model.predict(np.random.default_rng(0).random((2, 1, 32, 32), dtype=np.float32))
-    assert probs.shape == (2, 1)
-    for name in SITES:
-        ledger = PrivacyLedger(federation["sites"][name] / "state", site=name, max_epsilon=20.0, delta=1e-5)
-        assert sorted(c.round for c in ledger.contributions()) == [1, 2]
-    # Every Fleet request the SuperLink saw came through the proxy with a federation certificate.
-    access = (federation["fed"] / "proxy" / "proxy-access.log").read_text()
-    assert all(f"CN={name}" in access for name in SITES)
-
-
-def test_status_reports_sites_and_rounds(finished_run, federation):
-    status = _status(federation["fed"])
-    assert status["running"] and {s["site"] for s in status["sites"]} == set(SITES)
-    run = next(r for r in status["runs"] if r["run"] == "e2e")
-    assert run["finished"] and run["last_round"] == 2 and set(run["epsilon"]) == set(SITES)
 
 
 def _ctx(site_dir: Path | None, ca: Path) -> ssl.SSLContext:
@@ -241,6 +219,28 @@ def test_unregistered_auth_key_is_refused(federation):
     assert "refused this site's authentication key" in out.stderr
 
 
+def test_two_rounds_over_mutual_tls(finished_run, federation):
+    rounds = json.loads((finished_run / "metrics.json").read_text())["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2]
+    assert set(rounds[-1]["epsilon"]) == set(SITES)
+    model = load_onnx_model(finished_run / "model.onnx")
+    probs = model.predict(np.random.default_rng(0).random((2, 1, 32, 32), dtype=np.float32))
+    assert probs.shape == (2, 1)
+    for name in SITES:
+        ledger = PrivacyLedger(federation["sites"][name] / "state", site=name, max_epsilon=20.0, delta=1e-5)
+        assert sorted(c.round for c in ledger.contributions()) == [1, 2]
+    # Every Fleet request the SuperLink saw came through the proxy with a federation certificate.
+    access = (federation["fed"] / "proxy" / "proxy-access.log").read_text()
+    assert all(f"CN={name}" in access for name in SITES)
+
+
+def test_status_reports_sites_and_rounds(finished_run, federation):
+    status = _status(federation["fed"])
+    assert status["running"] and set(SITES) <= {s["site"] for s in status["sites"]}
+    run = next(r for r in status["runs"] if r["run"] == "e2e")
+    assert run["finished"] and run["last_round"] == 2 and set(run["epsilon"]) == set(SITES)
+
+
 def _ledger_rounds(site_dir: Path, site: str, run_name: str) -> list[int]:
     ledger = PrivacyLedger(site_dir / "state", site=site, max_epsilon=20.0, delta=1e-5)
     return sorted(c.round for c in ledger.contributions() if c.run_id.startswith(f"{run_name}@"))
@@ -258,10 +258,10 @@ def test_site_killed_mid_round_then_rejoins(finished_run, federation):
     _wait(lambda: _ledger_rounds(site_c, "hospital-c", "site-crash") == [1], 180, "hospital-c training round 1", 0.2)
     procs.stop(proc_c, signal.SIGKILL)  # the whole site: SuperNode, launcher and the training ClientApp
     run_dir = fed / "runs" / "site-crash"
-    _wait(lambda: (run_dir / "checkpoints" / "round-00001.pt").exists(), 300, "round 1 without hospital-c")
+    _wait(lambda: (run_dir / "checkpoints" / "round-00001.pt").exists(), 600, "round 1 without hospital-c")
     procs.start(["client.cli", "start", "--kit", str(site_c), "--data", str(tmp / "data" / "hospital-c"),
                  "--max-epsilon", "20"], tmp / "hospital-c-restart.log")
-    _wait(lambda: (run_dir / "model.onnx").exists(), 420, "the run to finish", interval=2)
+    _wait(lambda: (run_dir / "model.onnx").exists(), 900, "the run to finish", interval=2)
     rounds = json.loads((run_dir / "metrics.json").read_text())["rounds"]
     assert [r["round"] for r in rounds] == [1, 2]
     assert {"hospital-a", "hospital-b"} <= set(rounds[0]["epsilon"])
@@ -271,14 +271,14 @@ def test_site_killed_mid_round_then_rejoins(finished_run, federation):
 
 def test_coordinator_killed_mid_run_then_resumed(finished_run, federation):
     """SuperLink, proxy and ServerApp are killed (SIGKILL) after round 1; a new `fl-server start` and
-    `fl-server resume` finish rounds 2 and 3: no round lost or counted twice, no duplicate ledger entry."""
+    `fl-server resume` finish round 2: no round lost or counted twice, no duplicate ledger entry."""
     tmp, fed, procs = federation["tmp"], federation["fed"], federation["procs"]
     _wait(lambda: sum(s["status"] == "online" for s in _status(fed)["sites"]) >= 3, 120, "3 sites online")
-    out = _cli("server.cli", "run", "--dir", str(fed), "-c", "num-server-rounds=3", "-c", "image-size=32",
+    out = _cli("server.cli", "run", "--dir", str(fed), "-c", "num-server-rounds=2", "-c", "image-size=32",
                "-c", "min-sites=3", "-c", "run-name=coord-crash", "-c", "target-epsilon=6", "-c", "round-timeout=150")
     assert out.returncode == 0, out.stderr
     run_dir = fed / "runs" / "coord-crash"
-    _wait(lambda: (run_dir / "checkpoints" / "round-00001.pt").exists(), 300, "round 1 checkpoint")
+    _wait(lambda: (run_dir / "checkpoints" / "round-00001.pt").exists(), 600, "round 1 checkpoint")
     procs.stop(federation["coordinator"], signal.SIGKILL)
     assert not (run_dir / "model.onnx").exists()
     coordinator = procs.start(["server.cli", "start", "--dir", str(fed), "--listen-host", "127.0.0.1"],
@@ -287,11 +287,11 @@ def test_coordinator_killed_mid_run_then_resumed(finished_run, federation):
     _wait(lambda: sum(s["status"] == "online" for s in _status(fed)["sites"]) >= 3, 180, "sites to reconnect")
     out = _cli("server.cli", "resume", "coord-crash", "--dir", str(fed))
     assert out.returncode == 0, out.stdout + out.stderr
-    _wait(lambda: (run_dir / "model.onnx").exists(), 480, "the resumed run to finish", interval=2)
+    _wait(lambda: (run_dir / "model.onnx").exists(), 900, "the resumed run to finish", interval=2)
     rounds = json.loads((run_dir / "metrics.json").read_text())["rounds"]
-    assert [r["round"] for r in rounds] == [1, 2, 3]
+    assert [r["round"] for r in rounds] == [1, 2]
     for name in SITES:
-        assert _ledger_rounds(federation["sites"][name], name, "coord-crash") == [1, 2, 3], name
+        assert _ledger_rounds(federation["sites"][name], name, "coord-crash") == [1, 2], name
 
 
 def test_unapproved_bundle_is_refused_at_the_site(finished_run, federation):
