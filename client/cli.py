@@ -184,7 +184,7 @@ def cmd_start(args: argparse.Namespace) -> int:
           f"(outbound only; {len(approved)} approved bundle(s); budget max-epsilon {args.max_epsilon}). Ctrl-C to leave.",
           flush=True)
     return run_site(identity=identity, address=address, data_dir=data, state_dir=state, node_config=node_config,
-                    log=lambda m: print(m, file=sys.stderr, flush=True))
+                    log=lambda m: print(m, file=sys.stderr, flush=True), rejoin_wait=args.rejoin_wait)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -228,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--delta", type=float, default=1e-5, help="DP delta this site accepts at most (default 1e-5)")
     p.add_argument("--allow-no-dp", action="store_true", help="let runs train here without DP (off by default)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="training device (default auto)")
+    p.add_argument("--rejoin-wait", type=float, default=150.0, metavar="S",
+                   help="after a crash, keep retrying a refused activation this long (default 150 s)")
     p.set_defaults(func=cmd_start)
 
     p = sub.add_parser("evaluate", help="score an ONNX model on this site's labelled data")

@@ -101,12 +101,85 @@ def write_node_config(state_dir: Path, data_dir: Path, site: str, max_epsilon: f
     return path
 
 
+def _flower_exit_code(log_path: Path, offset: int = 0) -> int | None:
+    """Flower's own exit code, from the last "Exit Code: N" line of the SuperNode log.
+
+    The process status is not reliable (Flower's exit handlers end the process with 1), so the
+    log line is what says that the coordinator refused the key (305).
+    """
+    import re
+
+    try:
+        tail = log_path.read_bytes()[offset:][-20000:].decode(errors="replace")
+    except OSError:
+        return None
+    codes = re.findall(r"Exit Code: (\d+)", tail)
+    return int(codes[-1]) if codes else None
+
+
 def run_site(*, identity, address: str, data_dir: Path, state_dir: Path, node_config: Path,
-             log=print, stop_after: float | None = None) -> int:
-    """Start the approved-bundle launcher and the SuperNode; supervise until stopped or one exits."""
+             log=print, stop_after: float | None = None, rejoin_wait: float = 150.0) -> int:
+    """Start the approved-bundle launcher and the SuperNode; supervise until stopped or one exits.
+
+    A refused activation (Flower's 305) right after a crash is usually the site's previous session,
+    which the SuperLink keeps until its heartbeats run out (about a minute): the SuperNode is started
+    again for up to ``rejoin_wait`` seconds before the refusal is reported as a key problem.
+    """
     logs = state_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     env = offline_env()
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = root + (":" + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    stopping = {"flag": False}
+
+    def _stop(signum, frame):  # noqa: ANN001
+        stopping["flag"] = True
+
+    old = {s: signal.signal(s, _stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    started = time.monotonic()
+    procs: list[subprocess.Popen] = []
+    try:
+        while True:
+            supernode, guard, log_offset = _start_site_processes(identity, address, state_dir, node_config, logs, env)
+            procs = [guard, supernode]
+            code = None
+            while not stopping["flag"]:
+                if stop_after is not None and time.monotonic() - started > stop_after:
+                    break
+                code = supernode.poll()
+                if code is not None:
+                    code = _flower_exit_code(logs / "supernode.log", log_offset) or code
+                    break
+                if guard.poll() is not None:
+                    log(f"fl-client: the bundle launcher stopped (exit {guard.returncode}); see {logs / 'launcher.log'}")
+                    return 1
+                time.sleep(0.5)
+            if code is None:
+                return 0
+            for proc in procs:
+                stop_process(proc)
+            if code == AUTH_REFUSED_EXIT and time.monotonic() - started < rejoin_wait and not stopping["flag"]:
+                log("fl-client: the coordinator refused to activate this site; retrying (after a crash the previous "
+                    "session stays open for about a minute)")
+                time.sleep(10)
+                continue
+            if code == AUTH_REFUSED_EXIT:
+                log(f"fl-client: the coordinator refused this site's authentication key (exit {code}): ask the "
+                    "coordinator to admit your request (fl-server admit) or to register the key again; check that "
+                    "auth.key is the one fl-client init made")
+                return 3
+            log(f"fl-client: the SuperNode stopped (exit {code}); see {logs / 'supernode.log'}")
+            return 1
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        for proc in procs:
+            stop_process(proc)
+
+
+def _start_site_processes(identity, address: str, state_dir: Path, node_config: Path, logs: Path,
+                          env: dict[str, str]) -> tuple[subprocess.Popen, subprocess.Popen, int]:
+    """The SuperNode (site certificate, auth key, process isolation) and the approved-bundle launcher."""
     runtime_port = free_port()
     supernode_cmd = [sys.executable, "-m", "client.supernode", "--client-cert", str(identity.client_cert),
                      "--client-key", str(identity.tls_key), "--",
@@ -114,8 +187,7 @@ def run_site(*, identity, address: str, data_dir: Path, state_dir: Path, node_co
                      "--auth-supernode-private-key", str(identity.auth_key),
                      "--isolation", "process", "--host", "127.0.0.1", "--port", str(runtime_port),
                      "--node-config", str(node_config)]
-    root = str(Path(__file__).resolve().parents[1])
-    env["PYTHONPATH"] = root + (":" + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    log_offset = (logs / "supernode.log").stat().st_size if (logs / "supernode.log").exists() else 0
     with open(logs / "supernode.log", "ab") as fh:
         supernode = subprocess.Popen(supernode_cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, cwd=state_dir,
                                      start_new_session=True)
@@ -124,33 +196,4 @@ def run_site(*, identity, address: str, data_dir: Path, state_dir: Path, node_co
     with open(logs / "launcher.log", "ab") as fh:
         guard = subprocess.Popen(guard_cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, cwd=state_dir,
                                  start_new_session=True)
-    stopping = {"flag": False}
-
-    def _stop(signum, frame):  # noqa: ANN001
-        stopping["flag"] = True
-
-    old = {s: signal.signal(s, _stop) for s in (signal.SIGTERM, signal.SIGINT)}
-    started = time.monotonic()
-    try:
-        while not stopping["flag"]:
-            if stop_after is not None and time.monotonic() - started > stop_after:
-                break
-            code = supernode.poll()
-            if code is not None:
-                if code == AUTH_REFUSED_EXIT:
-                    log(f"fl-client: the coordinator refused this site's authentication key (exit {code}): ask the "
-                        "coordinator to admit your request (fl-server admit) or to register the key again; check that "
-                        "auth.key is the one fl-client init made")
-                else:
-                    log(f"fl-client: the SuperNode stopped (exit {code}); see {logs / 'supernode.log'}")
-                return 3 if code == AUTH_REFUSED_EXIT else 1
-            if guard.poll() is not None:
-                log(f"fl-client: the bundle launcher stopped (exit {guard.returncode}); see {logs / 'launcher.log'}")
-                return 1
-            time.sleep(0.5)
-        return 0
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-        stop_process(guard)
-        stop_process(supernode)
+    return supernode, guard, log_offset

@@ -214,7 +214,8 @@ def test_unregistered_auth_key_is_refused(federation):
     tmp = federation["tmp"]
     site = _site_kit(tmp, federation["fed"], "hospital-x")  # signed offline (server.pki.admit): key not registered
     approve(site / "state", federation["bundle"])
-    out = _cli("client.cli", "start", "--kit", str(site), "--data", str(tmp / "data" / "hospital-a"), timeout=120)
+    out = _cli("client.cli", "start", "--kit", str(site), "--data", str(tmp / "data" / "hospital-a"),
+               "--rejoin-wait", "0", timeout=120)
     assert out.returncode == 3, out.stdout + out.stderr
     assert "refused this site's authentication key" in out.stderr
 
@@ -255,7 +256,10 @@ def test_site_killed_mid_round_then_rejoins(finished_run, federation):
     out = _cli("server.cli", "run", "--dir", str(fed), "-c", "num-server-rounds=2", "-c", "image-size=32",
                "-c", "min-sites=2", "-c", "run-name=site-crash", "-c", "target-epsilon=6", "-c", "round-timeout=150")
     assert out.returncode == 0, out.stderr
-    _wait(lambda: _ledger_rounds(site_c, "hospital-c", "site-crash") == [1], 180, "hospital-c training round 1", 0.2)
+    run_id = out.stdout.split("Flower run id ")[1].split(")")[0]
+    launcher = site_c / "state" / "logs" / "launcher.log"
+    _wait(lambda: f"run {run_id}: app bundle" in launcher.read_text(), 180, "hospital-c starting round 1", 0.2)
+    time.sleep(3)  # its ClientApp is loading data and training: no reply sent yet
     procs.stop(proc_c, signal.SIGKILL)  # the whole site: SuperNode, launcher and the training ClientApp
     run_dir = fed / "runs" / "site-crash"
     _wait(lambda: (run_dir / "checkpoints" / "round-00001.pt").exists(), 600, "round 1 without hospital-c")
@@ -265,7 +269,8 @@ def test_site_killed_mid_round_then_rejoins(finished_run, federation):
     rounds = json.loads((run_dir / "metrics.json").read_text())["rounds"]
     assert [r["round"] for r in rounds] == [1, 2]
     assert {"hospital-a", "hospital-b"} <= set(rounds[0]["epsilon"])
-    assert _ledger_rounds(site_c, "hospital-c", "site-crash") == [1, 2]  # rejoined and trained round 2
+    c_rounds = _ledger_rounds(site_c, "hospital-c", "site-crash")
+    assert 2 in c_rounds and len(c_rounds) == len(set(c_rounds))  # rejoined, trained round 2, nothing twice
     assert "hospital-c" in rounds[1]["epsilon"]
 
 
