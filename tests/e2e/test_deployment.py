@@ -143,7 +143,7 @@ def finished_run(federation):
     _wait(lambda: sum(s["status"] == "online" for s in _status(fed)["sites"]) == 3, 120, "3 sites online")
     out = _cli("server.cli", "run", "--dir", str(fed), "-c", "num-server-rounds=2", "-c", "image-size=32",
                "-c", "min-sites=3", "-c", "run-name=e2e", "-c", "target-epsilon=6", "-c", "wait-timeout=120",
-               "-c", "round-timeout=150")
+               "-c", "round-timeout=600")
     assert out.returncode == 0, out.stdout + out.stderr
     assert federation["bundle"] in out.stdout  # the coordinator is told which bundle sites must approve
     run_dir = fed / "runs" / "e2e"
@@ -254,7 +254,7 @@ def test_site_killed_mid_round_then_rejoins(finished_run, federation):
     site_c = sites["hospital-c"]
     proc_c = next(p for p in procs.items if p.args[3:5] == ["start", "--kit"] and p.args[5] == str(site_c))
     out = _cli("server.cli", "run", "--dir", str(fed), "-c", "num-server-rounds=2", "-c", "image-size=32",
-               "-c", "min-sites=2", "-c", "run-name=site-crash", "-c", "target-epsilon=6", "-c", "round-timeout=150")
+               "-c", "min-sites=2", "-c", "run-name=site-crash", "-c", "target-epsilon=6", "-c", "round-timeout=600")
     assert out.returncode == 0, out.stderr
     run_id = out.stdout.split("Flower run id ")[1].split(")")[0]
     launcher = site_c / "state" / "logs" / "launcher.log"
@@ -280,7 +280,7 @@ def test_coordinator_killed_mid_run_then_resumed(finished_run, federation):
     tmp, fed, procs = federation["tmp"], federation["fed"], federation["procs"]
     _wait(lambda: sum(s["status"] == "online" for s in _status(fed)["sites"]) >= 3, 120, "3 sites online")
     out = _cli("server.cli", "run", "--dir", str(fed), "-c", "num-server-rounds=2", "-c", "image-size=32",
-               "-c", "min-sites=3", "-c", "run-name=coord-crash", "-c", "target-epsilon=6", "-c", "round-timeout=150")
+               "-c", "min-sites=3", "-c", "run-name=coord-crash", "-c", "target-epsilon=6", "-c", "round-timeout=600")
     assert out.returncode == 0, out.stderr
     run_dir = fed / "runs" / "coord-crash"
     _wait(lambda: (run_dir / "checkpoints" / "round-00001.pt").exists(), 600, "round 1 checkpoint")
