@@ -297,9 +297,14 @@ def run_federated(arm: Arm, s: StudySettings, data: StudyData, out: Path, arm_di
     from simulations import cli
 
     names = list(data.sites)
-    state_root = arm_state(out, arm_dir, names)
     sim_root = arm_dir / "fl"
     run_dir = sim_root / "run"
+    resume = (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()) and not (run_dir / "model.onnx").is_file()
+    if not resume:  # a fresh run: fresh ledgers too, so the arm's epsilon is its own
+        for stale in (sim_root, arm_dir / "state"):
+            if stale.exists():
+                shutil.rmtree(stale)
+    state_root = arm_state(out, arm_dir, names)
     epochs = s.dp_local_epochs if arm.dp else s.local_epochs
     rounds = s.dp_epochs if arm.dp else s.rounds
     sets = {
@@ -309,12 +314,10 @@ def run_federated(arm: Arm, s: StudySettings, data: StudyData, out: Path, arm_di
         "optimizer": s.dp_optimizer if arm.dp else s.optimizer, "proximal-mu": s.proximal_mu,
         "server-learning-rate": s.server_learning_rate,
     }
-    if (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()) and not (run_dir / "model.onnx").is_file():
+    if resume:
         say(f"  {arm.name}: resuming the interrupted federated run {sim_root}")
         code = cli.main(["resume", str(sim_root)])
     else:
-        if sim_root.exists():
-            shutil.rmtree(sim_root)
         argv = ["run", "--data", str(out / "hospitals"), "--out", str(arm_dir), "--name", "fl", "--state-dir", str(state_root),
                 "--rounds", str(rounds), "--local-epochs", str(epochs), "--model", s.model, "--image-size", str(s.image_size),
                 "--strategy", arm.strategy, "--seed", str(s.seed)]
@@ -327,6 +330,10 @@ def run_federated(arm: Arm, s: StudySettings, data: StudyData, out: Path, arm_di
     if code != 0 or not (run_dir / "model.onnx").is_file():
         raise StudyError(f"arm {arm.name}: the federated run failed (exit {code}); see {sim_root / 'run.log'}")
     metrics = json.loads((run_dir / "metrics.json").read_text())
+    failed = [f"round {r['round']}: {f[:160]}" for r in metrics["rounds"] for f in r.get("failures", [])]
+    if failed:  # e.g. a simulated site killed for memory: not the arm as designed, so it is not cached
+        raise StudyError(f"arm {arm.name}: {len(failed)} site repl(ies) failed ({failed[0]} ...); see {sim_root / 'run.log'}. "
+                         "Run the study again to retrain this arm (with fewer other jobs on the machine)")
     last = metrics["rounds"][-1] if metrics["rounds"] else {}
     curve = [{"round": r["round"], "pooled_val_auc": r.get("pooled_auc"), "train_loss": r.get("train_loss"),
               "seconds": r.get("seconds")} for r in metrics["rounds"]]
