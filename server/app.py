@@ -48,6 +48,7 @@ def preflight(raw_config: dict[str, Any]) -> tuple[RunConfig, torch.nn.Module]:
         run = RunConfig.from_mapping(raw_config)
     except ConfigError as err:
         raise PreflightError(str(err)) from err
+    torch.manual_seed(run.seed)  # the initial global model is reproducible from the run's seed
     model = build_model(run.model, num_outputs=run.num_outputs, dp=True)
     model.eval()
     with torch.no_grad():

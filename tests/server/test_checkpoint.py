@@ -30,3 +30,17 @@ def test_damaged_newest_falls_back(tmp_path):
 
 def test_no_checkpoint(tmp_path):
     assert latest_checkpoint(tmp_path) is None
+
+
+def test_initial_model_follows_the_run_seed():
+    """Two coordinators with the same seed start every site from the same global weights."""
+    import torch
+
+    from server.app import preflight
+
+    cfg = {"model": "mobilenet_v2", "image-size": 32, "seed": 3}
+    a = preflight(cfg)[1].state_dict()
+    b = preflight(cfg)[1].state_dict()
+    c = preflight({**cfg, "seed": 4})[1].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
