@@ -142,8 +142,8 @@ def start(root: Path, *, listen_host: str = "0.0.0.0", listen_port: int | None =
     layout = Layout(Path(root).resolve())
     federation = pki.load_federation(layout.root)
     if running_state(layout):
-        raise CoordinatorError(f"a coordinator is already running for {layout.root} (see {layout.state_file}); "
-                               "stop it first with `fl-server stop`")
+        raise CoordinatorError(f"a coordinator is already running for {layout.root} (see {layout.state_file}; its "
+                               "SuperLink outlives a killed fl-server start): stop it first with `fl-server stop`")
     port = listen_port or int(str(federation["address"]).rsplit(":", 1)[1])
     superlink_port = superlink_port or free_port()
     for d in (layout.state_db.parent, layout.runs, layout.logs, layout.proxy_dir):
@@ -220,7 +220,16 @@ def stop(root: Path, timeout: float = 30.0) -> bool:
     state = running_state(layout)
     if state is None:
         return False
-    os.kill(int(state["supervisor_pid"]), signal.SIGTERM)
+    try:
+        os.kill(int(state["supervisor_pid"]), signal.SIGTERM)
+    except ProcessLookupError:  # its supervisor was killed: stop the orphaned SuperLink and proxy directly
+        for key in ("proxy_pid", "superlink_pid"):
+            try:
+                os.killpg(int(state[key]), signal.SIGTERM)
+            except (ProcessLookupError, KeyError):
+                pass
+        layout.state_file.unlink(missing_ok=True)
+        return True
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and layout.state_file.exists():
         time.sleep(0.2)

@@ -284,6 +284,10 @@ def test_coordinator_killed_mid_run_then_resumed(finished_run, federation):
     assert out.returncode == 0, out.stderr
     run_dir = fed / "runs" / "coord-crash"
     _wait(lambda: (run_dir / "checkpoints" / "round-00001.pt").exists(), 600, "round 1 checkpoint")
+    # The coordinator host "crashes": supervisor, SuperLink (with its ServerApp) and proxy all SIGKILLed.
+    state = json.loads((fed / "coordinator.json").read_text())
+    for key in ("superlink_pid", "proxy_pid"):
+        os.killpg(int(state[key]), signal.SIGKILL)
     procs.stop(federation["coordinator"], signal.SIGKILL)
     assert not (run_dir / "model.onnx").exists()
     coordinator = procs.start(["server.cli", "start", "--dir", str(fed), "--listen-host", "127.0.0.1"],
