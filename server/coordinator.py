@@ -95,10 +95,21 @@ def running_state(layout: Layout) -> dict[str, Any] | None:
         return None
     state = json.loads(layout.state_file.read_text())
     try:
-        os.kill(int(state["superlink_pid"]), 0)
-    except (ProcessLookupError, PermissionError, KeyError, ValueError):
+        return state if _alive(int(state["superlink_pid"])) else None
+    except (KeyError, ValueError):
         return None
-    return state
+
+
+def _alive(pid: int) -> bool:
+    """True while ``pid`` runs; a killed process not yet reaped (a zombie) counts as gone."""
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def flwr(layout: Layout, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:

@@ -289,6 +289,9 @@ def test_coordinator_killed_mid_run_then_resumed(finished_run, federation):
     for key in ("superlink_pid", "proxy_pid"):
         os.killpg(int(state[key]), signal.SIGKILL)
     procs.stop(federation["coordinator"], signal.SIGKILL)
+    from server.coordinator import Layout, running_state
+
+    _wait(lambda: running_state(Layout(fed)) is None, 30, "the killed SuperLink to be gone", 0.2)
     assert not (run_dir / "model.onnx").exists()
     coordinator = procs.start(["server.cli", "start", "--dir", str(fed), "--listen-host", "127.0.0.1"],
                               tmp / "coordinator-restart.log")
