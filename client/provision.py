@@ -30,7 +30,6 @@ import json
 import logging
 import os
 import re
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +39,8 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+
+from common.cache import atomic_write_durable as _write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -98,22 +99,6 @@ def signed_payload(request: dict[str, Any]) -> bytes:
     """The bytes ``auth_signature`` covers (ECDSA P-384, SHA-384): every field but the signature, canonical JSON."""
     body = {k: request.get(k) for k in ("fedxray_request", "site", "csr", "auth_public_key", "created")}
     return _SIGNED_DOMAIN + json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
-
-
-def _write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Write via a temp file in the same folder and ``os.replace``; the file has ``mode`` from creation on."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), mode)  # exact mode whatever the umask
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def init_site(root: str | os.PathLike[str], site: str, force: bool = False) -> Path:

@@ -85,6 +85,10 @@ def cmd_remove(args: argparse.Namespace) -> int:
         print("its SuperNode key is unregistered and the fleet proxy reloaded the CRL: the site is out now")
     else:
         print("the coordinator is not running: the next fl-server start serves the new CRL")
+        node_id = before[args.site].get("node_id")
+        if node_id is not None:
+            print(f"its SuperNode key stays registered until then: once started, run flwr supernode unregister {node_id} "
+                  f"(FLWR_HOME={Path(args.dir).resolve() / 'flwr-home'}) or fl-server remove {args.site} again")
     return 0
 
 

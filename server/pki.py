@@ -48,7 +48,6 @@ import json
 import logging
 import os
 import re
-import secrets
 import shutil
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -61,6 +60,8 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from common.cache import atomic_write_durable as _write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -134,27 +135,6 @@ def _now() -> dt.datetime:
 
 def _iso(when: dt.datetime) -> str:
     return when.isoformat(timespec="seconds")
-
-
-def _write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Write via a temp file in the same folder and ``os.replace``; the file has ``mode`` from creation on."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), mode)  # exact mode whatever the umask
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def _write_json(path: Path, obj: Any) -> None:
