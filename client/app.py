@@ -63,7 +63,8 @@ def train(msg: Message, context: Context) -> Message:
     except (ConfigError, DatasetError) as err:
         return _error(msg, ERR_CONFIG if isinstance(err, ConfigError) else ERR_DATA, str(err))
     server_round = int(config.get("server-round", 0))
-    run_name = str(config.get("run-name", "run"))
+    # Name plus the coordinator's random run id: a new run with the same name and seed is not a retry.
+    run_name = "-".join(str(config[k]) for k in ("run-name", "run-id") if k in config) or "run"
     state = msg.content["arrays"].to_torch_state_dict()
     digest = weights_digest(state)
     replies = ReplyCache(site.state_dir, run_name)

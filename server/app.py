@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import time
+import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
+from common.cache import atomic_write_bytes
 from common.config import ConfigError, RunConfig
 from common.metrics import weighted_mean
 from common.models import build_model, describe
@@ -64,6 +66,24 @@ def run_directory(run: RunConfig) -> tuple[Path, str]:
         return path, path.name
     name = run.run_name or datetime.now(UTC).strftime("run-%Y%m%d-%H%M%S")
     return (Path(run.runs_dir).expanduser().resolve() / name), name
+
+
+def run_identity(run_dir: Path, resuming: bool) -> str:
+    """A random id for this run, kept in ``run_dir/run-id`` so a resumed run keeps it.
+
+    Sites key their stored replies and ledger entries by run name, this id and round. The name
+    alone is not enough: two runs with the same name and seed send the same round-1 weights, and
+    a site would take the second run for a retry of the first and re-send the old update. A
+    resumed run is the same run, so it reads the id back and a retried round stays a retry.
+    """
+    path = run_dir / "run-id"
+    if resuming and path.is_file():
+        found = path.read_text().strip()
+        if found:
+            return found
+    uid = uuid.uuid4().hex[:16]
+    atomic_write_bytes(path, (uid + "\n").encode())
+    return uid
 
 
 def wait_for_sites(grid: Grid, needed: int, give_up_after: float, every: float = 10.0) -> int:
@@ -134,6 +154,7 @@ def main(grid: Grid, context: Context) -> None:
     run_dir, run_name = run_directory(run)
     run_dir.mkdir(parents=True, exist_ok=True)
     config_map = run.to_mapping()
+    run_id = run_identity(run_dir, resuming=bool(run.resume_from))
 
     start_round, history, state = 0, [], {}
     weights = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
@@ -180,8 +201,8 @@ def main(grid: Grid, context: Context) -> None:
                         raise EarlyStop
             return MetricRecord({"pooled-auc": float(auc) if auc == auc else 0.0})
 
-        train_config = ConfigRecord({"run-name": run_name})
-        eval_config = ConfigRecord({"run-name": run_name})
+        train_config = ConfigRecord({"run-name": run_name, "run-id": run_id})
+        eval_config = ConfigRecord({"run-name": run_name, "run-id": run_id})
         try:
             strategy.start(grid=grid, initial_arrays=ArrayRecord({k: torch.from_numpy(np.ascontiguousarray(v))
                                                                   for k, v in weights.items()}),

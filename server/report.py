@@ -19,12 +19,12 @@ from common import metrics
 from common.cache import atomic_write_bytes
 
 
-def _clean(obj: Any) -> Any:
+def json_safe(obj: Any) -> Any:
     """JSON-safe: NaN/Inf become null, numpy scalars plain numbers."""
     if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
+        return {str(k): json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
+        return [json_safe(v) for v in obj]
     if isinstance(obj, (np.floating, float)):
         v = float(obj)
         return v if math.isfinite(v) else None
@@ -37,7 +37,7 @@ def write_metrics(run_dir: Path, run_name: str, run_config: dict[str, Any], roun
                   extra: dict[str, Any] | None = None) -> Path:
     doc = {"run": run_name, "config": run_config, "rounds": rounds, **(extra or {})}
     path = Path(run_dir) / "metrics.json"
-    atomic_write_bytes(path, json.dumps(_clean(doc), indent=2).encode())
+    atomic_write_bytes(path, json.dumps(json_safe(doc), indent=2).encode())
     return path
 
 

@@ -365,6 +365,7 @@ def run_study(data_dir: str | Path, out: str | Path, settings: StudySettings, *,
     import torch
 
     from common.cache import atomic_write_bytes
+    from server.report import json_safe
 
     say = say or (lambda m: print(m, flush=True))
     data_dir, out = Path(data_dir).resolve(), Path(out).resolve()
@@ -401,13 +402,13 @@ def run_study(data_dir: str | Path, out: str | Path, settings: StudySettings, *,
         test = evaluate_arm(trained["onnx"], data, trained["val_names"], settings, arm_dir)
         result = {"arm": arm.name, "kind": arm.kind, "dp": arm.dp, "target_epsilon": arm.epsilon, "strategy": arm.strategy
                   if arm.kind == "federated" else None, "site": arm.site, "wall_seconds": wall, "test": test, **trained}
-        atomic_write_bytes(done, json.dumps(_clean(result), indent=2).encode())
+        atomic_write_bytes(done, json.dumps(json_safe(result), indent=2).encode())
         results[arm.name] = result
         say(f"[{i}/{len(plan)}] {arm.name}: test AUC {test['auc']:.3f} [{test['auc_ci'][0]:.3f}, {test['auc_ci'][1]:.3f}], "
             f"sens {test['sensitivity']:.3f}, spec {test['specificity']:.3f}, ECE {test['ece']:.3f}, {wall:.0f} s")
     results = {a.name: results[a.name] for a in plan}  # table order
     doc = summarise(results, settings, data, out, time.monotonic() - started)
-    atomic_write_bytes(out / "results.json", json.dumps(_clean(doc), indent=2).encode())
+    atomic_write_bytes(out / "results.json", json.dumps(json_safe(doc), indent=2).encode())
     table = render_table(doc)
     (out / "results.md").write_text(table + "\n\n" + render_goals(doc) + "\n")
     plot_roc(out / "roc.png", doc, data.test_y, out)
@@ -436,18 +437,6 @@ def _check_settings(out: Path, s: StudySettings) -> None:
                              "pass a new --out, or the same settings to resume")
         return
     path.write_text(json.dumps(current, indent=2) + "\n")
-
-
-def _clean(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    if isinstance(obj, (np.floating, float)):
-        return None if not math.isfinite(float(obj)) else float(obj)
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj
 
 
 def summarise(results: dict[str, dict[str, Any]], s: StudySettings, data: StudyData, out: Path, seconds: float) -> dict[str, Any]:

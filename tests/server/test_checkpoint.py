@@ -44,3 +44,14 @@ def test_initial_model_follows_the_run_seed():
     c = preflight({**cfg, "seed": 4})[1].state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_run_identity_is_new_per_run_and_kept_on_resume(tmp_path):
+    """Sites tell a retry from a new run by this id: same name and seed must still differ."""
+    from server.app import run_identity
+
+    first = run_identity(tmp_path, resuming=False)
+    assert (tmp_path / "run-id").read_text().strip() == first
+    assert run_identity(tmp_path, resuming=True) == first  # resume: the same run
+    second = run_identity(tmp_path, resuming=False)  # a new run in the same directory
+    assert second != first and len(second) == 16
