@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import ssl
@@ -244,7 +245,9 @@ def test_status_reports_sites_and_rounds(finished_run, federation):
 
 def _ledger_rounds(site_dir: Path, site: str, run_name: str) -> list[int]:
     ledger = PrivacyLedger(site_dir / "state", site=site, max_epsilon=20.0, delta=1e-5)
-    return sorted(c.round for c in ledger.contributions() if c.run_id.startswith(f"{run_name}@"))
+    # Ledger run ids are "<run name>-<coordinator's run id>@<weights digest>".
+    ours = re.compile(rf"^{re.escape(run_name)}-[0-9a-f]{{16}}@")
+    return sorted(c.round for c in ledger.contributions() if ours.match(c.run_id))
 
 
 def test_site_killed_mid_round_then_rejoins(finished_run, federation):
