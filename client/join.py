@@ -20,6 +20,7 @@ Flower's exit code 305, reported here in words.
 from __future__ import annotations
 
 import http.client
+import re
 import signal
 import socket
 import ssl
@@ -107,8 +108,6 @@ def _flower_exit_code(log_path: Path, offset: int = 0) -> int | None:
     The process status is not reliable (Flower's exit handlers end the process with 1), so the
     log line is what says that the coordinator refused the key (305).
     """
-    import re
-
     try:
         tail = log_path.read_bytes()[offset:][-20000:].decode(errors="replace")
     except OSError:
