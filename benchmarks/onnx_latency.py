@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from _util import machine_info, print_json, progress, set_threads, stopwatch, time_call
 
-from common.models import MODEL_NAMES, build_model
+from common.models import TORCHVISION_NAMES, build_model
 from common.onnx_export import export_onnx, load_onnx_model
 
 GOAL_SPEEDUP = 3.0
@@ -104,7 +104,7 @@ def _time_engines(model: torch.nn.Module, path: Path, image: torch.Tensor, *, ru
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=list(MODEL_NAMES), choices=MODEL_NAMES)
+    parser.add_argument("--models", nargs="+", default=list(TORCHVISION_NAMES), choices=TORCHVISION_NAMES)
     parser.add_argument("--sizes", nargs="+", type=int, default=[64, 224])
     parser.add_argument("--runs", type=int, default=30, help="timed calls per engine")
     parser.add_argument("--warmup", type=int, default=5, help="untimed calls per engine first")

@@ -12,6 +12,13 @@ fedxray closes that gap at the site:
   the FAB is never installed, none of its code imported or executed, and the coordinator sees the
   site as not answering that round.
 
+The launcher is also the only process that may take tasks from the SuperNode's Runtime API (a
+loopback port any local user can open): ``fl-client start`` gives it and the SuperNode a fresh
+shared secret (``--superexec-auth-secret-file``, Flower's SuperExec authentication in process
+isolation), so another user of the hospital's host cannot take a task, read its messages or
+answer in the site's name. It stops, with the ClientApps it started (its process group), when the
+SuperNode is gone.
+
 The FAB hash is Flower's own (sha256 of the bundle bytes; FAB builds are deterministic). The bundle
 of the installed fedxray version is reproducible from the source (``fl-client approve
 --installed``), so a site that reviewed a release can approve exactly that code.
@@ -24,6 +31,7 @@ import json
 import logging
 import os
 import re
+import signal
 import sys
 import time
 from datetime import UTC, datetime
@@ -31,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from common.cache import atomic_write_bytes
+from common.processes import watch_parent
 
 APPROVALS_FILE = "approved-bundles.json"
 _HASH = re.compile(r"^[0-9a-f]{64}$")
@@ -137,7 +146,9 @@ def guard_main(argv: list[str]) -> None:
                                  description="Flower SuperExec that launches approved app bundles only")
     ap.add_argument("--runtime-api-address", required=True)
     ap.add_argument("--state-dir", required=True, type=Path)
-    ap.add_argument("--parent-pid", type=int)
+    ap.add_argument("--parent-pid", type=int, help="stop (with the ClientApps launched) when this process is gone")
+    ap.add_argument("--superexec-auth-secret-file", type=Path,
+                    help="the secret shared with the SuperNode (Flower's SuperExec authentication)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s fedxray guard %(levelname)s: %(message)s",
                         stream=sys.stderr)
@@ -146,10 +157,24 @@ def guard_main(argv: list[str]) -> None:
     _install_guard(args.state_dir)
     from flwr.supercore.superexec.run_superexec import run_superexec
 
+    secret = args.superexec_auth_secret_file.read_bytes() if args.superexec_auth_secret_file else None
+    if args.parent_pid is not None:
+        watch_parent(args.parent_pid, _stop_group)
     log.info("launching only approved app bundles (%d approved in %s)", len(approved_hashes(args.state_dir)),
              _path(args.state_dir))
-    run_superexec(runtime_api_address=args.runtime_api_address, insecure=True, parent_pid=args.parent_pid,
+    run_superexec(runtime_api_address=args.runtime_api_address, insecure=True, superexec_auth_secret=secret,
                   runtime_dependency_install=False)
+
+
+def _stop_group() -> None:
+    """The SuperNode is gone: stop this launcher and the ClientApps it started (SIGTERM, then SIGKILL)."""
+    leader = os.getpgrp() == os.getpid()  # fl-client starts the launcher in its own session
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if leader:
+            os.killpg(os.getpgrp(), sig)
+        else:
+            os.kill(os.getpid(), sig)
+        time.sleep(10)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,11 @@ Order of work, each step with one clear line when it fails:
 4. two children: fedxray's launcher of approved bundles (client/approval.py) and the SuperNode
    (client/supernode.py, which presents the site certificate), with ``--isolation process`` so
    that only the launcher ever starts app code. The hospital opens no port: the SuperNode's
-   Runtime API listens on loopback for the launcher only.
+   Runtime API listens on loopback, and only the launcher can take tasks from it (a fresh shared
+   secret per start, ``STATE/runtime-api.secret``, 0600: Flower's SuperExec authentication).
+   Both children stop by themselves when ``fl-client start`` is gone, even after a ``kill -9``.
+   They run with umask 077: what they and the ClientApps write (ledger, replies, cache, logs) is
+   readable by the site's service user only. Their logs are rotated by size (5 x 10 MB kept).
 
 The SuperNode retries the coordinator without limit, so a coordinator restart is survived (its
 state database gives the site the same node id back). A refused key ends the SuperNode with
@@ -20,6 +24,7 @@ Flower's exit code 305, reported here in words.
 from __future__ import annotations
 
 import http.client
+import os
 import re
 import signal
 import socket
@@ -31,9 +36,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.config import to_toml
-from common.processes import free_port, offline_env, stop_process
+from common.processes import free_port, offline_env, rotate_log, stop_process, write_local_secret
 
 AUTH_REFUSED_EXIT = 305
+#: The shared secret of the SuperNode's Runtime API and the bundle launcher, new at every start.
+RUNTIME_SECRET_FILE = "runtime-api.secret"
+LOG_FILES = ("supernode.log", "launcher.log")
 
 
 class JoinError(RuntimeError):
@@ -109,9 +117,10 @@ def _flower_exit_code(log_path: Path, offset: int = 0) -> int | None:
     log line is what says that the coordinator refused the key (305).
     """
     try:
-        tail = log_path.read_bytes()[offset:][-20000:].decode(errors="replace")
+        data = log_path.read_bytes()
     except OSError:
         return None
+    tail = data[offset if offset <= len(data) else 0:][-20000:].decode(errors="replace")  # 0: rotated since
     codes = re.findall(r"Exit Code: (\d+)", tail)
     return int(codes[-1]) if codes else None
 
@@ -125,7 +134,8 @@ def run_site(*, identity, address: str, data_dir: Path, state_dir: Path, node_co
     again for up to ``rejoin_wait`` seconds before the refusal is reported as a key problem.
     """
     logs = state_dir / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
+    logs.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(logs, 0o700)
     env = offline_env()
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = root + (":" + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -152,6 +162,8 @@ def run_site(*, identity, address: str, data_dir: Path, state_dir: Path, node_co
                 if guard.poll() is not None:
                     log(f"fl-client: the bundle launcher stopped (exit {guard.returncode}); see {logs / 'launcher.log'}")
                     return 1
+                for name in LOG_FILES:
+                    rotate_log(logs / name)
                 time.sleep(0.5)
             if code is None:
                 return 0
@@ -180,19 +192,21 @@ def _start_site_processes(identity, address: str, state_dir: Path, node_config: 
                           env: dict[str, str]) -> tuple[subprocess.Popen, subprocess.Popen, int]:
     """The SuperNode (site certificate, auth key, process isolation) and the approved-bundle launcher."""
     runtime_port = free_port()
+    secret = write_local_secret(state_dir / RUNTIME_SECRET_FILE)
     supernode_cmd = [sys.executable, "-m", "client.supernode", "--client-cert", str(identity.client_cert),
-                     "--client-key", str(identity.tls_key), "--",
+                     "--client-key", str(identity.tls_key), "--parent-pid", str(os.getpid()), "--",
                      "--superlink", address, "--root-certificates", str(identity.ca_cert),
                      "--auth-supernode-private-key", str(identity.auth_key),
                      "--isolation", "process", "--host", "127.0.0.1", "--port", str(runtime_port),
-                     "--node-config", str(node_config)]
+                     "--superexec-auth-secret-file", str(secret), "--node-config", str(node_config)]
     log_offset = (logs / "supernode.log").stat().st_size if (logs / "supernode.log").exists() else 0
     with open(logs / "supernode.log", "ab") as fh:
         supernode = subprocess.Popen(supernode_cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, cwd=state_dir,
-                                     start_new_session=True)
+                                     start_new_session=True, umask=0o077)
     guard_cmd = [sys.executable, "-m", "client.approval", "guard", "--runtime-api-address",
-                 f"127.0.0.1:{runtime_port}", "--state-dir", str(state_dir), "--parent-pid", str(supernode.pid)]
+                 f"127.0.0.1:{runtime_port}", "--state-dir", str(state_dir), "--parent-pid", str(supernode.pid),
+                 "--superexec-auth-secret-file", str(secret)]
     with open(logs / "launcher.log", "ab") as fh:
         guard = subprocess.Popen(guard_cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, cwd=state_dir,
-                                 start_new_session=True)
+                                 start_new_session=True, umask=0o077)
     return supernode, guard, log_offset

@@ -7,7 +7,12 @@ requires a client certificate signed by the federation CA, so this launcher runs
 ``FleetHttpClient.from_server_address``, with one whose context also loads the site's certificate
 and key. Nothing else in Flower is touched; the Runtime API client (loopback) is unaffected.
 
-    python -m client.supernode --client-cert client.pem --client-key tls.key -- <flower-supernode args>
+With ``--parent-pid PID`` the SuperNode stops itself (gracefully: Flower's SIGTERM handling) as
+soon as that process is gone. ``fl-client start`` passes its own pid: a ``kill -9`` of the
+supervisor must not leave a SuperNode holding the site's identity (it kept training for the
+coordinator, and a restarted ``fl-client start`` was refused as a second session of the same key).
+
+    python -m client.supernode --client-cert client.pem --client-key tls.key [--parent-pid PID] -- <flower-supernode args>
 
 ``fl-client start`` builds this command; hospitals do not call it by hand.
 """
@@ -16,8 +21,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import ssl
 import sys
+import time
+
+from common.processes import watch_parent
+
+#: After SIGTERM to itself, how long Flower's graceful exit may take before the process is ended hard.
+GRACEFUL_EXIT_S = 10.0
 
 
 def client_context(ca_cert: str, client_cert: str, client_key: str) -> ssl.SSLContext:
@@ -51,16 +63,26 @@ def install_client_certificate(client_cert: str, client_key: str) -> None:
     FleetHttpClient.from_server_address = classmethod(from_server_address)  # type: ignore[method-assign]
 
 
+def _stop_self() -> None:
+    """The supervisor is gone: leave like a stopped SuperNode (deactivate at the SuperLink), or hard."""
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(GRACEFUL_EXIT_S)
+    os._exit(1)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(prog="python -m client.supernode", description=__doc__.splitlines()[0])
     ap.add_argument("--client-cert", required=True)
     ap.add_argument("--client-key", required=True)
+    ap.add_argument("--parent-pid", type=int, help="stop when this process (fl-client start) is gone")
     split = argv.index("--") if "--" in argv else len(argv)
     args = ap.parse_args(argv[:split])
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
     install_client_certificate(args.client_cert, args.client_key)
+    if args.parent_pid is not None:
+        watch_parent(args.parent_pid, _stop_self)
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
     sys.argv = ["flower-supernode", *argv[split + 1:]]

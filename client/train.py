@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from common import metrics
-from common.dp import PerSampleLoss, dp_step, make_private, unwrapped_state_dict
+from common.dp import PerSampleLoss, dp_step, make_private, site_generator, unwrapped_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -32,13 +32,14 @@ class TrainSettings:
     batch_size: int
     learning_rate: float
     optimizer: str
+    momentum: float = 0.9  # SGD only
     proximal_mu: float = 0.0  # FedProx: pull towards the round's global weights (0: off)
     dp: bool = True
     noise_multiplier: float = 0.0
     max_grad_norm: float = 1.0
     steps: int | None = None  # DP: exact number of Poisson-sampled steps (the ledger's count)
     grad_sample_mode: str = "hooks"
-    seed: int = 0
+    seed: int = 0  # non-DP runs only: data order (DP sampling and noise come from the site's OS randomness)
 
 
 @dataclass(frozen=True)
@@ -68,9 +69,10 @@ def criterion_for(task: str) -> nn.Module:
 
 
 def _optimizer(model: nn.Module, s: TrainSettings) -> torch.optim.Optimizer:
+    trainable = [p for p in model.parameters() if p.requires_grad]
     if s.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=s.learning_rate, momentum=0.9)
-    return torch.optim.Adam(model.parameters(), lr=s.learning_rate)
+        return torch.optim.SGD(trainable, lr=s.learning_rate, momentum=s.momentum)
+    return torch.optim.Adam(trainable, lr=s.learning_rate)
 
 
 def _proximal_pull(model: nn.Module, anchor: Mapping[str, torch.Tensor], lr: float, mu: float) -> None:
@@ -100,8 +102,10 @@ def train_one_round(
 
     DP: Poisson sampling with rate batch_size / n, per-sample clipping at ``max_grad_norm`` and
     Gaussian noise ``noise_multiplier * max_grad_norm``, for exactly ``settings.steps`` steps (the
-    count the site's ledger recorded before training). The returned weights carry the model's
-    own keys (no Opacus prefix), on CPU.
+    count the site's ledger recorded before training). Sampling and noise come from a generator
+    seeded by the operating system (common.dp.site_generator), never from ``settings.seed``: two
+    identical DP rounds release different noise, and nobody else can reproduce it. The returned
+    weights carry the model's own keys (no Opacus prefix), on CPU.
     """
     torch.manual_seed(settings.seed)
     model.to(device).train()
@@ -119,6 +123,7 @@ def train_one_round(
         pt = make_private(
             model, optimizer, loader, noise_multiplier=settings.noise_multiplier,
             max_grad_norm=settings.max_grad_norm, mode=settings.grad_sample_mode, criterion=crit,
+            generator=site_generator(),
         )
         steps = settings.steps or settings.local_epochs * max(1, math.ceil(n / settings.batch_size))
         if progress:

@@ -10,6 +10,11 @@ Layout under ``<state-dir>/cache``::
 
     meta/<h[:2]>/<h>.json        {"ok": true, "meta": {...}} or {"ok": false, "reason": "..."}
     <size>px/<h[:2]>/<h>.npy     uint8 [size, size]
+    features/<spec>/<h[:2]>/<h>.npy   float32 fixed features of that image (e.g. scattering
+                                 coefficients; <spec> names the transform and its settings)
+
+Fixed features cost no privacy (they never look at other images or labels), so computing them
+once and training every later round from the cache changes nothing but the time a round takes.
 
 Every write goes to a temporary file in the same folder and is renamed into place, so a crash
 leaves either the old entry or the new one, never half a file; concurrent writers (deployment
@@ -19,6 +24,7 @@ starts one process per Flower message) at worst both write the same bytes.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import secrets
@@ -112,8 +118,26 @@ class SiteCache:
         return arr
 
     def put_pixels(self, key: str, size: int, pixels: np.ndarray) -> None:
-        import io
+        atomic_write_bytes(self._pixels_path(key, size), _npy_bytes(np.ascontiguousarray(pixels, dtype=np.uint8)))
 
-        buf = io.BytesIO()
-        np.save(buf, np.ascontiguousarray(pixels, dtype=np.uint8), allow_pickle=False)
-        atomic_write_bytes(self._pixels_path(key, size), buf.getvalue())
+    def _features_path(self, key: str, spec: str) -> Path:
+        return self.root / "features" / spec / key[:2] / f"{key}.npy"
+
+    def get_features(self, key: str, spec: str, shape: tuple[int, ...]) -> np.ndarray | None:
+        """float32 features of ``shape`` for this content and transform, or None (then they are recomputed)."""
+        try:
+            arr = np.load(self._features_path(key, spec), allow_pickle=False)
+        except (OSError, ValueError):
+            return None
+        if arr.dtype != np.float32 or arr.shape != tuple(shape):
+            return None
+        return arr
+
+    def put_features(self, key: str, spec: str, features: np.ndarray) -> None:
+        atomic_write_bytes(self._features_path(key, spec), _npy_bytes(np.ascontiguousarray(features, dtype=np.float32)))
+
+
+def _npy_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    return buf.getvalue()

@@ -22,11 +22,29 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-MODEL_CHOICES = ("mobilenet_v2", "densenet121")
+MODEL_CHOICES = ("scatternet", "mobilenet_v2", "densenet121")
+HEAD_CHOICES = ("linear", "cnn")
+TRAIN_PART_CHOICES = ("all", "last-block", "head")
+#: DP-SGD steps a site should take over a run: below ~150 noisy steps the head has not converged
+#: at the epsilons hospitals use (docs/models.md, "DP defaults"). local-epochs = 0 plans for it.
+MIN_DP_STEPS = 150
 TASK_CHOICES = ("binary", "multiclass", "multilabel")
 STRATEGY_CHOICES = ("fedavg", "fedprox", "fedadam", "trimmed-mean", "median")
 OPTIMIZER_CHOICES = ("adam", "sgd")
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
+
+
+#: Settings that suit each kind of model (docs/models.md), filled in by fl-sim and the study when the user
+#: sets none of them. The RunConfig defaults are the scatternet ones.
+RECOMMENDED: dict[str, dict[str, Any]] = {
+    "scatternet": {"optimizer": "sgd", "learning-rate": 1.0, "momentum": 0.9, "max-grad-norm": 0.1, "sample-rate": 0.2},
+    "cnn": {"optimizer": "adam", "learning-rate": 1e-3, "max-grad-norm": 1.0, "sample-rate": 0.0, "batch-size": 32},
+}
+
+
+def recommended_settings(model: str) -> dict[str, Any]:
+    """Optimiser and sampling settings that suit ``model`` (kebab-case run-config keys)."""
+    return dict(RECOMMENDED["scatternet" if model == "scatternet" else "cnn"])
 
 
 class ConfigError(ValueError):
@@ -42,22 +60,28 @@ class ConfigError(ValueError):
 class RunConfig:
     """Settings of one federated run, identical at every site (kebab-case keys in pyproject)."""
 
-    num_server_rounds: int = 3  # federated rounds to run
-    model: str = "mobilenet_v2"  # architecture, see common.models.MODEL_NAMES
+    num_server_rounds: int = 10  # federated rounds to run
+    model: str = "scatternet"  # architecture, see common.models.MODEL_NAMES (scatternet: the DP-first default)
+    head: str = "linear"  # scatternet: linear (logistic regression on the features) | cnn (two small conv layers)
+    scatter_j: int = 2  # scatternet: scattering scale J (features are image-size / 2^J on a side)
+    train_part: str = "all"  # CNNs: all | last-block | head (DP fine-tuning from init-weights trains few parameters)
+    init_weights: str = ""  # coordinator-side weights file for the initial global model (e.g. pretrained); never downloaded
     image_size: int = 64  # images are resized to image_size x image_size (whole image, bilinear)
     task: str = "binary"  # binary (sigmoid, 1 output) | multiclass (softmax) | multilabel (sigmoids)
     labels: tuple[str, ...] = ("opacity",)  # binary: the positive finding; else the class/finding names
-    local_epochs: int = 1  # passes over the site's training split per round (in expectation under DP)
-    batch_size: int = 16  # expected batch size; under DP, Poisson sampling with rate batch/n_train
-    learning_rate: float = 1e-3  # client optimiser learning rate
-    optimizer: str = "adam"  # client optimiser: adam | sgd (momentum 0.9)
-    augment: bool = True  # training augmentation (rotation, brightness/contrast, resized crop)
+    local_epochs: int = 0  # passes over the site's training split per round (expected, under DP); 0: enough for MIN_DP_STEPS
+    sample_rate: float = 0.2  # share of a site's training images per step (Poisson under DP); 0: use batch-size
+    batch_size: int = 32  # used when sample-rate is 0: expected batch; under DP, Poisson rate batch/n_train
+    learning_rate: float = 1.0  # client optimiser learning rate (scatternet SGD: 1.0; CNNs with Adam: about 1e-3)
+    optimizer: str = "sgd"  # client optimiser: sgd (with momentum) | adam
+    momentum: float = 0.9  # SGD momentum
+    augment: bool = True  # CNNs: training augmentation (rotation, brightness/contrast, resized crop); scatternet: none
     val_fraction: float = 0.2  # share of each site's patients held out for validation
     seed: int = 0  # seeds splits, sampling, initial weights
     dp: bool = True  # DP-SGD at the sites; off only when the site also allows it
     target_epsilon: float = 8.0  # per-site epsilon for the planned rounds (used when noise-multiplier=0)
     noise_multiplier: float = 0.0  # fixed noise multiplier; 0 derives it from target-epsilon
-    max_grad_norm: float = 1.0  # per-sample gradient clipping bound (L2)
+    max_grad_norm: float = 0.1  # per-sample gradient clipping bound (L2); 0.1 suits the scatternet head
     delta: float = 1e-5  # DP delta the run asks for; a site may insist on a smaller one
     strategy: str = "fedavg"  # fedavg | fedprox | fedadam | trimmed-mean | median
     proximal_mu: float = 0.01  # FedProx proximal term weight
@@ -87,6 +111,30 @@ class RunConfig:
     def num_outputs(self) -> int:
         """Model outputs: 1 for a binary task (the positive finding), else one per label."""
         return 1 if self.task == "binary" else len(self.labels)
+
+    def model_kwargs(self) -> dict[str, Any]:
+        """What common.models.build_model needs besides the name, so every caller builds the same model."""
+        return {"num_outputs": self.num_outputs, "image_size": self.image_size, "scatter_j": self.scatter_j,
+                "head": self.head, "train_part": self.train_part}
+
+    def sampling(self, n_train: int) -> tuple[float, int]:
+        """(sample rate, expected batch) for a site with ``n_train`` training images.
+
+        ``sample-rate`` > 0 fixes the rate, so a small site takes as many steps per epoch as a
+        large one; otherwise the rate is ``batch-size / n_train``.
+        """
+        n = max(1, int(n_train))
+        if self.sample_rate > 0:
+            batch = max(1, round(self.sample_rate * n))
+            return batch / n, batch
+        batch = min(self.batch_size, n)
+        return batch / n, batch
+
+    def epochs_per_round(self, sample_rate: float) -> int:
+        """Local epochs per round: as configured, or (0) enough for MIN_DP_STEPS steps over the run."""
+        if self.local_epochs > 0:
+            return self.local_epochs
+        return max(1, math.ceil(MIN_DP_STEPS * sample_rate / self.num_server_rounds))
 
 
 @dataclass(frozen=True)
@@ -210,12 +258,17 @@ def _range(problems: list[str], key: str, value: float, lo: float, hi: float, *,
 def _check_run(c: RunConfig) -> list[str]:
     p: list[str] = []
     _one_of(p, "model", c.model, MODEL_CHOICES)
+    _one_of(p, "head", c.head, HEAD_CHOICES)
+    _one_of(p, "train-part", c.train_part, TRAIN_PART_CHOICES)
+    _range(p, "scatter-j", c.scatter_j, 1, 4)
+    _range(p, "sample-rate", c.sample_rate, 0.0, 1.0)
+    _range(p, "momentum", c.momentum, 0.0, 0.99)
     _one_of(p, "task", c.task, TASK_CHOICES)
     _one_of(p, "strategy", c.strategy, STRATEGY_CHOICES)
     _one_of(p, "optimizer", c.optimizer, OPTIMIZER_CHOICES)
     _range(p, "num-server-rounds", c.num_server_rounds, 1, 10_000)
     _range(p, "image-size", c.image_size, 16, 1024)
-    _range(p, "local-epochs", c.local_epochs, 1, 100)
+    _range(p, "local-epochs", c.local_epochs, 0, 100)
     _range(p, "batch-size", c.batch_size, 1, 4096)
     _range(p, "learning-rate", c.learning_rate, 0.0, 10.0, lo_open=True)
     _range(p, "val-fraction", c.val_fraction, 0.0, 0.9, lo_open=True)
@@ -236,6 +289,9 @@ def _check_run(c: RunConfig) -> list[str]:
             _range(p, "noise-multiplier", c.noise_multiplier, 0.0, 1000.0, lo_open=True)
     if c.image_size % 2:
         p.append(f"`image-size` = {c.image_size}: use an even size (models downsample by 2 repeatedly)")
+    if c.model == "scatternet" and 2 ** (c.scatter_j + 2) > c.image_size:
+        p.append(f"`scatter-j` = {c.scatter_j} at `image-size` = {c.image_size}: the scattering needs images of at "
+                 f"least {2 ** (c.scatter_j + 2)} px; lower scatter-j or raise image-size")
     if not c.labels:
         p.append("`labels` is empty: name the positive finding (binary) or every class / finding")
     elif c.task == "binary" and len(c.labels) != 1:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import secrets
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -217,12 +218,18 @@ def make_private(
     criterion: nn.Module,
     secure_mode: bool = False,
     poisson_sampling: bool = True,
+    generator: torch.Generator | None = None,
 ) -> PrivateTraining:
     """Wrap model, optimizer and loader for DP-SGD with Opacus in grad-sample ``mode``.
 
     ``optimizer`` must have been built on ``model.parameters()``. ``noise_multiplier`` is the
     Gaussian noise std relative to ``max_grad_norm`` (the per-sample L2 clipping bound).
-    ``secure_mode=True`` needs the torchcsprng package (not a fedxray dependency).
+
+    ``generator`` draws both the Poisson sampling and the Gaussian noise (use
+    :func:`site_generator`: seeded from the operating system, so nobody outside the site, the
+    coordinator included, can replay the noise and subtract it). Without it Opacus falls back
+    to torch's global generator, which anyone who knows the seed reproduces.
+    ``secure_mode=True`` needs the torchcsprng package (not a fedxray dependency; unmaintained).
     """
     if mode not in GRAD_SAMPLE_MODES:
         raise PrivateTrainingError(
@@ -238,8 +245,16 @@ def make_private(
         # Opacus warns on every engine without secure RNG; say it once, in the log, instead.
         warnings.filterwarnings("ignore", message="Secure RNG turned off")
         engine = PrivacyEngine(accountant="rdp", secure_mode=secure_mode)
-    if not secure_mode:
-        log.debug("DP noise from torch's default RNG (secure_mode off)")
+    noise_generator = None
+    if generator is not None and not secure_mode:
+        # Opacus' Poisson sampler takes the engine's "secure" generator; the noise its own.
+        engine.secure_rng = generator
+        noise_generator = generator
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        if device.type != "cpu":
+            noise_generator = site_generator(device)
+    elif not secure_mode:
+        log.debug("DP noise from torch's default RNG (no site generator given)")
     loss = PerSampleLoss(criterion)
     wrapped = engine.make_private(
         module=model,
@@ -250,6 +265,7 @@ def make_private(
         max_grad_norm=max_grad_norm,
         poisson_sampling=poisson_sampling,
         grad_sample_mode=mode,
+        noise_generator=noise_generator,
     )
     if mode == "ghost":
         private_model, private_optimizer, private_criterion, private_loader = wrapped
@@ -264,6 +280,21 @@ def make_private(
         engine=engine,
         mode=mode,
     )
+
+
+def site_generator(device: torch.device | str = "cpu") -> torch.Generator:
+    """A torch generator seeded with 63 bits from the operating system's CSPRNG (``secrets``).
+
+    DP-SGD's guarantee assumes the noise is unknown to whoever sees the update. A seed taken
+    from the run config (which the coordinator sets) would let the coordinator regenerate the
+    exact noise and recover the clipped gradient sum; a fresh OS-random seed per round cannot
+    be guessed. torch's generators are not cryptographic: docs/privacy.md states the residual
+    risk (floating-point attacks on the Gaussian sampler, which Opacus' secure_mode addresses
+    with torchcsprng, a package not built for current torch).
+    """
+    gen = torch.Generator(device=device)
+    gen.manual_seed(secrets.randbits(63))
+    return gen
 
 
 def dp_step(pt: PrivateTraining, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -284,7 +315,11 @@ def dp_step(pt: PrivateTraining, x: torch.Tensor, y: torch.Tensor) -> float:
         return float("nan")
     output = pt.model(x)
     loss = pt.criterion(output, y)
-    loss.backward()
+    with warnings.catch_warnings():
+        # Opacus' hooks on a first trainable layer whose input needs no gradient (a head on fixed
+        # features, a frozen backbone) make torch warn on every backward; the gradients are right.
+        warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with respect to module outputs")
+        loss.backward()
     pt.optimizer.step()
     value = float(loss.item())
     pt.optimizer.zero_grad()

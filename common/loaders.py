@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch import nn
+from torch.utils.data import Dataset, TensorDataset
 
 from common.augment import identity, train_transform
 from common.cache import SiteCache
@@ -57,6 +58,7 @@ class SiteData:
     split: Split
     images: np.ndarray  # uint8 [N, S, S], aligned with targets.y
     image_size: int
+    cache: SiteCache | None = None  # where fixed features are kept (None: computed every time)
 
     @property
     def n_train(self) -> int:
@@ -77,6 +79,62 @@ class SiteData:
 
     def val_dataset(self) -> XrayDataset:
         return XrayDataset(self.images[self.split.val], self.targets.y[self.split.val])
+
+    def features(self, frontend: nn.Module, *, progress: bool = False, batch: int = 32) -> np.ndarray:
+        """Fixed features of every kept image, float32 [N, C, h, w], aligned with ``targets.y``.
+
+        ``frontend`` is a data-independent transform without trainable parameters (the ScatterNet's
+        scattering). Each image's features are computed once and kept in the site cache under the
+        image's content hash and the transform's settings (``frontend.cache_spec``), so every round
+        after the first trains from the cache. No augmentation: on Kermany, DP-SGD on cached
+        augmented views (one random view per step, or the mean gradient over 5 views) scored
+        0.003 below no augmentation on the held-out patients and under synthetic acquisition
+        shifts (docs/models.md), and transforming on the fly costs ~8 ms per image per step.
+        """
+        spec = frontend.cache_spec(self.image_size)
+        keys = [self.index.records[int(i)].content_hash for i in self.targets.keep]
+        with torch.no_grad():
+            probe = frontend(torch.zeros(1, 1, self.image_size, self.image_size))
+        shape = tuple(probe.shape[1:])
+        out = np.empty((len(keys), *shape), dtype=np.float32)
+        missing = []
+        for i, key in enumerate(keys):
+            found = self.cache.get_features(key, spec, shape) if self.cache is not None else None
+            if found is None:
+                missing.append(i)
+            else:
+                out[i] = found
+        if missing:
+            bar = None
+            if progress:
+                from tqdm.auto import tqdm
+
+                bar = tqdm(total=len(missing), desc="features", unit="img", leave=False)
+            log.info("computing %s features for %d of %d image(s) (cached for later rounds)", spec, len(missing), len(keys))
+            for start in range(0, len(missing), batch):
+                idx = missing[start:start + batch]
+                x = torch.from_numpy(self.images[idx]).to(torch.float32).div_(255.0).unsqueeze(1)
+                with torch.no_grad():
+                    feats = frontend(x).numpy()
+                for j, i in enumerate(idx):
+                    out[i] = feats[j]
+                    if self.cache is not None:
+                        self.cache.put_features(keys[i], spec, feats[j])
+                if bar is not None:
+                    bar.update(len(idx))
+            if bar is not None:
+                bar.close()
+        return out
+
+    def feature_datasets(self, frontend: nn.Module, *, progress: bool = False) -> tuple[TensorDataset, TensorDataset]:
+        """(train, validation) datasets of cached fixed features and targets."""
+        feats = self.features(frontend, progress=progress)
+        y = self.targets.y
+
+        def part(idx: np.ndarray) -> TensorDataset:
+            return TensorDataset(torch.from_numpy(np.ascontiguousarray(feats[idx])), torch.from_numpy(np.ascontiguousarray(y[idx])))
+
+        return part(self.split.train), part(self.split.val)
 
     def prevalence(self, which: str = "train") -> list[float]:
         """Share of positives per output (binary/multilabel) or per class (multiclass)."""
@@ -103,9 +161,8 @@ def load_site(
 ) -> SiteData:
     """Scan ``data_dir`` through the site cache in ``state_dir`` and split it by patient."""
     state = Path(state_dir)
-    index = scan_site(
-        data_dir, salt=site_salt(state), image_size=image_size, cache=SiteCache(state / "cache"), progress=progress
-    )
+    cache = SiteCache(state / "cache")
+    index = scan_site(data_dir, salt=site_salt(state), image_size=image_size, cache=cache, progress=progress)
     if index.skipped:
         log.warning("%d file(s) skipped (run `fl-client check` for the reasons)", len(index.skipped))
     targets = encode_targets(index, task, labels)
@@ -114,4 +171,4 @@ def load_site(
     kept = [index.records[int(i)] for i in targets.keep]
     split = split_patients([r.patient for r in kept], patient_strata(targets), val_fraction=val_fraction, seed=seed)
     images = np.stack([r.pixels for r in kept])  # type: ignore[misc]
-    return SiteData(index, targets, split, images, image_size)
+    return SiteData(index, targets, split, images, image_size, cache)

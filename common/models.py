@@ -1,10 +1,23 @@
-"""The two chest X-ray classifiers (DenseNet121, MobileNetV2), in one builder used everywhere.
+"""The chest X-ray classifiers, in one builder used everywhere.
 
-Server, client and ONNX export all call :func:`build_model`, so the same ``(name, dp)`` always
-gives the same architecture and the same ``state_dict`` keys. The keys are torchvision's own
-(``features.*``, ``classifier.*``), so torchvision ImageNet weights load by name.
+Server, client and ONNX export all call :func:`build_model`, so the same arguments always give
+the same architecture and the same ``state_dict`` keys.
 
-Two forms of each architecture:
+* ``scatternet`` (the default, DP-first): a fixed scattering front end (common/scattering.py, no
+  trainable parameters, costs no privacy), a data-independent per-sample GroupNorm (no affine
+  parameters) and a small head, ``linear`` (logistic regression on the 81 x 16 x 16 scattering
+  coefficients at 64 px: 20,737 parameters for one output) or ``cnn`` (two 3x3 convolutions
+  with GroupNorm and tanh, about 42k parameters). Tramer & Boneh (ICLR 2021): under DP-SGD the
+  noise per step grows with the number of trained parameters, and fixed features leave few to
+  train; docs/models.md has the figures. Its state_dict holds the head only (``head.*``): that
+  is all that travels between sites and coordinator. The sites train the head on cached
+  features (:func:`split_features`); the whole model (front end included) is what is exported.
+* ``densenet121`` and ``mobilenet_v2``: torchvision's architectures (keys ``features.*``,
+  ``classifier.*``, so torchvision ImageNet weights load by name), for non-DP runs and for DP
+  fine-tuning from local pretrained weights (``train_part`` freezes all but the head or the last
+  block, so DP noise touches few parameters).
+
+Two forms of each torchvision architecture:
 
 * ``dp=True`` (the default, what federated training uses): DP-SGD needs a per-sample gradient
   for every parameter, which BatchNorm breaks (it mixes the samples of a batch), so every
@@ -38,9 +51,14 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision import models as tvm
 
+from common.scattering import Scattering2D, ScatteringError, group_count
+
 log = logging.getLogger(__name__)
 
-MODEL_NAMES: tuple[str, ...] = ("densenet121", "mobilenet_v2")
+MODEL_NAMES: tuple[str, ...] = ("scatternet", "densenet121", "mobilenet_v2")
+TORCHVISION_NAMES: tuple[str, ...] = ("densenet121", "mobilenet_v2")
+HEADS: tuple[str, ...] = ("linear", "cnn")  # scatternet heads
+TRAIN_PARTS: tuple[str, ...] = ("all", "last-block", "head")  # what a torchvision model trains
 
 # (mean, std) of a [0, 1] grey value: the means of torchvision's ImageNet channel means
 # (0.485, 0.456, 0.406) and stds (0.229, 0.224, 0.225). A grey image copied to RGB and
@@ -51,6 +69,7 @@ NORMALISATION: tuple[float, float] = (0.449, 0.226)
 # Opacus grad_sample_mode per model: the fastest on CPU in benchmarks/train_throughput.py
 # (figures and runs in docs/models.md). Change only with new figures.
 _GRAD_SAMPLE_MODE: dict[str, str] = {
+    "scatternet": "hooks",
     "densenet121": "hooks",
     "mobilenet_v2": "hooks",
 }
@@ -135,27 +154,107 @@ def group_norm_groups(num_channels: int) -> int:
     return math.gcd(_MAX_GROUPS, num_channels)
 
 
+class ScatterHead(nn.Module):
+    """What a ScatterNet trains: per-sample GroupNorm of the scattering coefficients, then a head.
+
+    The GroupNorm has no affine parameters: it normalises each image's coefficients by groups of
+    channels with that image's own statistics, so it needs no data set statistics (which would
+    cost privacy) and behaves the same in training, evaluation and export.
+    """
+
+    def __init__(self, channels: int, size: tuple[int, int], num_outputs: int, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.norm = nn.GroupNorm(group_count(channels), channels, affine=False)
+        if kind == "linear":
+            self.conv = None
+            self.classifier = nn.Linear(channels * size[0] * size[1], num_outputs)
+            # Logistic regression from zero: every site and seed starts at p = 0.5 exactly.
+            nn.init.zeros_(self.classifier.weight)
+            nn.init.zeros_(self.classifier.bias)
+        else:
+            self.conv = nn.Sequential(
+                nn.Conv2d(channels, 32, 3, padding=1), nn.GroupNorm(8, 32), nn.Tanh(), nn.MaxPool2d(2),
+                nn.Conv2d(32, 64, 3, padding=1), nn.GroupNorm(8, 64), nn.Tanh(), nn.MaxPool2d(2),
+            )
+            self.classifier = nn.Linear(64, num_outputs)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Scattering coefficients [N, K, h, w] -> logits [N, num_outputs]."""
+        x = self.norm(features)
+        if self.conv is not None:
+            x = F.adaptive_avg_pool2d(self.conv(x), 1)
+        return self.classifier(torch.flatten(x, 1))
+
+
+class ScatterNet(nn.Module):
+    """Fixed scattering front end + :class:`ScatterHead`: images [N, 1, S, S] in [0, 1] -> logits.
+
+    The front end is built for one image size (its filters are defined on the padded grid), so
+    ``image_size`` is part of the architecture, like ``J`` and the head.
+    """
+
+    def __init__(self, *, image_size: int, num_outputs: int, J: int = 2, L: int = 8, head: str = "linear") -> None:
+        super().__init__()
+        self.image_size = int(image_size)
+        self.scattering = Scattering2D(J, (self.image_size, self.image_size), L)
+        self.head = ScatterHead(self.scattering.out_channels, self.scattering.out_size, num_outputs, head)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Images [N, 1, S, S] -> scattering coefficients [N, K, h, w] (what the site caches)."""
+        if torch.jit.is_tracing():  # exporting: the shape is fixed by the example input
+            return self.scattering(x)
+        if x.dim() != 4 or x.shape[1] != 1 or tuple(x.shape[2:]) != (self.image_size, self.image_size):
+            raise ModelError(
+                f"model input has shape {tuple(x.shape)}; expected [N, 1, {self.image_size}, {self.image_size}] "
+                f"grey images in [0, 1] resized to the model's image size"
+            )
+        return self.scattering(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def split_features(model: nn.Module) -> tuple[nn.Module | None, nn.Module, str]:
+    """(fixed front end or None, trainable module, state_dict prefix of the trainable module).
+
+    For a ScatterNet the sites compute the front end once per image and train the head on the
+    cached features; its weights travel under ``head.``. Other models train whole.
+    """
+    if isinstance(model, ScatterNet):
+        return model.scattering, model.head, "head."
+    return None, model, ""
+
+
 def build_model(
     name: str,
     *,
     num_outputs: int,
     dp: bool = True,
     weights_path: str | os.PathLike[str] | None = None,
+    image_size: int = 64,
+    scatter_j: int = 2,
+    head: str = "linear",
+    train_part: str = "all",
 ) -> nn.Module:
     """Build ``name`` for 1-channel [0, 1] inputs with ``num_outputs`` logits.
 
     Args:
         name: one of :data:`MODEL_NAMES`.
         num_outputs: logits per image (1 for a binary task, C for multiclass / multilabel).
-        dp: True for the DP-ready form (GroupNorm, no in-place ops); False for the plain
-            torchvision form (BatchNorm).
+        dp: torchvision models only: True for the DP-ready form (GroupNorm, no in-place ops);
+            False for the plain torchvision form (BatchNorm). A ScatterNet is always DP-ready.
         weights_path: optional local weights: a state_dict of this architecture (as saved from
             a model built here, also with an Opacus ``_module.`` prefix) or torchvision ImageNet
             weights (the RGB first conv is summed to one channel; tensors that do not fit, such
             as BatchNorm running statistics or a 1000-class head, are skipped and logged).
+        image_size, scatter_j, head: scatternet only: input side, scattering scale J and
+            :data:`HEADS` member.
+        train_part: torchvision models only, :data:`TRAIN_PARTS`: which parameters train
+            (``requires_grad``); the rest stay as loaded (DP fine-tuning from pretrained weights).
 
     Raises:
-        ModelError: unknown name or num_outputs < 1.
+        ModelError: unknown name, head or train part, or num_outputs < 1.
         WeightsError: the weights file is unreadable or nothing in it fits this architecture.
     """
     if name not in MODEL_NAMES:
@@ -165,24 +264,53 @@ def build_model(
             f"num_outputs={num_outputs!r} for model {name!r}; expected an int >= 1 "
             "(1 for a binary task, the number of classes or findings otherwise)"
         )
-    mean, std = NORMALISATION
-    if name == "densenet121":
-        net = tvm.densenet121(weights=None, num_classes=num_outputs)
-        net.features.conv0 = _one_channel(net.features.conv0)
-        model = RadiographClassifier(
-            net.features, net.classifier, final_relu=True, mean=mean, std=std
-        )
+    if head not in HEADS:
+        raise ModelError(f"unknown scatternet head {head!r}; expected one of {', '.join(HEADS)}")
+    if train_part not in TRAIN_PARTS:
+        raise ModelError(f"unknown train part {train_part!r}; expected one of {', '.join(TRAIN_PARTS)}")
+    model: nn.Module
+    if name == "scatternet":
+        try:
+            model = ScatterNet(image_size=image_size, num_outputs=num_outputs, J=scatter_j, head=head)
+        except ScatteringError as err:
+            raise ModelError(str(err)) from err
     else:
-        net = tvm.mobilenet_v2(weights=None, num_classes=num_outputs)
-        net.features[0][0] = _one_channel(net.features[0][0])
-        model = RadiographClassifier(
-            net.features, net.classifier, final_relu=False, mean=mean, std=std
-        )
-    if dp:
-        _to_dp_ready(model)
+        mean, std = NORMALISATION
+        if name == "densenet121":
+            net = tvm.densenet121(weights=None, num_classes=num_outputs)
+            net.features.conv0 = _one_channel(net.features.conv0)
+            model = RadiographClassifier(net.features, net.classifier, final_relu=True, mean=mean, std=std)
+        else:
+            net = tvm.mobilenet_v2(weights=None, num_classes=num_outputs)
+            net.features[0][0] = _one_channel(net.features[0][0])
+            model = RadiographClassifier(net.features, net.classifier, final_relu=False, mean=mean, std=std)
+        if dp:
+            _to_dp_ready(model)
     if weights_path is not None:
         load_weights(model, name, weights_path)
+    if name != "scatternet":
+        freeze_to(model, train_part)
     return model
+
+
+def freeze_to(model: nn.Module, train_part: str) -> None:
+    """Let only ``train_part`` of a torchvision model train: all, the last feature block + head, or the head.
+
+    Frozen layers need no per-sample gradients, so DP fine-tuning of the head of a pretrained
+    DenseNet121 clips and noises about 1k parameters per output instead of 7M.
+    """
+    if train_part == "all":
+        return
+    features = getattr(model, "features", None)
+    keep = [model.classifier] if hasattr(model, "classifier") else []
+    if train_part == "last-block" and isinstance(features, nn.Sequential):
+        blocks = [m for m in features.children() if any(True for _ in m.parameters())]
+        keep += blocks[-2:] if isinstance(blocks[-1], nn.GroupNorm | nn.BatchNorm2d) else blocks[-1:]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for module in keep:
+        for p in module.parameters():
+            p.requires_grad_(True)
 
 
 def _conv_like(conv: nn.Conv2d, cls: type[nn.Conv2d], in_channels: int) -> nn.Conv2d:
@@ -263,7 +391,7 @@ def load_weights(model: nn.Module, name: str, weights_path: str | os.PathLike[st
         )
     source = {_strip_wrapper_prefix(str(k)): v for k, v in loaded.items()}
     target = model.state_dict()
-    first_conv = _FIRST_CONV_KEY[name]
+    first_conv = _FIRST_CONV_KEY.get(name, "")
 
     fitting: dict[str, torch.Tensor] = {}
     skipped: list[str] = []
@@ -322,17 +450,30 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def describe(name: str, *, num_outputs: int = 1) -> dict[str, object]:
-    """A small self-description of the DP-ready model, for model cards and logs."""
-    model = build_model(name, num_outputs=num_outputs, dp=True)
-    mean, std = NORMALISATION
-    return {
+def describe(name: str, *, num_outputs: int = 1, **kwargs: object) -> dict[str, object]:
+    """A small self-description of the model as federated training builds it, for model cards and logs."""
+    model = build_model(name, num_outputs=num_outputs, dp=True, **kwargs)  # type: ignore[arg-type]
+    info: dict[str, object] = {
         "name": name,
-        "architecture": f"torchvision {name}, 1-channel first conv, {num_outputs} logits",
         "parameters": count_parameters(model),
         "num_outputs": num_outputs,
         "input": "[N, 1, H, W] float32 in [0, 1]",
-        "normalisation": {"mean": mean, "std": std},
-        "dp_form": "BatchNorm -> GroupNorm(gcd(32, C) groups), no in-place ops",
         "grad_sample_mode": grad_sample_mode(name),
     }
+    if isinstance(model, ScatterNet):
+        sc = model.scattering
+        info["architecture"] = (
+            f"fixed scattering front end (J={sc.J}, L={sc.L}, {sc.out_channels}x{sc.out_size[0]}x{sc.out_size[1]} "
+            f"coefficients at {model.image_size} px, no trainable parameters) + GroupNorm({model.head.norm.num_groups}, "
+            f"no affine) + {model.head.kind} head, {num_outputs} logits"
+        )
+        info["dp_form"] = "only the head trains; the front end is data-independent and costs no privacy"
+        return info
+    mean, std = NORMALISATION
+    trainable = count_parameters(model)
+    info["architecture"] = f"torchvision {name}, 1-channel first conv, {num_outputs} logits"
+    info["normalisation"] = {"mean": mean, "std": std}
+    info["dp_form"] = "BatchNorm -> GroupNorm(gcd(32, C) groups), no in-place ops"
+    info["total_parameters"] = sum(p.numel() for p in model.parameters())
+    info["parameters"] = trainable
+    return info

@@ -203,6 +203,8 @@ def _torch_export(wrapped: nn.Module, example: torch.Tensor, path: Path) -> None
             category=DeprecationWarning,
         )
         warnings.filterwarnings("ignore", message=r"The feature will be removed", category=DeprecationWarning)
+        # The reflect padding's exporter reverses its pad list with a step -1 Slice and says it cannot fold it.
+        warnings.filterwarnings("ignore", message=r"Constant folding - Only steps=1", category=UserWarning)
         torch.onnx.export(
             wrapped,
             (example,),

@@ -4,20 +4,41 @@ fl-sim, fl-server and fl-client all start Flower executables (SuperLink, SuperNo
 Each must run offline (no telemetry, no update check, no runtime dependency installation),
 with passive OpenMP threads (spinning threads made training 5-20x slower on 2 cores), and must
 be stopped as a whole process group so that no child outlives the command that started it.
+
+Also here, because every supervisor needs them the same way:
+
+- :func:`process_alive` counts a killed process that nobody reaped yet (a zombie) as gone. Where
+  the init process does not reap orphans (some container and microVM inits), a plain
+  ``os.kill(pid, 0)`` check would wait forever for a parent that died long ago.
+- :func:`watch_parent`: a launcher (SuperNode, bundle launcher) ends itself when the process that
+  started it is gone, so a ``kill -9`` of ``fl-client start`` does not leave a SuperNode behind.
+- :func:`rotate_log`: the supervisors' logs are the children's stdout, opened in append mode;
+  they are rotated by size with copy-and-truncate (what logrotate calls ``copytruncate``), the
+  one way that works while the child keeps its file descriptor.
+- :func:`write_local_secret`: a fresh random shared secret per start, mode 0600, for the local
+  APIs that Flower can authenticate (docs/operations.md, "Local users on the same host").
 """
 
 from __future__ import annotations
 
 import os
+import secrets
+import shutil
 import signal
 import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
+
+#: Size-based log rotation of the files fedxray opens: keep the live file plus 5 rotated ones of ~10 MB.
+LOG_MAX_BYTES = 10 * 1024 * 1024
+LOG_BACKUPS = 5
 
 
 def offline_env(flwr_home: Path | None = None) -> dict[str, str]:
@@ -77,3 +98,83 @@ def wait_http(url: str, proc: subprocess.Popen | None, timeout: float, what: str
             pass
         time.sleep(0.25)
     raise RuntimeError(f"{what} did not start within {timeout:.0f} s; see {log_path}")
+
+
+def process_alive(pid: int) -> bool:
+    """True while ``pid`` runs; a killed process not yet reaped (a zombie) counts as gone."""
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    except OSError:
+        return False
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return True  # no /proc (not Linux): os.kill said it exists
+
+
+def child_pids(pid: int) -> set[int]:
+    """Live (non-zombie) direct children of ``pid``, read from /proc; empty where /proc is absent."""
+    children = set()
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid and fields[0] not in ("Z", "X"):
+            children.add(int(entry.name))
+    return children
+
+
+def watch_parent(parent_pid: int, on_gone: Callable[[], None], interval: float = 0.5) -> threading.Thread:
+    """Call ``on_gone`` (once, from a daemon thread) as soon as ``parent_pid`` has exited.
+
+    Flower's own ``--parent-pid`` monitor takes a zombie for a live process, so a launcher whose
+    parent was killed and never reaped would live on; this one does not.
+    """
+
+    def watch() -> None:
+        while process_alive(parent_pid):
+            time.sleep(interval)
+        on_gone()
+
+    thread = threading.Thread(target=watch, name=f"watch-parent-{parent_pid}", daemon=True)
+    thread.start()
+    return thread
+
+
+def rotate_log(path: Path, max_bytes: int = LOG_MAX_BYTES, backups: int = LOG_BACKUPS) -> bool:
+    """Rotate ``path`` when it is over ``max_bytes``: path.1 .. path.<backups>, oldest dropped.
+
+    Copy, then truncate in place: the writer (a child process or nginx) keeps appending to the same
+    file descriptor, which must be open in append mode (``open(path, "ab")``), so its next line
+    lands at the start of the emptied file. Lines written between the copy and the truncation are
+    lost (at most a few, checked twice a second). Returns True when it rotated.
+    """
+    try:
+        if path.stat().st_size <= max_bytes:
+            return False
+    except OSError:
+        return False
+    for i in range(backups - 1, 0, -1):
+        older = path.with_name(f"{path.name}.{i}")
+        if older.exists():
+            os.replace(older, path.with_name(f"{path.name}.{i + 1}"))
+    shutil.copyfile(path, path.with_name(f"{path.name}.1"))
+    os.chmod(path.with_name(f"{path.name}.1"), path.stat().st_mode & 0o777)
+    with open(path, "r+b") as fh:
+        fh.truncate(0)
+    return True
+
+
+def write_local_secret(path: Path) -> Path:
+    """A fresh random secret (64 hex characters) in ``path``, mode 0600 from creation on."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        os.fchmod(fh.fileno(), 0o600)
+        fh.write(secrets.token_hex(32).encode())
+    os.replace(tmp, path)
+    return path

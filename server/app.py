@@ -25,9 +25,9 @@ from flwr.serverapp import Grid, ServerApp
 from common.cache import atomic_write_bytes
 from common.config import ConfigError, RunConfig
 from common.metrics import weighted_mean
-from common.models import build_model, describe
+from common.models import ModelError, WeightsError, build_model, describe
 from common.onnx_export import export_onnx, reference_batch
-from server.checkpoint import Checkpoint, latest_checkpoint, save_checkpoint
+from server.checkpoint import Checkpoint, latest_checkpoint, load_best, save_best, save_checkpoint
 from server.report import write_metrics, write_model_card, write_plots
 from server.strategy import load_strategy_state, make_strategy, strategy_state
 
@@ -51,7 +51,19 @@ def preflight(raw_config: dict[str, Any]) -> tuple[RunConfig, torch.nn.Module]:
     except ConfigError as err:
         raise PreflightError(str(err)) from err
     torch.manual_seed(run.seed)  # the initial global model is reproducible from the run's seed
-    model = build_model(run.model, num_outputs=run.num_outputs, dp=True)
+    weights = None
+    if run.init_weights:
+        weights = Path(run.init_weights).expanduser()
+        if not weights.is_file():
+            raise PreflightError(f"init-weights {weights} is not a file: give a local weights file (a state_dict saved "
+                                 "with torch.save, or torchvision weights from your own cache); nothing is downloaded")
+    try:
+        model = build_model(run.model, dp=True, weights_path=weights, **run.model_kwargs())
+    except (ModelError, WeightsError) as err:
+        raise PreflightError(str(err)) from err
+    if run.model != "scatternet" and run.optimizer == "sgd" and run.learning_rate > 0.1:
+        log.warning("model %s with SGD at learning-rate %g: that rate suits the scatternet head; CNNs usually need "
+                    "about 0.01 (SGD) or 1e-3 (Adam)", run.model, run.learning_rate)
     model.eval()
     with torch.no_grad():
         out = model(torch.rand(2, 1, run.image_size, run.image_size))
@@ -175,6 +187,8 @@ def main(grid: Grid, context: Context) -> None:
         t_round = [time.monotonic()]
         best = [max((h.get("pooled_auc") or -1.0 for h in history), default=-1.0)]
         since_best = [0]
+        previous_best = load_best(run_dir)
+        best_saved = [previous_best[2] if previous_best else -1.0]
 
         def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
             if server_round == 0:
@@ -185,6 +199,9 @@ def main(grid: Grid, context: Context) -> None:
             history.append(rec)
             current = {k: v.numpy() for k, v in arrays.items()}
             save_checkpoint(run_dir, Checkpoint(r, current, strategy_state(strategy), history, config_map))
+            if rec["pooled_auc"] == rec["pooled_auc"] and rec["pooled_auc"] > best_saved[0]:
+                save_best(run_dir, r, current, rec["pooled_auc"])
+                best_saved[0] = rec["pooled_auc"]
             write_metrics(run_dir, run_name, config_map, history)
             eps = ", ".join(f"{k} {v:.2f}" for k, v in sorted(rec["epsilon"].items()))
             log.info("round %d/%d: pooled AUC %.3f, train loss %.4f, epsilon [%s]%s", r, run.num_server_rounds,
@@ -220,11 +237,18 @@ def finish(run_dir: Path, run_name: str, run: RunConfig) -> None:
     if ckpt is None:
         log.error("no round completed: nothing to export in %s", run_dir)
         return
-    model = build_model(run.model, num_outputs=run.num_outputs, dp=True)
-    model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in ckpt.weights.items()})
+    # The exported model is the round with the best pooled validation AUC (post-processing: the sites
+    # already released every round's histograms); the card says which round and that the choice was
+    # made on the validation data it reports.
+    best = load_best(run_dir)
+    export_round, weights = (best[0], best[1]) if best is not None else (ckpt.round, ckpt.weights)
+    model = build_model(run.model, dp=True, **run.model_kwargs())
+    model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in weights.items()})
+    chosen = next((h for h in ckpt.history if h.get("round") == export_round), ckpt.history[-1] if ckpt.history else {})
     last = ckpt.history[-1] if ckpt.history else {}
-    threshold = last.get("threshold")
+    threshold = chosen.get("threshold")
     threshold = 0.5 if threshold is None else float(threshold)
+    # Privacy is spent by every round trained, not only up to the exported one: report the total.
     epsilon = last.get("epsilon", {})
     sample = None
     if run.parity_data:
@@ -233,15 +257,17 @@ def finish(run_dir: Path, run_name: str, run: RunConfig) -> None:
     report = export_onnx(
         model, run_dir / "model.onnx", sample_batch=sample, task=run.task, labels=list(run.labels),
         input_size=(run.image_size, run.image_size), threshold=threshold,
-        metadata={"fedxray.model": run.model, "fedxray.rounds": str(ckpt.round),
+        metadata={"fedxray.model": run.model, "fedxray.rounds": str(ckpt.round), "fedxray.export_round": str(export_round),
                   "fedxray.sites": json.dumps(sorted({s for h in ckpt.history for s in h.get("sites", {})})),
                   "fedxray.epsilon": json.dumps(epsilon)},
     )
     export = {"max_abs_diff": report.max_abs_diff, "size_bytes": report.size_bytes,
-              "parity_images": 0 if sample is None else len(sample)}
+              "parity_images": 0 if sample is None else len(sample), "round": export_round,
+              "pooled_auc": chosen.get("pooled_auc")}
     write_metrics(run_dir, run_name, ckpt.run_config, ckpt.history, {"export": export, "threshold": threshold})
     write_plots(run_dir, ckpt.history)
-    info = describe(run.model, num_outputs=run.num_outputs)
+    kwargs = run.model_kwargs()
+    info = describe(run.model, num_outputs=kwargs.pop("num_outputs"), **kwargs)
     write_model_card(run_dir, run_name=run_name, run_config=ckpt.run_config, rounds=ckpt.history,
                      model_info=info, threshold=threshold, export=export)
     log.info("run %s finished: %s", run_name, run_dir)

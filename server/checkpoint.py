@@ -71,6 +71,28 @@ def save_checkpoint(run_dir: Path, ckpt: Checkpoint, *, keep: int = 3) -> Path:
     return path
 
 
+BEST_FILE = "best.pt"
+
+
+def save_best(run_dir: Path, round_: int, weights: dict[str, np.ndarray], pooled_auc: float) -> Path:
+    """Keep the global model of the round with the best pooled validation AUC (atomic, like the checkpoints)."""
+    buf = io.BytesIO()
+    torch.save({"round": int(round_), "weights": _to_tensors(weights), "pooled_auc": float(pooled_auc), "format": 1}, buf)
+    path = Path(run_dir) / "checkpoints" / BEST_FILE
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+def load_best(run_dir: Path) -> tuple[int, dict[str, np.ndarray], float] | None:
+    """(round, weights, pooled AUC) of the best round so far, or None (none yet, or unreadable)."""
+    path = Path(run_dir) / "checkpoints" / BEST_FILE
+    try:
+        raw = torch.load(path, weights_only=True)
+        return int(raw["round"]), _to_numpy(raw["weights"]), float(raw["pooled_auc"])
+    except Exception:  # noqa: BLE001 - absent or damaged: the last round is exported instead
+        return None
+
+
 def latest_checkpoint(run_dir: Path) -> Checkpoint | None:
     """The newest readable checkpoint (a damaged newest one falls back to the one before)."""
     folder = Path(run_dir) / "checkpoints"

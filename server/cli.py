@@ -4,9 +4,10 @@ One subparser and one ``cmd_*`` function per subcommand, each importing what it 
 ``fl-server --help`` and the provisioning commands start without importing Flower or torch.
 Provisioning (server/pki.py): ``init`` (CA, server certificate, CRL), ``admit`` (a site's request
 -> its certificate and kit; its key registered when the coordinator runs), ``remove`` (revoke,
-unregister), ``sites`` (the table). Operation (server/coordinator.py): ``start``/``stop`` (SuperLink
-behind the mutual-TLS fleet proxy), ``run``, ``resume``, ``status``. Errors are one line on
-stderr, ``fl-server <cmd>: <message>``, and exit code 2.
+proxy reload, unregister), ``renew-crl`` (a fresh year for the CRL), ``sites`` (the table).
+Operation (server/coordinator.py): ``start``/``stop`` (SuperLink behind the mutual-TLS fleet
+proxy), ``run``, ``resume``, ``status``. Errors are one line on stderr, ``fl-server <cmd>:
+<message>``, and exit code 2; warnings are one line each, ``warning: ...``.
 """
 
 from __future__ import annotations
@@ -82,13 +83,30 @@ def cmd_remove(args: argparse.Namespace) -> int:
     else:
         print(f"site {args.site} removed: certificate revoked in the CRL (files kept for audit)")
     if running:
-        print("its SuperNode key is unregistered and the fleet proxy reloaded the CRL: the site is out now")
+        print("the fleet proxy reloaded the CRL (the certificate is refused), then its SuperNode key was unregistered: "
+              "the site is out now")
     else:
         print("the coordinator is not running: the next fl-server start serves the new CRL")
         node_id = before[args.site].get("node_id")
         if node_id is not None:
             print(f"its SuperNode key stays registered until then: once started, run flwr supernode unregister {node_id} "
                   f"(FLWR_HOME={Path(args.dir).resolve() / 'flwr-home'}) or fl-server remove {args.site} again")
+    return 0
+
+
+def cmd_renew_crl(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from server.coordinator import CoordinatorError, renew_crl
+    from server.pki import ProvisionError, crl_state
+
+    try:
+        reloaded = renew_crl(Path(args.dir))
+        state = crl_state(args.dir)
+    except (ProvisionError, CoordinatorError) as err:
+        return _fail("renew-crl", err)
+    print(f"CRL re-signed: {state.revoked} revoked certificate(s), valid until {state.next_update.isoformat()}")
+    print("the running fleet proxy loaded it" if reloaded else "the next fl-server start serves it")
     return 0
 
 
@@ -100,7 +118,8 @@ def cmd_start(args: argparse.Namespace) -> int:
     from server.proxy import ProxyError
 
     try:
-        return start(Path(args.dir), listen_host=args.listen_host, listen_port=args.listen_port)
+        return start(Path(args.dir), listen_host=args.listen_host, listen_port=args.listen_port,
+                     superlink_port=args.superlink_port)
     except (CoordinatorError, ProvisionError, ProxyError) as err:
         return _fail("start", err)
 
@@ -178,11 +197,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(doc, indent=2))
         return 0
+    for warning in doc["warnings"]:
+        print(f"warning: {warning}")
     print(f"federation {doc['federation']} at {doc['address']}: coordinator {'running' if doc['running'] else 'stopped'}")
     print("sites:")
     for site in doc["sites"]:
         state = "removed" if site["revoked"] else site["status"]
         print(f"  {site['site']:<24} {state}")
+    for node in doc["unadmitted_nodes"]:
+        print(f"  {'node ' + str(node['node_id']):<24} {node['status']}, NOT ADMITTED by fedxray")
     if not doc["runs"]:
         print("runs: none yet (fl-server run)")
     for run in doc["runs"]:
@@ -239,6 +262,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", default=DEFAULT_DIR, help=f"federation folder (default ./{DEFAULT_DIR})")
     p.set_defaults(func=cmd_remove)
 
+    p = sub.add_parser("renew-crl", help="re-sign the CRL for another year (needs pki/ca.key); reloads a running proxy")
+    p.add_argument("--dir", default=DEFAULT_DIR, help=f"federation folder (default ./{DEFAULT_DIR})")
+    p.set_defaults(func=cmd_renew_crl)
+
     p = sub.add_parser("sites", help="list the sites: admitted, removed, registered, certificate expiry")
     p.add_argument("--dir", default=DEFAULT_DIR, help=f"federation folder (default ./{DEFAULT_DIR})")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
@@ -248,6 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", default=DEFAULT_DIR, help=f"federation folder (default ./{DEFAULT_DIR})")
     p.add_argument("--listen-host", default="0.0.0.0", help="interface the fleet proxy listens on (default all)")  # noqa: S104
     p.add_argument("--listen-port", type=int, help="proxy port (default: the port of the federation address)")
+    p.add_argument("--superlink-port", type=int,
+                   help="the SuperLink's loopback port (default: a free one); fix it to name it in a firewall rule")
     p.set_defaults(func=cmd_start)
 
     p = sub.add_parser("stop", help="stop a running coordinator (SuperLink and proxy)")

@@ -21,17 +21,30 @@ Layout of a federation folder (the names are the ``*_FILE``/``*_DIR`` constants 
     pki/ca.pem                   self-signed CA, path length 0, 10 years
     pki/server.key  (0600)       the proxy's and the SuperLink's TLS key (EC P-256)
     pki/server.pem               serverAuth, SANs = address host + --san + localhost + 127.0.0.1, 2 years
-    pki/crl.pem                  revoked client certificates (nginx ``ssl_crl``; reload nginx after a change)
+    pki/crl.pem                  revoked client certificates (nginx ``ssl_crl``; reload nginx after a change),
+                                 valid 1 year: re-signed when due (see "The CRL's life" below)
     sites/<site>/client.pem      the certificate issued to the site (1 year)
     sites/<site>/auth.pub        its SuperNode public key (OpenSSH), for ``flwr supernode register``
     sites/<site>/site.json       {site, serial (hex), auth_key_sha256 ("SHA256:..." as ssh-keygen -l prints it),
-                                  admitted, expires, revoked (time or null), node_id (null: not registered), ...}
+                                  cert_sha256, binding, admitted, expires, revoked (time or null),
+                                  node_id (null: not registered), ...}
     sites/<site>/previous/<serial>/   an earlier, removed admission of the same name (audit)
     kits/<site>/                 ca.pem, client.pem, coordinator.json: what the site receives
 
 Private keys are created with mode 0600 (``os.open`` with the mode, then ``os.replace``), every
 write is atomic, and admit/remove/record_node_id run under an exclusive lock on ``.lock``, since
 ``fl-server start`` may record node ids while an operator admits a site.
+
+Binding. A site's two keys are bound at admission: ``binding`` in site.json is the CA's signature
+over (site, certificate serial, certificate sha256, auth key fingerprint). Before a key is
+registered with the SuperLink, :func:`check_binding` verifies it against ``ca.pem`` and the files
+in ``sites/<site>/``, so an ``auth.pub`` or ``client.pem`` swapped on disk (by anyone without the CA
+key) is never registered for that site.
+
+The CRL's life. nginx refuses *every* client once the CRL's next-update has passed, so the CRL is
+re-signed (same entries, CRL number + 1, a fresh year) by every command that holds the CA key when
+it is due (older than ``CRL_RENEW_AFTER_DAYS`` or within ``CRL_WARN_DAYS`` of expiry): ``admit``,
+``remove``, ``renew-crl`` and ``start`` (when ``ca.key`` is in place). ``status`` warns a month ahead.
 
 The request format and the site-name rule are mirrored in client/provision.py (the arrows forbid
 a shared module outside common/, and common/ holds no provisioning); tests check they agree.
@@ -87,9 +100,15 @@ SITE_NAME_RULE = "1-40 lowercase letters, digits and '-', starting with a letter
 #: Always in the server certificate: the proxy reaches the SuperLink on loopback with it.
 LOOPBACK_SANS = ("localhost", "127.0.0.1")
 CA_DAYS, SERVER_DAYS, CLIENT_DAYS, CRL_DAYS = 3650, 730, 365, 365
+#: A CRL is re-signed, when the CA key is at hand, once it is this old ...
+CRL_RENEW_AFTER_DAYS = 30
+#: ... or this close to its next-update (then ``fl-server status`` warns, too).
+CRL_WARN_DAYS = 30
 #: Certificates start this long before "now", so a site whose clock is a little behind accepts them.
 CLOCK_SKEW = dt.timedelta(minutes=5)
 _SIGNED_DOMAIN = b"fedxray-request-v1\n"
+_BINDING_DOMAIN = b"fedxray-site-binding-v1\n"
+_BINDING_FIELDS = ("site", "serial", "cert_sha256", "auth_key_sha256")
 _DNS_RE = re.compile(r"(\*\.)?([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 
 
@@ -461,8 +480,10 @@ def admit(root: str | os.PathLike[str], request_path: str | os.PathLike[str], ou
                     (site_dir / name).rename(archive / name)
         site_dir.mkdir(parents=True, exist_ok=True)
         record = {"site": site, "serial": format(cert.serial_number, "x"), "auth_key_sha256": auth_fp,
+                  "cert_sha256": cert.fingerprint(hashes.SHA256()).hex(),
                   "admitted": _iso(now), "expires": _iso(cert.not_valid_after_utc), "revoked": None, "node_id": None,
                   "request_created": request.created, "check_code": request.check_code}
+        record["binding"] = base64.b64encode(ca_key.sign(_binding_payload(record), ec.ECDSA(hashes.SHA384()))).decode()
         _write_atomic(site_dir / SITE_CERT_FILE, _cert_pem(cert))
         _write_atomic(site_dir / SITE_AUTH_PUB_FILE, f"{request.auth_public_key} fedxray:{site}\n".encode())
         _write_json(site_dir / SITE_RECORD_FILE, record)
@@ -473,6 +494,7 @@ def admit(root: str | os.PathLike[str], request_path: str | os.PathLike[str], ou
         _write_atomic(kit / SITE_CERT_FILE, _cert_pem(cert))
         _write_json(kit / KIT_COORDINATOR_FILE, {"federation": federation["federation"], "address": federation["address"],
                                                  "site": site})
+        _renew_crl_locked(paths, ca, ca_key)  # the CA key is at hand: keep the CRL fresh
     logger.debug("admitted site %s (serial %s, SuperNode key %s)", site, record["serial"], auth_fp)
     return kit
 
@@ -514,6 +536,8 @@ def revoke(root: str | os.PathLike[str], site: str) -> int | None:
                 number = 1
             _write_crl(paths, ca, ca_key, revoked=[*crl, entry], number=number)
             logger.debug("revoked site %s (serial %s); CRL number %d", site, record["serial"], number)
+        else:
+            _renew_crl_locked(paths, ca, ca_key)
         if not record.get("revoked"):  # also completes a removal interrupted between the two writes
             record["revoked"] = _iso(_now())
             _write_json(paths.site(site) / SITE_RECORD_FILE, record)
@@ -570,3 +594,153 @@ def record_node_id(root: str | os.PathLike[str], site: str, node_id: int) -> Non
             raise ProvisionError(f"site {site!r} was removed on {record['revoked']}: its key must not be registered")
         record["node_id"] = node_id
         _write_json(paths.site(site) / SITE_RECORD_FILE, record)
+
+
+def revoked_registrations(root: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Removed admissions that had a node id: their keys must not stay registered in the SuperLink.
+
+    Current records marked revoked and every earlier admission archived under ``previous/`` (a site
+    removed while the coordinator was stopped, then admitted again, leaves its old key behind).
+    Each item: {site, serial, node_id}.
+    """
+    paths = federation_paths(root)
+    load_federation(paths.root)
+    found = []
+    if paths.sites.is_dir():
+        for path in sorted([*paths.sites.glob(f"*/{SITE_RECORD_FILE}"), *paths.sites.glob(f"*/previous/*/{SITE_RECORD_FILE}")]):
+            try:
+                record = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError) as err:
+                raise ProvisionError(f"{path} is unreadable ({err}): restore it from a backup") from err
+            if record.get("revoked") and record.get("node_id") is not None:
+                found.append({"site": record["site"], "serial": record["serial"], "node_id": int(record["node_id"])})
+    return found
+
+
+# ---------------------------------------------------------------- binding of certificate and SuperNode key
+
+
+def _binding_payload(record: dict[str, Any]) -> bytes:
+    """The bytes the CA signs at admission: site, certificate serial and digest, auth key fingerprint."""
+    return _BINDING_DOMAIN + json.dumps({k: record.get(k) for k in _BINDING_FIELDS}, sort_keys=True,
+                                        separators=(",", ":")).encode()
+
+
+def check_binding(root: str | os.PathLike[str], site: str) -> None:
+    """Check that ``sites/<site>/`` holds the certificate and SuperNode key admitted together for ``site``.
+
+    Called before the key is registered with the SuperLink. Needs only ``ca.pem``. Every problem is
+    listed in one ProvisionError (one line each), with the fix.
+    """
+    paths = federation_paths(root)
+    check_site_name(site)
+    record = _read_record(paths, site)
+    if record is None:
+        raise ProvisionError(f"no site {site!r} in {paths.sites}: see fl-server sites")
+    ca = x509.load_pem_x509_certificate(paths.ca_cert.read_bytes())
+    fix = f"restore {paths.site(site)} from a backup, or fl-server remove {site} and admit a new request"
+    problems = []
+    if not record.get("binding"):
+        problems.append("its record has no CA-signed binding of certificate and SuperNode key (admitted by an older "
+                        "fedxray)")
+    else:
+        try:
+            ca.public_key().verify(base64.b64decode(record["binding"]), _binding_payload(record),  # type: ignore[call-arg]
+                                   ec.ECDSA(hashes.SHA384()))
+        except (InvalidSignature, ValueError):
+            problems.append(f"{SITE_RECORD_FILE} was altered after admission (its CA signature does not verify)")
+    pub = paths.site(site) / SITE_AUTH_PUB_FILE
+    try:
+        if ssh_fingerprint(pub.read_text()) != record.get("auth_key_sha256"):
+            problems.append(f"{SITE_AUTH_PUB_FILE} is not the SuperNode key admitted for {site} "
+                            f"({ssh_fingerprint(pub.read_text())}, admitted {record.get('auth_key_sha256')})")
+    except (OSError, IndexError, ValueError):
+        problems.append(f"{pub} is missing or not an OpenSSH public key")
+    cert_path = paths.site(site) / SITE_CERT_FILE
+    try:
+        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        if format(cert.serial_number, "x") != record.get("serial") or cert.fingerprint(hashes.SHA256()).hex() != record.get(
+                "cert_sha256"):
+            problems.append(f"{SITE_CERT_FILE} is not the certificate issued to {site} (serial {record.get('serial')})")
+        cert.verify_directly_issued_by(ca)
+    except (OSError, ValueError, TypeError, InvalidSignature):
+        problems.append(f"{cert_path} is missing or not issued by this federation's CA")
+    if problems:
+        raise ProvisionError(f"site {site}'s SuperNode key is not registered: " + "; ".join(problems) + f": {fix}")
+
+
+# ---------------------------------------------------------------- the CRL's life
+
+
+@dataclass(frozen=True)
+class CrlState:
+    """What ``pki/crl.pem`` says about itself (read with ``ca.pem`` only: no CA key needed)."""
+
+    last_update: dt.datetime
+    next_update: dt.datetime
+    number: int
+    revoked: int
+
+    def days_left(self, now: dt.datetime | None = None) -> float:
+        return (self.next_update - (now or _now())).total_seconds() / 86400
+
+    def due(self, now: dt.datetime | None = None) -> bool:
+        """Old enough, or close enough to its next-update, to be re-signed."""
+        now = now or _now()
+        return (now - self.last_update).days >= CRL_RENEW_AFTER_DAYS or self.days_left(now) <= CRL_WARN_DAYS
+
+
+def crl_state(root: str | os.PathLike[str]) -> CrlState:
+    paths = federation_paths(root)
+    if not paths.crl.is_file() or not paths.ca_cert.is_file():
+        raise ProvisionError(f"{paths.crl} or {paths.ca_cert} is missing: restore {PKI_DIR}/ from a backup")
+    crl = _load_crl(paths, x509.load_pem_x509_certificate(paths.ca_cert.read_bytes()))
+    try:
+        number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    except x509.ExtensionNotFound:
+        number = 0
+    next_update = crl.next_update_utc or crl.last_update_utc
+    return CrlState(last_update=crl.last_update_utc + CLOCK_SKEW, next_update=next_update, number=number, revoked=len(crl))
+
+
+def crl_warning(root: str | os.PathLike[str], now: dt.datetime | None = None) -> str | None:
+    """One line when the CRL has expired or expires within ``CRL_WARN_DAYS`` days, else None."""
+    paths = federation_paths(root)
+    state = crl_state(root)
+    days = state.days_left(now)
+    fix = (f"run fl-server renew-crl --dir {paths.root} with {PKI_DIR}/{CA_KEY_FILE} in place (fl-server start does it "
+           "too), then move the CA key offline again")
+    if days <= 0:
+        return f"{paths.crl} expired on {_iso(state.next_update)}: the fleet proxy refuses every site; {fix}"
+    if days <= CRL_WARN_DAYS:
+        return (f"{paths.crl} expires on {_iso(state.next_update)} (in {int(days)} days), then the fleet proxy refuses "
+                f"every site; {fix}")
+    return None
+
+
+def ca_key_present(root: str | os.PathLike[str]) -> bool:
+    """Whether ``pki/ca.key`` is in place (it is kept offline between provisioning sessions)."""
+    return federation_paths(root).ca_key.is_file()
+
+
+def renew_crl(root: str | os.PathLike[str], *, force: bool = False) -> bool:
+    """Re-sign the CRL with the same revoked entries and a fresh year, if due (or ``force``); needs the CA key.
+
+    Returns True when it wrote a new CRL. nginx reads it when it (re)loads.
+    """
+    paths = federation_paths(root)
+    load_federation(paths.root)
+    with _locked(paths.root):
+        ca, ca_key = _load_ca(paths)
+        return _renew_crl_locked(paths, ca, ca_key, force=force)
+
+
+def _renew_crl_locked(paths: FederationPaths, ca: x509.Certificate, ca_key: Any, *, force: bool = False) -> bool:
+    crl = _load_crl(paths, ca)
+    state = crl_state(paths.root)
+    if not force and not state.due():
+        return False
+    _write_crl(paths, ca, ca_key, revoked=list(crl), number=state.number + 1)
+    logger.info("CRL re-signed: %d revoked certificate(s), CRL number %d, valid until %s", len(crl), state.number + 1,
+                _iso(_now() + dt.timedelta(days=CRL_DAYS)))
+    return True

@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.processes import stop_process
+from common.processes import child_pids, stop_process
 
 MAX_BODY = "16m"
 
@@ -146,10 +147,30 @@ def start_proxy(conf: Path, log_path: Path) -> subprocess.Popen:
                                 stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def reload_proxy(conf: Path) -> None:
-    """Re-read certificates and the CRL (after ``fl-server remove``) without dropping connections."""
-    subprocess.run([nginx_binary(), "-p", str(conf.parent), "-c", str(conf), "-s", "reload"], check=False,
-                   capture_output=True)
+def reload_proxy(conf: Path, master_pid: int | None = None, timeout: float = 15.0) -> None:
+    """Re-read certificates and the CRL (after ``fl-server remove``) without dropping connections.
+
+    ``nginx -s reload`` only signals the master and returns; a master that cannot load the new
+    configuration (an unreadable CRL, say) logs it and keeps serving the old one. With
+    ``master_pid`` this returns only once a worker started after the reload exists (the new
+    configuration is in force), and raises a ProxyError otherwise.
+    """
+    before = child_pids(master_pid) if master_pid is not None else set()
+    result = subprocess.run([nginx_binary(), "-p", str(conf.parent), "-c", str(conf), "-s", "reload"], check=False,
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        detail = (result.stderr.strip().splitlines() or ["no message"])[-1]
+        raise ProxyError(f"the fleet proxy did not reload ({detail}): it still serves the old CRL; fix the cause and "
+                         "run the command again, or restart fl-server start")
+    if master_pid is None:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if child_pids(master_pid) - before:
+            return
+        time.sleep(0.1)
+    raise ProxyError(f"the fleet proxy did not take the new configuration within {timeout:.0f} s (see "
+                     f"{conf.parent / 'proxy-error.log'}): it still serves the old CRL; restart fl-server start")
 
 
 __all__ = ["ProxyError", "ProxyPaths", "render_nginx_conf", "write_conf", "start_proxy", "reload_proxy",

@@ -95,6 +95,20 @@ def _fmt(v: Any, digits: int = 3) -> str:
     return str(v)
 
 
+def _local_epochs(run_config: dict[str, Any]) -> str:
+    epochs = run_config.get("local-epochs")
+    if epochs in (0, "0", None):
+        return "local epochs planned by each site for at least 150 DP steps over the run"
+    return f"{epochs} local epoch(s)"
+
+
+def _sampling(run_config: dict[str, Any]) -> str:
+    rate = float(run_config.get("sample-rate") or 0.0)
+    if rate > 0:
+        return f"each step samples {rate:.0%} of a site's training images"
+    return f"expected batch {run_config.get('batch-size')}"
+
+
 def write_model_card(run_dir: Path, *, run_name: str, run_config: dict[str, Any], rounds: list[dict[str, Any]],
                      model_info: dict[str, Any], threshold: float, export: dict[str, Any] | None) -> Path:
     """model_card.md: data per site (counts, prevalence), training and DP setup, metrics, use and limits."""
@@ -107,12 +121,18 @@ def write_model_card(run_dir: Path, *, run_name: str, run_config: dict[str, Any]
         f"{len(sites)} site(s); no image left any site.",
         "",
         "## Model",
-        f"- architecture: {model_info.get('name')} ({model_info.get('parameters', '?')} parameters), "
-        f"DP-ready form (GroupNorm, no in-place ops), trained from scratch unless stated",
+        f"- architecture: {model_info.get('name')}: {model_info.get('architecture', '')}; "
+        f"{model_info.get('parameters', '?')} trained parameters; {model_info.get('dp_form', '')}; "
+        + (f"initial weights from {Path(str(run_config['init-weights'])).name}" if run_config.get("init-weights")
+           else "trained from scratch"),
         f"- task: {run_config.get('task')}; labels: {run_config.get('labels')}; input: 1 x "
         f"{run_config.get('image-size')} x {run_config.get('image-size')} grey, values in [0, 1] "
         "(presentation-correct, bone bright), whole image resized bilinear",
         f"- decision threshold: {threshold:.3f} (maximises sensitivity + specificity on pooled validation data)",
+        *([f"- exported weights: round {export['round']} of {len(rounds)}, the round with the best pooled validation AUC "
+           f"({_fmt(export.get('pooled_auc'))}); chosen on the same validation data this card reports, so that figure "
+           "is slightly optimistic: measure on data the federation never saw (`fl-client evaluate`)"]
+          if export and export.get("round") is not None else []),
     ]
     if export:
         n_ref = int(export.get("parity_images", 0))
@@ -137,8 +157,9 @@ def write_model_card(run_dir: Path, *, run_name: str, run_config: dict[str, Any]
         "",
         "## Training",
         f"- rounds: {len(rounds)} of {run_config.get('num-server-rounds')} planned; strategy {run_config.get('strategy')}; "
-        f"{run_config.get('local-epochs')} local epoch(s) per round; batch {run_config.get('batch-size')}; "
-        f"optimiser {run_config.get('optimizer')} lr {run_config.get('learning-rate')}",
+        f"{_local_epochs(run_config)} per round; {_sampling(run_config)}; "
+        f"optimiser {run_config.get('optimizer')} lr {run_config.get('learning-rate')}"
+        + (f" momentum {run_config.get('momentum')}" if run_config.get("optimizer") == "sgd" else ""),
         f"- differential privacy: {'DP-SGD (Opacus), Poisson sampling' if dp else 'OFF'}"
         + (f"; target epsilon {run_config.get('target-epsilon')} per site for the planned rounds, delta "
            f"{run_config.get('delta')}, clipping norm {run_config.get('max-grad-norm')}; each site accounts "

@@ -60,8 +60,10 @@ def update_norm_bound(run: RunConfig, steps: int, n_params: int, noise_multiplie
     if run.optimizer == "adam":
         per_step = run.learning_rate * math.sqrt(n_params)
     else:
-        grad = run.max_grad_norm * (1.0 + noise_multiplier * math.sqrt(n_params) / max(1, run.batch_size))
-        per_step = run.learning_rate * grad / (1.0 - 0.9)
+        # With sample-rate batches the server does not know a site's batch: assume the smallest.
+        batch = run.batch_size if run.sample_rate == 0 else 1
+        grad = run.max_grad_norm * (1.0 + noise_multiplier * math.sqrt(n_params) / max(1, batch))
+        per_step = run.learning_rate * grad / (1.0 - run.momentum)
     return NORM_SAFETY * per_step * steps
 
 

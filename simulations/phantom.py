@@ -92,7 +92,7 @@ def sample_opacity(rng: np.random.Generator) -> Opacity:
         u=float(rng.uniform(-0.45, 0.45)),
         v=float(np.clip(rng.normal(0.2, 0.35), -0.6, 0.6)),
         radius=float(rng.uniform(0.11, 0.21)),
-        intensity=float(rng.uniform(0.14, 0.28)),
+        intensity=float(rng.uniform(0.25, 0.45)),
         lobes=lobes,
     )
 

@@ -16,7 +16,7 @@ from common.dp import (
     make_private,
     unwrapped_state_dict,
 )
-from common.models import MODEL_NAMES, DPConv2d, build_model, grad_sample_mode
+from common.models import TORCHVISION_NAMES, DPConv2d, build_model, grad_sample_mode
 
 PX = 32
 # Opacus hooks the first conv, whose input (the image) needs no gradient; torch says so.
@@ -50,7 +50,7 @@ def _distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 
 
 class TestDpStep:
-    @pytest.mark.parametrize("name", MODEL_NAMES)
+    @pytest.mark.parametrize("name", TORCHVISION_NAMES)
     def test_chosen_mode_trains_and_keeps_original_keys(self, name: str) -> None:
         pt, keys, x, y = _private(name, grad_sample_mode(name), n=2)
         before = unwrapped_state_dict(pt)
@@ -80,7 +80,7 @@ class TestDpStep:
 
     @pytest.mark.parametrize(
         ("name", "mode"),
-        [(n, m) for n in MODEL_NAMES for m in ("hooks", "ghost")],
+        [(n, m) for n in TORCHVISION_NAMES for m in ("hooks", "ghost")],
     )
     def test_one_sample_update_is_clipped_to_the_bound(self, name: str, mode: str) -> None:
         # No noise, one sample, SGD: the update is lr * the clipped gradient, whose norm is

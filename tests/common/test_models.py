@@ -15,7 +15,7 @@ from torch import nn
 from torchvision import models as tvm
 
 from common.models import (
-    MODEL_NAMES,
+    TORCHVISION_NAMES,
     NORMALISATION,
     DPConv2d,
     ModelError,
@@ -41,13 +41,13 @@ def models() -> dict[tuple[str, bool], nn.Module]:
     torch.manual_seed(0)
     return {
         (name, dp): build_model(name, num_outputs=3, dp=dp).eval()
-        for name in MODEL_NAMES
+        for name in TORCHVISION_NAMES
         for dp in (True, False)
     }
 
 
 class TestBuildModel:
-    @pytest.mark.parametrize("name", MODEL_NAMES)
+    @pytest.mark.parametrize("name", TORCHVISION_NAMES)
     @pytest.mark.parametrize("dp", [True, False])
     @pytest.mark.parametrize("num_outputs", [1, 3])
     def test_output_shape_is_batch_by_outputs(
@@ -59,7 +59,7 @@ class TestBuildModel:
         assert out.shape == (4, num_outputs)
         assert torch.isfinite(out).all()
 
-    @pytest.mark.parametrize("name", MODEL_NAMES)
+    @pytest.mark.parametrize("name", TORCHVISION_NAMES)
     @pytest.mark.parametrize("dp", [True, False])
     def test_server_and_client_builds_have_identical_keys(
         self, name: str, dp: bool, models: dict[tuple[str, bool], nn.Module]
@@ -69,14 +69,14 @@ class TestBuildModel:
         assert list(server) == list(client)
         assert all(server[k].shape == client[k].shape for k in server)
 
-    @pytest.mark.parametrize("name", MODEL_NAMES)
+    @pytest.mark.parametrize("name", TORCHVISION_NAMES)
     def test_keys_are_torchvision_keys(
         self, name: str, models: dict[tuple[str, bool], nn.Module]
     ) -> None:
         reference = getattr(tvm, name)(weights=None, num_classes=3).state_dict()
         assert list(models[(name, False)].state_dict()) == list(reference)
 
-    @pytest.mark.parametrize("name", MODEL_NAMES)
+    @pytest.mark.parametrize("name", TORCHVISION_NAMES)
     def test_whole_unit_range_is_accepted(
         self, name: str, models: dict[tuple[str, bool], nn.Module]
     ) -> None:
@@ -119,7 +119,7 @@ class TestBuildModel:
 
 
 class TestDpForm:
-    @pytest.mark.parametrize("name", MODEL_NAMES)
+    @pytest.mark.parametrize("name", TORCHVISION_NAMES)
     def test_no_batchnorm_only_groupnorm(
         self, name: str, models: dict[tuple[str, bool], nn.Module]
     ) -> None:
@@ -129,7 +129,7 @@ class TestDpForm:
         plain = list(models[(name, False)].modules())
         assert any(isinstance(m, nn.BatchNorm2d) for m in plain)
 
-    @pytest.mark.parametrize("name", MODEL_NAMES)
+    @pytest.mark.parametrize("name", TORCHVISION_NAMES)
     def test_opacus_validator_finds_nothing(
         self, name: str, models: dict[tuple[str, bool], nn.Module]
     ) -> None:
@@ -142,7 +142,7 @@ class TestDpForm:
         finally:
             dp_model.eval(), plain.eval()
 
-    @pytest.mark.parametrize("name", MODEL_NAMES)
+    @pytest.mark.parametrize("name", TORCHVISION_NAMES)
     def test_nothing_in_place(self, name: str, models: dict[tuple[str, bool], nn.Module]) -> None:
         in_place = [
             n for n, m in models[(name, True)].named_modules() if getattr(m, "inplace", False)
@@ -150,7 +150,7 @@ class TestDpForm:
         assert in_place == []
 
     @pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")
-    @pytest.mark.parametrize("name", MODEL_NAMES)
+    @pytest.mark.parametrize("name", TORCHVISION_NAMES)
     def test_forward_has_no_inplace_op_under_backward_hooks(self, name: str) -> None:
         # The failure Opacus hooks hit with torchvision's forward: an in-place op on a
         # hooked module's output. Full backward hooks on every module reproduce it.
@@ -161,7 +161,7 @@ class TestDpForm:
         model(torch.rand(2, 1, PX, PX)).sum().backward()
         assert all(p.grad is not None for p in model.parameters())
 
-    @pytest.mark.parametrize("name", MODEL_NAMES)
+    @pytest.mark.parametrize("name", TORCHVISION_NAMES)
     def test_convolutions_are_dpconv2d(
         self, name: str, models: dict[tuple[str, bool], nn.Module]
     ) -> None:
@@ -177,7 +177,7 @@ class TestDpForm:
 
 
 class TestWeights:
-    @pytest.mark.parametrize(("name", "dp"), [(n, True) for n in MODEL_NAMES] + [("mobilenet_v2", False)])
+    @pytest.mark.parametrize(("name", "dp"), [(n, True) for n in TORCHVISION_NAMES] + [("mobilenet_v2", False)])
     def test_saved_state_dict_round_trips(self, name: str, dp: bool, tmp_path: Path) -> None:
         source = build_model(name, num_outputs=2, dp=dp)
         with torch.no_grad():  # make the stored values differ from any fresh init
@@ -241,9 +241,9 @@ class TestNamesAndDescription:
         ):
             with pytest.raises(ValueError) as info:
                 call()
-            assert all(name in str(info.value) for name in MODEL_NAMES)
+            assert all(name in str(info.value) for name in TORCHVISION_NAMES)
 
-    @pytest.mark.parametrize("name", MODEL_NAMES)
+    @pytest.mark.parametrize("name", TORCHVISION_NAMES)
     def test_grad_sample_mode_is_an_opacus_mode(self, name: str) -> None:
         assert grad_sample_mode(name) in ("hooks", "functorch", "ew", "ghost")
 

@@ -7,7 +7,9 @@ clients presenting a certificate of the federation), three `fl-client start` (Su
 site certificate and auth key, and the approved-bundle launcher), `fl-server run` for 2 rounds.
 Then what must be refused is tried, each with its one clear line: a plaintext client, a
 certificate from another CA, an unregistered auth key, a Control API call through the proxy, an
-unapproved bundle (refused at the site, none of its code run). Every process is stopped at the end.
+unapproved bundle (refused at the site, none of its code run), a removed site (out at once). Every
+process is stopped at the end; a killed `fl-client start` takes its SuperNode and launcher with it
+(tests/conftest.py fails the module if anything is left running).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from client.approval import approve, installed_bundle
 from client.ledger import PrivacyLedger
 from client.provision import init_site
 from common.onnx_export import load_onnx_model
-from common.processes import free_port
+from common.processes import child_pids, free_port, process_alive
 from server.pki import admit, init_federation
 from simulations.hospitals import make_synthetic_hospitals
 
@@ -239,6 +241,7 @@ def test_two_rounds_over_mutual_tls(finished_run, federation):
 def test_status_reports_sites_and_rounds(finished_run, federation):
     status = _status(federation["fed"])
     assert status["running"] and set(SITES) <= {s["site"] for s in status["sites"]}
+    assert status["unadmitted_nodes"] == [] and status["warnings"] == []
     run = next(r for r in status["runs"] if r["run"] == "e2e")
     assert run["finished"] and run["last_round"] == 2 and set(run["epsilon"]) == set(SITES)
 
@@ -251,8 +254,9 @@ def _ledger_rounds(site_dir: Path, site: str, run_name: str) -> list[int]:
 
 
 def test_site_killed_mid_round_then_rejoins(finished_run, federation):
-    """hospital-c is killed while it trains round 1: the round completes with the two others (min-sites 2),
-    hospital-c is started again and trains in round 2 under the same node id."""
+    """hospital-c's `fl-client start` is killed (SIGKILL) while it trains round 1: its SuperNode, launcher and
+    ClientApp stop with it, the run goes on (min-sites 2), and hospital-c, started again at once as its service
+    manager would, trains in round 2 under the same node id, with nothing charged twice."""
     tmp, fed, procs, sites = federation["tmp"], federation["fed"], federation["procs"], federation["sites"]
     site_c = sites["hospital-c"]
     proc_c = next(p for p in procs.items if p.args[3:5] == ["start", "--kit"] and p.args[5] == str(site_c))
@@ -263,11 +267,17 @@ def test_site_killed_mid_round_then_rejoins(finished_run, federation):
     launcher = site_c / "state" / "logs" / "launcher.log"
     _wait(lambda: f"run {run_id}: app bundle" in launcher.read_text(), 180, "hospital-c starting round 1", 0.2)
     time.sleep(3)  # its ClientApp is loading data and training: no reply sent yet
-    procs.stop(proc_c, signal.SIGKILL)  # the whole site: SuperNode, launcher and the training ClientApp
-    run_dir = fed / "runs" / "site-crash"
-    _wait(lambda: (run_dir / "checkpoints" / "round-00001.pt").exists(), 600, "round 1 without hospital-c")
+    site_children = child_pids(proc_c.pid)  # its SuperNode and bundle launcher (each in its own session)
+    assert len(site_children) == 2
+    procs.stop(proc_c, signal.SIGKILL)  # fl-client start dies; its SuperNode, launcher and ClientApp must follow
+    _wait(lambda: not any(process_alive(pid) for pid in site_children), 60, "hospital-c's SuperNode and launcher to stop",
+          0.5)
     procs.start(["client.cli", "start", "--kit", str(site_c), "--data", str(tmp / "data" / "hospital-c"),
                  "--max-epsilon", "20"], tmp / "hospital-c-restart.log")
+    _wait(lambda: any(s["site"] == "hospital-c" and s["status"] == "online" for s in _status(fed)["sites"]), 180,
+          "hospital-c online again")
+    run_dir = fed / "runs" / "site-crash"
+    _wait(lambda: (run_dir / "checkpoints" / "round-00001.pt").exists(), 600, "round 1")
     _wait(lambda: (run_dir / "model.onnx").exists(), 900, "the run to finish", interval=2)
     rounds = json.loads((run_dir / "metrics.json").read_text())["rounds"]
     assert [r["round"] for r in rounds] == [1, 2]
@@ -326,3 +336,23 @@ def test_unapproved_bundle_is_refused_at_the_site(finished_run, federation):
     # None of the bundle's code ran at the site: the ClientApp would have written a ledger and replies.
     assert not (site / "state" / "privacy_ledger.json").exists() and not (site / "state" / "replies").exists()
     procs.stop(proc)
+
+
+def test_removed_site_is_out_at_once(finished_run, federation):
+    """`fl-server remove` on a running coordinator: the proxy refuses the certificate, then the key is unregistered."""
+    from client.join import JoinError, probe_coordinator
+
+    fed, site = federation["fed"], federation["tmp"] / "sites" / "hospital-d"
+    node_id = next(s["node_id"] for s in json.loads(_cli("server.cli", "sites", "--dir", str(fed), "--json").stdout)
+                   if s["site"] == "hospital-d")
+    out = _cli("server.cli", "remove", "hospital-d", "--dir", str(fed))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "the fleet proxy reloaded the CRL (the certificate is refused), then its SuperNode key was unregistered" in out.stdout
+    with pytest.raises(JoinError, match="rejected this site's certificate"):
+        probe_coordinator(f"localhost:{federation['port']}", site / "ca.pem", site / "client.pem", site / "tls.key")
+    status = _status(fed)
+    assert next(s for s in status["sites"] if s["site"] == "hospital-d")["revoked"]
+    assert status["unadmitted_nodes"] == []  # its key is not left registered
+    from server.coordinator import Layout, list_nodes
+
+    assert list_nodes(Layout(fed))[node_id]["status"] == "unregistered"

@@ -455,3 +455,148 @@ class TestCli:
         assert server_main(["init", "--dir", str(tmp_path / "c"), "--address", "nohost"]) == 2
         assert "is not HOST:PORT" in capsys.readouterr().err
         assert server_main(["remove", "ghost", "--dir", str(tmp_path)]) == 2
+
+
+def _sign_crl(fed: Path, *, last: dt.datetime, next_: dt.datetime, serials: list[int], number: int) -> None:
+    """Write pki/crl.pem as the federation's CA would have, with the given dates (real signature)."""
+    paths = pki.federation_paths(fed)
+    ca = _cert(paths.ca_cert)
+    ca_key = serialization.load_pem_private_key(paths.ca_key.read_bytes(), password=None)
+    builder = (x509.CertificateRevocationListBuilder().issuer_name(ca.subject).last_update(last).next_update(next_)
+               .add_extension(x509.CRLNumber(number), critical=False))
+    for serial in serials:
+        builder = builder.add_revoked_certificate(x509.RevokedCertificateBuilder().serial_number(serial)
+                                                  .revocation_date(last).build())
+    paths.crl.write_bytes(builder.sign(ca_key, hashes.SHA384()).public_bytes(serialization.Encoding.PEM))
+
+
+class TestCrlLife:
+    """Row 7 of issue 10: a CRL past its next-update makes nginx refuse every site; it must be renewed."""
+
+    NOW = dt.datetime.now(dt.UTC)
+
+    def test_expired_crl_is_renewed_with_the_same_entries(self, fed: Path, tmp_path: Path) -> None:
+        pki.admit(fed, _request(tmp_path))
+        serial = _cert(pki.federation_paths(fed).site(SITE) / "client.pem").serial_number
+        _sign_crl(fed, last=self.NOW - dt.timedelta(days=400), next_=self.NOW - dt.timedelta(days=35), serials=[serial],
+                  number=7)
+        assert pki.crl_state(fed).days_left() < 0 and pki.crl_state(fed).due()
+        assert "expired on" in pki.crl_warning(fed) and "fl-server renew-crl" in pki.crl_warning(fed)
+
+        assert pki.renew_crl(fed) is True
+        paths = pki.federation_paths(fed)
+        crl = x509.load_pem_x509_crl(paths.crl.read_bytes())
+        assert crl.is_signature_valid(_cert(paths.ca_cert).public_key())
+        assert crl.get_revoked_certificate_by_serial_number(serial) is not None and len(crl) == 1
+        assert crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number == 8
+        assert 364 <= (crl.next_update_utc - self.NOW).days <= 365
+        assert pki.crl_warning(fed) is None
+        assert pki.renew_crl(fed) is False  # fresh: not re-signed again
+        assert paths.crl.read_bytes() == crl.public_bytes(serialization.Encoding.PEM)
+
+    def test_the_start_path_renews_an_expired_crl(self, fed: Path) -> None:
+        from server.coordinator import Layout, refresh_crl
+
+        _sign_crl(fed, last=self.NOW - dt.timedelta(days=366), next_=self.NOW - dt.timedelta(days=1), serials=[], number=1)
+        assert refresh_crl(Layout(fed)) is None  # renewed, nothing to warn about
+        assert pki.crl_state(fed).days_left() > 364
+
+    def test_old_crl_is_renewed_before_it_is_close_to_expiry(self, fed: Path) -> None:
+        _sign_crl(fed, last=self.NOW - dt.timedelta(days=31), next_=self.NOW + dt.timedelta(days=300), serials=[], number=2)
+        assert pki.crl_state(fed).due() and pki.crl_warning(fed) is None  # due by age, no warning yet
+        assert pki.renew_crl(fed) is True and pki.crl_state(fed).number == 3
+
+    def test_without_the_ca_key_start_refuses_an_expired_crl_and_warns_before(self, fed: Path) -> None:
+        from server.coordinator import CoordinatorError, Layout, refresh_crl
+
+        paths = pki.federation_paths(fed)
+        _sign_crl(fed, last=self.NOW - dt.timedelta(days=355), next_=self.NOW + dt.timedelta(days=10), serials=[], number=1)
+        paths.ca_key.rename(fed / "ca.key.offline")
+        warning = refresh_crl(Layout(fed))
+        assert warning and "expires on" in warning and ("(in 9 days)" in warning or "(in 10 days)" in warning)
+        assert "\n" not in warning
+        (fed / "ca.key.offline").rename(paths.ca_key)
+        _sign_crl(fed, last=self.NOW - dt.timedelta(days=370), next_=self.NOW - dt.timedelta(days=5), serials=[], number=1)
+        paths.ca_key.rename(fed / "ca.key.offline")
+        with pytest.raises(CoordinatorError, match="expired on .*refuses every site; run fl-server renew-crl"):
+            refresh_crl(Layout(fed))
+        assert pki.crl_state(fed).days_left() < 0  # nothing written without the key
+
+    def test_status_warns_a_month_ahead(self, fed: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        _sign_crl(fed, last=self.NOW - dt.timedelta(days=355), next_=self.NOW + dt.timedelta(days=10), serials=[], number=1)
+        assert server_main(["status", "--dir", str(fed)]) == 0
+        out = capsys.readouterr().out.splitlines()
+        warnings = [line for line in out if line.startswith("warning: ")]
+        assert len(warnings) == 1 and "crl.pem expires on" in warnings[0] and "fl-server renew-crl" in warnings[0]
+        assert server_main(["status", "--dir", str(fed), "--json"]) == 0
+        doc = json.loads(capsys.readouterr().out)
+        assert doc["crl"]["days_left"] in (9, 10) and len(doc["warnings"]) == 1
+        _sign_crl(fed, last=self.NOW, next_=self.NOW + dt.timedelta(days=200), serials=[], number=2)
+        assert server_main(["status", "--dir", str(fed)]) == 0
+        assert "warning" not in capsys.readouterr().out
+
+    def test_renew_crl_command_and_admit_keep_it_fresh(self, fed: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+        _sign_crl(fed, last=self.NOW - dt.timedelta(days=340), next_=self.NOW + dt.timedelta(days=25), serials=[], number=4)
+        pki.admit(fed, _request(tmp_path))  # holds the CA key: renews the due CRL on the way
+        assert pki.crl_state(fed).number == 5 and pki.crl_state(fed).days_left() > 364
+        assert server_main(["renew-crl", "--dir", str(fed)]) == 0  # forced
+        assert pki.crl_state(fed).number == 6 and "the next fl-server start serves it" in capsys.readouterr().out
+        pki.federation_paths(fed).ca_key.unlink()
+        assert server_main(["renew-crl", "--dir", str(fed)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("fl-server renew-crl: ") and "ca.key is missing" in err and err.count("\n") == 1
+
+
+class TestBinding:
+    """Row 10: a site's certificate and SuperNode key are bound by the CA at admission and checked before registration."""
+
+    def test_admitted_site_passes(self, fed: Path, tmp_path: Path) -> None:
+        pki.admit(fed, _request(tmp_path))
+        record = _load(pki.federation_paths(fed).site(SITE) / "site.json")
+        assert record["binding"] and record["cert_sha256"] == _cert(pki.federation_paths(fed).site(SITE) / "client.pem"
+                                                                    ).fingerprint(hashes.SHA256()).hex()
+        pki.check_binding(fed, SITE)
+
+    def test_swapped_auth_key_is_not_registered(self, fed: Path, tmp_path: Path) -> None:
+        pki.admit(fed, _request(tmp_path))
+        site_dir = pki.federation_paths(fed).site(SITE)
+        other = ec.generate_private_key(ec.SECP384R1()).public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                                                                  serialization.PublicFormat.OpenSSH)
+        (site_dir / "auth.pub").write_bytes(other + b" fedxray:st-marys\n")
+        with pytest.raises(ProvisionError, match="auth.pub is not the SuperNode key admitted for st-marys"):
+            pki.check_binding(fed, SITE)
+        # Editing the record to match the swapped key breaks the CA's signature instead.
+        record = _load(site_dir / "site.json")
+        record["auth_key_sha256"] = pki.ssh_fingerprint(other.decode())
+        (site_dir / "site.json").write_text(json.dumps(record))
+        with pytest.raises(ProvisionError, match="site.json was altered after admission") as info:
+            pki.check_binding(fed, SITE)
+        assert "\n" not in str(info.value) and f"fl-server remove {SITE}" in str(info.value)
+
+    def test_swapped_certificate_is_not_registered(self, fed: Path, tmp_path: Path) -> None:
+        pki.admit(fed, _request(tmp_path, "alpha"))
+        pki.admit(fed, _request(tmp_path, "beta"))
+        paths = pki.federation_paths(fed)
+        shutil.copy(paths.site("beta") / "client.pem", paths.site("alpha") / "client.pem")
+        with pytest.raises(ProvisionError, match="client.pem is not the certificate issued to alpha"):
+            pki.check_binding(fed, "alpha")
+        pki.check_binding(fed, "beta")
+
+    def test_record_without_binding_is_not_registered(self, fed: Path, tmp_path: Path) -> None:
+        pki.admit(fed, _request(tmp_path))
+        path = pki.federation_paths(fed).site(SITE) / "site.json"
+        path.write_text(json.dumps({k: v for k, v in _load(path).items() if k != "binding"}))
+        with pytest.raises(ProvisionError, match="no CA-signed binding"):
+            pki.check_binding(fed, SITE)
+
+    def test_revoked_registrations_include_earlier_admissions(self, fed: Path, tmp_path: Path) -> None:
+        request_path = _request(tmp_path)
+        pki.admit(fed, request_path)
+        pki.record_node_id(fed, SITE, 11)
+        pki.revoke(fed, SITE)
+        pki.admit(fed, request_path)  # re-admitted while the coordinator was stopped: node 11 still registered
+        pki.record_node_id(fed, SITE, 12)
+        assert [r["node_id"] for r in pki.revoked_registrations(fed)] == [11]
+        pki.revoke(fed, SITE)
+        assert sorted(r["node_id"] for r in pki.revoked_registrations(fed)) == [11, 12]
