@@ -14,9 +14,11 @@ export OMP_WAIT_POLICY := PASSIVE
 .PHONY: demo test lint bench clean
 
 $(STAMP): pyproject.toml
+	@echo "fedxray: creating $(VENV) and installing fedxray with its dependencies (first time: about 3 minutes; torch comes from local disk)"
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install -e '.[dev]'
+	@echo "fedxray: installed. The commands are in $(BIN)/ (fl-sim, fl-client, fl-server, fl-predict): run them as $(BIN)/fl-sim, or 'source $(BIN)/activate' first"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -45,10 +45,10 @@ def epoch_times(site: Path, state: Path, size: int, batch: int) -> dict[str, flo
     from common.models import build_model
 
     t0 = time.perf_counter()
-    data = load_site(site, state, image_size=size, task="binary", labels=("opacity",), val_fraction=0.2, seed=0)
+    data = load_site(site, state, image_size=size, task="binary", labels=("opacity",), val_fraction=0.2)
     epoch1_load = time.perf_counter() - t0
     t0 = time.perf_counter()
-    data = load_site(site, state, image_size=size, task="binary", labels=("opacity",), val_fraction=0.2, seed=0)
+    data = load_site(site, state, image_size=size, task="binary", labels=("opacity",), val_fraction=0.2)
     epoch2_load = time.perf_counter() - t0
     model = build_model("mobilenet_v2", num_outputs=1, dp=True)
     opt = torch.optim.Adam(model.parameters(), 1e-3)

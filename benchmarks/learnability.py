@@ -55,7 +55,7 @@ def main() -> None:
         ys = {"train": [], "val": []}
         for site in sorted(p for p in (root / "h").iterdir() if p.is_dir()):
             data = load_site(site, root / "state" / site.name, image_size=args.size, task="binary",
-                             labels=("opacity",), val_fraction=0.3, seed=args.seed)
+                             labels=("opacity",), val_fraction=0.3)
             for part, idx in (("train", data.split.train), ("val", data.split.val)):
                 xs[part].append(data.images[idx])
                 ys[part].append(data.targets.y[idx, 0])

@@ -19,6 +19,10 @@ isolation), so another user of the hospital's host cannot take a task, read its 
 answer in the site's name. It stops, with the ClientApps it started (its process group), when the
 SuperNode is gone.
 
+Every approval, withdrawal and refusal is also recorded in the site's hash-chained audit log
+(``<state-dir>/audit.log``, common/audit.py): ``bundle-approved``, ``approval-revoked``,
+``bundle-refused`` (once per run and bundle, by the launcher).
+
 The FAB hash is Flower's own (sha256 of the bundle bytes; FAB builds are deterministic). The bundle
 of the installed fedxray version is reproducible from the source (``fl-client approve
 --installed``), so a site that reviewed a release can approve exactly that code.
@@ -38,6 +42,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from common.audit import audit_path, try_record
 from common.cache import atomic_write_bytes
 from common.processes import watch_parent
 
@@ -89,6 +94,7 @@ def approve(state_dir: Path, fab_hash: str, note: str = "") -> bool:
     entries.append({"hash": fab_hash, "approved": datetime.now(UTC).isoformat(timespec="seconds"),
                     "note": note})
     _save(state_dir, entries)
+    try_record(audit_path(state_dir), "bundle-approved", bundle_sha256=fab_hash, note=note)
     return True
 
 
@@ -102,6 +108,7 @@ def revoke(state_dir: Path, fab_hash: str) -> bool:
             changed = True
     if changed:
         _save(state_dir, entries)
+        try_record(audit_path(state_dir), "approval-revoked", bundle_sha256=fab_hash.strip().lower())
     return changed
 
 
@@ -122,6 +129,7 @@ def _install_guard(state_dir: Path) -> None:
     from flwr.supercore.superexec.executor import LaunchResult
 
     refused: dict[str, float] = {}
+    recorded: set[tuple[Any, str]] = set()  # (run, bundle) refusals already in the audit log
 
     class ApprovedBundlesOnly(rs.AutoExecPlugin):
         """Flower's task plugin, but a task whose FAB hash the site did not approve is never launched."""
@@ -134,6 +142,10 @@ def _install_guard(state_dir: Path) -> None:
                     refused[fab_hash] = now
                     log.error("refused run %s: app bundle %s is not approved at this site; review it and approve "
                               "with `fl-client approve %s`", task.run_id, fab_hash or "(no hash)", fab_hash or "HASH")
+                if (task.run_id, fab_hash) not in recorded:
+                    recorded.add((task.run_id, fab_hash))
+                    try_record(audit_path(state_dir), "bundle-refused", flower_run_id=int(task.run_id),
+                               bundle_sha256=fab_hash or None)
                 return LaunchResult.failed(f"app bundle {fab_hash or '(no hash)'} is not approved at this site")
             log.info("run %s: app bundle %s is approved; launching", task.run_id, fab_hash[:12])
             return super().launch_task(token, task)

@@ -46,13 +46,12 @@ def summarize(
     task: str | None = None,
     labels: tuple[str, ...] | None = None,
     val_fraction: float = 0.2,
-    seed: int = 0,
 ) -> CheckReport:
     """Build the check summary for a scanned site. No identifiers, only counts and categories."""
     per_class_images: Counter[str] = Counter()
     per_class_patients: dict[str, set[str]] = {}
     for rec in index.records:
-        for cls in rec.classes or ("(no finding)",):
+        for cls in rec.classes or ("(unlabelled)" if index.label_source.startswith("none") else "(no finding)",):
             per_class_images[cls] += 1
             per_class_patients.setdefault(cls, set()).add(rec.patient)
     mix: dict[str, Counter[str]] = {k: Counter() for k in ("format", "modality", "photometric", "matrix", "bits_stored", "transfer_syntax")}
@@ -87,7 +86,7 @@ def summarize(
         else:
             kept = [index.records[int(i)] for i in targets.keep]
             split = split_patients(
-                [r.patient for r in kept], patient_strata(targets), val_fraction=val_fraction, seed=seed
+                [r.patient for r in kept], patient_strata(targets), val_fraction=val_fraction
             )
             strata = patient_strata(targets)
             summary["split"] = {

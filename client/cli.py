@@ -1,7 +1,9 @@
 """`fl-client`: the hospital's command line.
 
-Subcommands: ``check`` (what the site folder holds, before joining). Later issues add ``init``,
-``start``, ``approve``, ``evaluate`` and ``status``.
+Subcommands: ``check`` (what the site folder holds, before joining), ``init`` (the site's keys and
+request), ``approve`` (app bundles this site runs), ``start`` (join the federation), ``evaluate`` (a
+model on the site's own labelled data), ``status`` (the privacy budget) and ``audit`` (the site's
+audit log).
 """
 
 from __future__ import annotations
@@ -41,7 +43,11 @@ def cmd_check(args: argparse.Namespace) -> int:
     salt = site_salt(state) if state else DEFAULT_SALT
     cache = SiteCache(state / "cache") if state else None
     try:
-        index = scan_site(args.data_dir, salt=salt, cache=cache, progress=sys.stderr.isatty())
+        data_dir = args.data or args.data_dir
+        if not data_dir:
+            print("fl-client check: give the site's data folder (fl-client check --data DIR)", file=sys.stderr)
+            return 2
+        index = scan_site(data_dir, salt=salt, cache=cache, progress=sys.stderr.isatty(), require_labels=False)
     except DatasetError as err:
         print(f"fl-client check: {err}", file=sys.stderr)
         return 2
@@ -50,17 +56,17 @@ def cmd_check(args: argparse.Namespace) -> int:
         guess = _infer_task(index.class_names, index.label_kind)
         if guess is not None:
             task, labels = task or guess[0], labels or guess[1]
-    report = summarize(index, task=task, labels=labels, val_fraction=args.val_fraction, seed=args.seed)
+    report = summarize(index, task=task, labels=labels, val_fraction=args.val_fraction)
     if args.json:
         print(json.dumps(report.summary, indent=2, sort_keys=True))
     else:
-        print(f"fl-client check: {args.data_dir}")
+        print(f"fl-client check: {data_dir}")
         print(report.render(list_skipped=args.list_skipped))
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from client.evaluate import evaluate_model, render_report
+    from client.evaluate import evaluate_model, json_safe, render_report
     from common.dataset import site_salt
     from common.dicom import DEFAULT_SALT
     from common.onnx_export import OnnxModelError
@@ -68,11 +74,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     salt = site_salt(Path(args.state_dir)) if args.state_dir else DEFAULT_SALT
     try:
         report = evaluate_model(args.model, args.data, salt=salt, out_dir=args.out, bootstrap=args.bootstrap,
-                                progress=sys.stderr.isatty())
+                                progress=sys.stderr.isatty(), positive=args.positive)
     except (DatasetError, OnnxModelError, FileNotFoundError, ValueError) as err:
         print(f"fl-client evaluate: {err}", file=sys.stderr)
         return 2
-    print(json.dumps(report, indent=2, default=float) if args.json else render_report(report))
+    print(json.dumps(json_safe(report), indent=2) if args.json else render_report(report))
     if args.out:
         print(f"report and ROC plot in {args.out}")
     return 0
@@ -135,6 +141,30 @@ def cmd_approve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    """Print or verify the site's audit log: exit 0 when the chain holds, 1 when it does not, 2 on bad input."""
+    from common.audit import AuditError, audit_path, read_entries, render_entry, verify
+
+    path = audit_path(Path(args.state_dir).resolve())
+    try:
+        report = verify(path, anchor=args.anchor)
+    except AuditError as err:
+        print(f"fl-client audit: {err}", file=sys.stderr)
+        return 2
+    code = 0 if report.ok else 1
+    if args.verify:
+        print(json.dumps(report.to_json()) if args.json else report.summary())
+        return code
+    entries = read_entries(path)
+    if args.json:
+        print(json.dumps({"entries": entries, "verify": report.to_json()}, indent=2))
+        return code
+    for entry in entries:
+        print(render_entry(entry))
+    print(report.summary())
+    return code
+
+
 def cmd_start(args: argparse.Namespace) -> int:
     from client.approval import approved_hashes
     from client.check import summarize
@@ -170,8 +200,12 @@ def cmd_start(args: argparse.Namespace) -> int:
     # 2. The coordinator, with mutual TLS, before any process starts.
     try:
         probe_coordinator(address, identity.ca_cert, identity.client_cert, identity.tls_key)
+        extra = dict(item.split("=", 1) for item in args.site_setting if "=" in item)
+        bad = [item for item in args.site_setting if "=" not in item]
+        if bad:
+            return fail(f"--site-setting expects KEY=VALUE, got {bad[0]!r}")
         node_config = write_node_config(state, data, identity.site, args.max_epsilon, args.delta, args.allow_no_dp,
-                                        args.device)
+                                        args.device, extra)
     except JoinError as err:
         return fail(str(err))
     except ConfigError as err:
@@ -187,18 +221,49 @@ def cmd_start(args: argparse.Namespace) -> int:
                     log=lambda m: print(m, file=sys.stderr, flush=True), rejoin_wait=args.rejoin_wait)
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from client.status import StatusError, ledger_status, render_status
+
+    try:
+        status = ledger_status(args.state_dir)
+    except StatusError as err:
+        print(f"fl-client status: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(status, indent=2) if args.json else render_status(status))
+    return 0
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("fedxray")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value <= 0.9:
+        raise argparse.ArgumentTypeError(f"{text}: give a share of patients in (0, 0.9], e.g. 0.2")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fl-client", description="fedxray hospital client")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"fl-client (fedxray) {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("check", help="summarise a site data folder before joining (reads only)")
-    p.add_argument("data_dir", help="the site's DICOM folder (labels.csv or class subfolders)")
+    p.add_argument("data_dir", nargs="?", help="the site's DICOM folder (labels.csv, class subfolders, or none yet)")
+    p.add_argument("--data", help="the same folder (as `evaluate` and `start` take it)")
     p.add_argument("--state-dir", help="use (and fill) the site cache and salt in this folder")
     p.add_argument("--task", choices=("binary", "multiclass", "multilabel"), help="task to preview the split for")
     p.add_argument("--labels", help="comma-separated run labels (binary: the positive finding)")
-    p.add_argument("--val-fraction", type=float, default=0.2, help="share of patients for validation")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--val-fraction", type=_fraction, default=0.2,
+                   help="share of patients for validation (the site's node-config val-fraction; the split is keyed by "
+                        "the site's salt, so give --state-dir to see the split training will use)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--list-skipped", action="store_true", help="also list skipped files (local paths)")
     p.set_defaults(func=cmd_check)
@@ -219,6 +284,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state-dir", default="fedxray-site/state", help="the site's state dir (default ./fedxray-site/state)")
     p.set_defaults(func=cmd_approve)
 
+    p = sub.add_parser("audit", help="this site's audit log: approvals, rounds trained and refused, evaluations answered")
+    p.add_argument("--state-dir", default="fedxray-site/state", help="the site's state dir (default ./fedxray-site/state)")
+    p.add_argument("--verify", action="store_true",
+                   help="only check the hash chain: one line, exit 0 if intact, 1 naming the first bad line")
+    p.add_argument("--anchor", metavar="HASH",
+                   help="a head hash recorded earlier (audit prints it): also fail if lines after it were removed")
+    p.add_argument("--json", action="store_true", help="print the entries and the check as JSON")
+    p.set_defaults(func=cmd_audit)
+
     p = sub.add_parser("start", help="join the federation: check data, probe the coordinator, run the SuperNode")
     p.add_argument("--kit", default="fedxray-site", help="site folder: keys from fl-client init plus the kit files")
     p.add_argument("--data", required=True, help="the site's DICOM folder (labels.csv or class subfolders)")
@@ -228,6 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--delta", type=float, default=1e-5, help="DP delta this site accepts at most (default 1e-5)")
     p.add_argument("--allow-no-dp", action="store_true", help="let runs train here without DP (off by default)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="training device (default auto)")
+    p.add_argument("--site-setting", action="append", default=[], metavar="KEY=VALUE",
+                   help="another site setting: val-fraction, eval-noise, max-evaluations, max-image-size, "
+                        "max-local-epochs, max-batch-size, max-rounds, max-run-epsilon (docs/privacy.md)")
     p.add_argument("--rejoin-wait", type=float, default=150.0, metavar="S",
                    help="after a crash, keep retrying a refused activation this long (default 150 s)")
     p.set_defaults(func=cmd_start)
@@ -238,8 +315,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="folder for evaluation.json and roc.png")
     p.add_argument("--state-dir", help="the site's state dir (for its salt)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the AUC interval")
+    p.add_argument("--positive", metavar="CLASS", help="binary models: the site's class that is the model's positive "
+                   "finding, when named otherwise here (e.g. PNEUMONIA for a model of 'opacity')")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("status", help="this site's privacy budget: spent epsilon per patient group, every charge, refusals")
+    p.add_argument("--state-dir", default="fedxray-site/state", help="the site's state dir (default ./fedxray-site/state)")
+    p.add_argument("--json", action="store_true", help="one JSON object (contract 6)")
+    p.set_defaults(func=cmd_status)
     return parser
 
 

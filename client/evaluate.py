@@ -8,6 +8,8 @@ site's labels. Everything stays on the site: the report holds counts and metrics
 from __future__ import annotations
 
 import json
+import math
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -19,9 +21,23 @@ from common.dataset import encode_targets, scan_site
 from common.onnx_export import load_onnx_model
 
 
+class EvaluationError(ValueError):
+    """The site's data cannot give a meaningful score for this model; the message names the fix."""
+
+
 def evaluate_model(model_path: str | Path, data_dir: str | Path, *, salt: bytes | str, out_dir: str | Path | None = None,
-                   bootstrap: int = 1000, progress: bool = False) -> dict[str, Any]:
-    """AUC (95% bootstrap CI), sensitivity, specificity at the model's threshold, confusion, ROC plot."""
+                   bootstrap: int = 1000, progress: bool = False, positive: str | None = None) -> dict[str, Any]:
+    """AUC (95% bootstrap CI), sensitivity, specificity at the model's threshold, confusion, ROC plot.
+
+    ``positive`` names the site's own class that is the model's positive finding (binary models),
+    when the site labels it otherwise ("PNEUMONIA" for a model trained on "opacity"). An evaluation
+    that would cover one class only raises :class:`EvaluationError` instead of reporting an AUC
+    of nothing.
+    """
+    if bootstrap < 0:
+        raise EvaluationError(f"--bootstrap {bootstrap}: give 0 (no interval) or a number of resamples such as 1000")
+    if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise EvaluationError(f"--out {out_dir} is a file: give a folder for evaluation.json and roc.png")
     model = load_onnx_model(model_path)
     height, width = model.input_size
     if height != width:
@@ -29,13 +45,28 @@ def evaluate_model(model_path: str | Path, data_dir: str | Path, *, salt: bytes 
     index = scan_site(data_dir, salt=salt, image_size=height, progress=progress)
     task = str(model.meta.get("task", "binary"))
     labels = tuple(model.labels)
-    targets = encode_targets(index, task, labels)
+    site_labels = (positive,) if positive and task == "binary" else labels
+    targets = encode_targets(index, task, site_labels)
+    if task == "binary":
+        y_all = targets.y[:, 0] if len(targets.y) else targets.y
+        n_pos = int(y_all.sum()) if len(y_all) else 0
+        if n_pos == 0 or n_pos == len(y_all):
+            have = ", ".join(index.class_names) or "none"
+            hint = (f" Tell which of your classes is the model's '{labels[0]}' with --positive CLASS"
+                    if positive is None else "")
+            raise EvaluationError(
+                f"only one class to score: {len(y_all)} image(s), {n_pos} labelled '{site_labels[0]}' (the site's "
+                f"classes: {have}; {sum(targets.dropped.values())} image(s) of other classes left out). An AUC needs "
+                f"both classes.{hint}"
+            )
     images = np.stack([index.records[int(i)].pixels for i in targets.keep]).astype(np.float32) / 255.0
     probs = model.predict(images[:, None])
     threshold = float(model.meta.get("threshold", 0.5))
     report: dict[str, Any] = {
         "model": str(model_path), "task": task, "labels": list(labels), "threshold": threshold,
-        "images": int(len(images)), "skipped_files": len(index.skipped), "left_out": targets.dropped,
+        "positive_class": site_labels[0] if task == "binary" else None,
+        "images": int(len(images)), "skipped_files": len(index.skipped),
+        "skipped_reasons": dict(Counter(s.reason for s in index.skipped).most_common()), "left_out": targets.dropped,
     }
     if task == "binary":
         y = targets.y[:, 0]
@@ -47,8 +78,21 @@ def evaluate_model(model_path: str | Path, data_dir: str | Path, *, salt: bytes 
         report["macro_auc"] = metrics.macro_auc(targets.y, probs)
     if out_dir is not None:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
-        (Path(out_dir) / "evaluation.json").write_text(json.dumps(report, indent=2, default=float))
+        (Path(out_dir) / "evaluation.json").write_text(json.dumps(json_safe(report), indent=2))
     return report
+
+
+def json_safe(obj: Any) -> Any:
+    """NaN and infinities as null, numpy numbers as Python numbers: valid JSON for every parser."""
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
 
 
 def _roc_plot(path: Path, y: np.ndarray, scores: np.ndarray, report: dict[str, Any]) -> None:
@@ -74,6 +118,12 @@ def _roc_plot(path: Path, y: np.ndarray, scores: np.ndarray, report: dict[str, A
 
 def render_report(report: dict[str, Any]) -> str:
     lines = [f"images scored: {report['images']}  (skipped files: {report['skipped_files']})"]
+    for reason, n in report.get("skipped_reasons", {}).items():
+        lines.append(f"  skipped {n}: {reason}")
+    for reason, n in report.get("left_out", {}).items():
+        lines.append(f"  left out {n}: {reason}")
+    if report.get("positive_class") and report["positive_class"] != report["labels"][0]:
+        lines.append(f"the site's class '{report['positive_class']}' scored as the model's '{report['labels'][0]}'")
     if "auc" in report:
         ci = report.get("auc_ci") or (float("nan"), float("nan"))
         lines.append(f"AUC {report['auc']:.3f}  (95% CI {ci[0]:.3f}-{ci[1]:.3f})")

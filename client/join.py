@@ -98,12 +98,18 @@ def probe_coordinator(address: str, ca_cert: Path, client_cert: Path, client_key
 
 
 def write_node_config(state_dir: Path, data_dir: Path, site: str, max_epsilon: float, delta: float,
-                      allow_no_dp: bool, device: str) -> Path:
-    """The SuperNode's node-config file: what the ClientApp reads as this site's settings."""
+                      allow_no_dp: bool, device: str, extra: dict[str, str] | None = None) -> Path:
+    """The SuperNode's node-config file: what the ClientApp reads as this site's settings.
+
+    ``extra`` holds the site's other settings (``--site-setting KEY=VALUE``: val-fraction, eval-noise,
+    max-evaluations and the run ranges it accepts), validated with the rest by SiteConfig.
+    """
     from common.config import SiteConfig
 
     values = {"data-dir": str(data_dir), "state-dir": str(state_dir), "site-name": site, "max-epsilon": max_epsilon,
               "delta": delta, "allow-no-dp": allow_no_dp, "device": device}
+    typed = SiteConfig.from_mapping({**values, **(extra or {})}).to_mapping()
+    values.update({k: typed[k] for k in (extra or {})})
     SiteConfig.from_mapping(values)  # one validation place: bad values fail here, before anything starts
     path = state_dir / "node-config.toml"
     path.write_text(to_toml(values))

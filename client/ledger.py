@@ -11,232 +11,52 @@ Design choices (see docs/privacy.md):
 - Recorded *before* training. A crash mid-training then over-counts (a round that released
   nothing is still charged) instead of under-counting (a released update never charged).
 - Idempotent per (run, round, dataset): a retried round returns the entry already recorded.
-- Deployment starts a new process per Flower message, so every read-modify-write runs under an
-  exclusive ``fcntl.flock`` on ``privacy_ledger.json.lock``, and every write is atomic (temp
-  file in the same folder, fsync, ``os.replace``), followed by the same for the backup copy
-  ``privacy_ledger.json.bak``. A damaged ledger is never reset: it raises
-  :class:`LedgerCorruptError` naming the backup.
+- Every read-modify-write holds the file's lock and writes atomically and durably, then the
+  backup copy (client/ledger_store.py). A damaged ledger is never reset: it raises
+  :class:`LedgerCorruptError` naming the backup. The entries and errors are in
+  client/ledger_records.py.
 - Epsilon is composed with the RDP accountant (delta-free), then stated at the *site's* delta.
+- The budget is per patient (format 2). Each contribution records the set of patients whose
+  images it touched (their salted pseudonyms, kept only here at the site); a patient's epsilon
+  composes every contribution that touched them, whatever the run, seed, task, labels or image
+  size, and a round is refused when any patient it touches would pass max-epsilon. Training
+  charges the training patients; evaluation (noised score histograms) charges the validation
+  patients. Entries of a format-1 ledger did not record patients: they count against everyone.
 
 Framework-free on purpose: no flwr import.
 """
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
-import json
 import logging
-import math
-import numbers
-import os
-import tempfile
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields
-from datetime import UTC, datetime
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from client.privacy import ACCOUNTANTS, epsilon_for
+from client.ledger_records import (  # noqa: F401 - re-exported: callers import these from client.ledger
+    _EPSILON_SLACK,
+    ALL_PATIENTS,
+    LEDGER_FILENAME,
+    LEDGER_FORMAT,
+    LEDGER_VERSION,
+    BudgetExceeded,
+    Contribution,
+    DeltaTooLargeError,
+    LedgerConflictError,
+    LedgerCorruptError,
+    _is_zero,
+    _now,
+    _positive_finite,
+    _positive_int,
+    _short,
+    _Step,
+    dataset_fingerprint,
+)
+from client.ledger_store import LedgerFile
+from common.privacy import ACCOUNTANTS, epsilon_for
 
 logger = logging.getLogger(__name__)
-
-LEDGER_FILENAME = "privacy_ledger.json"
-LEDGER_FORMAT = "fedxray-privacy-ledger"
-LEDGER_VERSION = 1
-#: Characters of a dataset fingerprint shown in messages and logs.
-SHORT_FINGERPRINT = 12
-#: Relative slack when comparing with max-epsilon, so that a plan made for exactly max-epsilon
-#: is not refused because of float rounding in the accountant.
-_EPSILON_SLACK = 1e-9
-_FINGERPRINT_DOMAIN = b"fedxray-dataset-fingerprint-v1\n"
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
-
-
-def _short(fingerprint: str) -> str:
-    return fingerprint[:SHORT_FINGERPRINT]
-
-
-class BudgetExceeded(RuntimeError):  # noqa: N818 - name fixed by contract 5 (DESIGN.md)
-    """A round would push a dataset's cumulative epsilon past the site's max-epsilon.
-
-    The message names no patient and no file: it may travel back to the coordinator.
-    """
-
-    def __init__(
-        self,
-        *,
-        site: str,
-        fingerprint: str,
-        run_id: str,
-        round: int,
-        spent: float,
-        cost: float,
-        max_epsilon: float,
-        delta: float,
-    ) -> None:
-        self.site = site
-        self.fingerprint = fingerprint
-        self.run_id = run_id
-        self.round = round
-        self.spent = spent
-        self.cost = cost
-        self.max_epsilon = max_epsilon
-        self.delta = delta
-        super().__init__(
-            f"privacy budget exceeded at site {site!r}: round {round} of run {run_id!r} was "
-            f"refused before training. Dataset {_short(fingerprint)} has already spent "
-            f"epsilon={spent:.4f} (delta={delta:g}, all runs on this dataset); this round would "
-            f"cost {cost:.4f} more ({spent + cost:.4f} in all), above max-epsilon="
-            f"{max_epsilon:.4f}. The refusal is recorded in the site's privacy ledger and repeats "
-            "after every restart. To train further, use a new dataset, or raise max-epsilon "
-            "only with your privacy officer's approval."
-        )
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        # Keyword-only __init__: rebuild from the fields so the error survives pickling
-        # (Ray actors and multiprocessing send exceptions back that way).
-        fields_ = ("site", "fingerprint", "run_id", "round", "spent", "cost", "max_epsilon", "delta")
-        return (_rebuild_budget_exceeded, ({name: getattr(self, name) for name in fields_},))
-
-
-def _rebuild_budget_exceeded(kwargs: dict[str, Any]) -> BudgetExceeded:
-    return BudgetExceeded(**kwargs)
-
-
-class DeltaTooLargeError(ValueError):
-    """A contribution planned with a weaker delta than the site allows."""
-
-
-class LedgerConflictError(ValueError):
-    """A retried round asks for a different DP plan than the one already recorded for it."""
-
-
-class LedgerCorruptError(RuntimeError):
-    """The ledger file cannot be read; it is never reset silently."""
-
-
-@dataclass(frozen=True)
-class Contribution:
-    """One round of DP-SGD on one dataset, as recorded before it trained.
-
-    ``epsilon_after`` is the dataset's cumulative epsilon over all runs, this round included,
-    at ``delta`` (the site's delta when it was recorded).
-    """
-
-    run_id: str
-    round: int
-    noise_multiplier: float
-    sample_rate: float
-    steps: int
-    delta: float
-    dataset_fingerprint: str
-    epsilon_after: float
-    recorded_at: str  # ISO 8601, UTC
-    max_grad_norm: float
-    n_train: int
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, raw: object) -> Contribution:
-        """Parse one ledger entry; raises ``ValueError`` naming the bad field."""
-        if not isinstance(raw, dict):
-            raise ValueError(f"a contribution must be an object, got {type(raw).__name__}")
-        expected = {f.name for f in fields(cls)}
-        missing = sorted(expected - raw.keys())
-        if missing:
-            raise ValueError(f"contribution lacks {missing}")
-        types: dict[str, tuple[type, ...]] = {
-            "run_id": (str,), "round": (int,), "steps": (int,), "n_train": (int,),
-            "dataset_fingerprint": (str,), "recorded_at": (str,),
-            "noise_multiplier": (int, float), "sample_rate": (int, float),
-            "delta": (int, float), "epsilon_after": (int, float), "max_grad_norm": (int, float),
-        }
-        for name, allowed in types.items():
-            value = raw[name]
-            if isinstance(value, bool) or not isinstance(value, allowed):
-                raise ValueError(f"contribution field {name!r} has bad value {value!r}")
-        kwargs = {name: raw[name] for name in expected}
-        for name in ("noise_multiplier", "sample_rate", "delta", "epsilon_after", "max_grad_norm"):
-            kwargs[name] = float(kwargs[name])
-        return cls(**kwargs)
-
-
-def dataset_fingerprint(content_hashes: Iterable[str]) -> str:
-    """Order-independent SHA-256 over the per-file content hashes of a training split.
-
-    The same files in any order give the same fingerprint; adding, removing or changing one file
-    gives another (a multiset: a duplicated file counts twice). Only hashes of pixel files go in,
-    so the fingerprint reveals nothing about patients.
-    """
-    items: list[str] = []
-    for value in content_hashes:
-        if not isinstance(value, str) or not value.strip() or "\n" in value:
-            raise ValueError(
-                f"content hashes must be non-empty one-line strings, got {value!r}"
-            )
-        items.append(value.strip())
-    if not items:
-        raise ValueError("cannot fingerprint an empty training split: no content hashes given")
-    digest = hashlib.sha256(_FINGERPRINT_DOMAIN)
-    for value in sorted(items):
-        digest.update(value.encode("utf-8") + b"\n")
-    return digest.hexdigest()
-
-
-def _positive_finite(value: object) -> bool:
-    return (
-        isinstance(value, numbers.Real)
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-        and value > 0
-    )
-
-
-def _is_zero(value: object) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and value == 0
-
-
-def _positive_int(value: object, minimum: int = 1) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= minimum
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename durable; some filesystems refuse fsync on a folder, which is harmless."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` so a reader sees the old or the new file, never a mix."""
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(path.parent)
 
 
 class PrivacyLedger:
@@ -273,22 +93,21 @@ class PrivacyLedger:
         self.max_epsilon = float(max_epsilon)
         self.delta = float(delta)
         self.accountant = accountant
-        self.state_dir = Path(state_dir)
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.path = self.state_dir / LEDGER_FILENAME
-        self.backup_path = self.path.with_name(LEDGER_FILENAME + ".bak")
-        self.lock_path = self.path.with_name(LEDGER_FILENAME + ".lock")
+        self.file = LedgerFile(Path(state_dir))
+        self.state_dir = self.file.state_dir
+        self.path = self.file.path
+        self.backup_path = self.file.backup_path
         # Fail fast on a damaged ledger, before anyone plans a round against it.
-        with self._locked(exclusive=False):
-            doc = self._read()
+        with self.file.locked(exclusive=False):
+            doc = self.file.read(self._empty())
         self._warn_on_policy_change(doc)
 
     # ----------------------------------------------------------------- public API
 
     def spent(self, fingerprint: str) -> float:
         """Cumulative epsilon of all runs on this dataset so far, at the site's delta."""
-        with self._locked(exclusive=False):
-            doc = self._read()
+        with self.file.locked(exclusive=False):
+            doc = self.file.read(self._empty())
         return self._epsilon(self._history(doc, fingerprint))
 
     def remaining(self, fingerprint: str) -> float:
@@ -300,8 +119,8 @@ class PrivacyLedger:
     ) -> float:
         """The dataset's cumulative epsilon if such a round were recorded now (nothing is)."""
         self._check_step(noise_multiplier, sample_rate, steps)
-        with self._locked(exclusive=False):
-            doc = self._read()
+        with self.file.locked(exclusive=False):
+            doc = self.file.read(self._empty())
         return self._epsilon(
             [*self._history(doc, fingerprint), _Step(noise_multiplier, sample_rate, steps)]
         )
@@ -318,15 +137,25 @@ class PrivacyLedger:
         max_grad_norm: float,
         n_train: int,
         delta: float | None = None,
+        patients: Iterable[str] | None = None,
+        kind: str = "train",
     ) -> Contribution:
-        """Charge one round to the dataset's budget BEFORE it trains, or refuse it.
+        """Charge one round to the budget of every patient it touches BEFORE it trains, or refuse it.
 
-        Returns the recorded entry (the existing one for a retried (run, round, dataset)).
+        ``patients``: the pseudonyms of the patients whose images the round uses (training
+        patients for a training round, validation patients for an evaluation); their cumulative
+        epsilon over everything recorded must stay within max-epsilon. Without it the dataset
+        (``fingerprint``) is the group, as in format 1.
+
+        Returns the recorded entry (the existing one for a retried (run, round, dataset, kind)).
         Raises :class:`BudgetExceeded` (recorded as a refusal) when the cumulative epsilon
         would pass max-epsilon, :class:`DeltaTooLargeError` when the run planned with a delta above
         the site's, and :class:`LedgerConflictError` when a retried round changes its DP plan.
         ``delta`` is the delta the run planned with; it defaults to the site's.
         """
+        members = None if patients is None else sorted({str(p) for p in patients})
+        if members is not None and not members:
+            raise ValueError("invalid privacy reservation: patients is empty; a round must touch at least one patient")
         self._check_reserve(run_id, round, fingerprint, max_grad_norm, n_train)
         self._check_step(noise_multiplier, sample_rate, steps)
         if delta is not None and not (_positive_finite(delta) and delta < 1):
@@ -338,9 +167,9 @@ class PrivacyLedger:
                 "weak; configure a delta well below 1/n_train",
                 self.site, self.delta, 1 / n_train, _short(fingerprint),
             )
-        with self._locked(exclusive=True):
-            doc = self._read()
-            existing = self._find(doc, run_id, round, fingerprint)
+        with self.file.locked(exclusive=True):
+            doc = self.file.read(self._empty())
+            existing = self._find(doc, run_id, round, fingerprint, kind)
             if existing is not None:
                 self._check_same_plan(existing, noise_multiplier, sample_rate, steps,
                                       max_grad_norm)
@@ -350,9 +179,9 @@ class PrivacyLedger:
                     self.site, round, run_id, _short(fingerprint), existing.epsilon_after,
                 )
                 return existing
-            history = self._history(doc, fingerprint)
-            spent = self._epsilon(history)
-            after = self._epsilon([*history, _Step(noise_multiplier, sample_rate, steps)])
+            set_ref = self._set_ref(doc, members, fingerprint)
+            step = _Step(noise_multiplier, sample_rate, steps)
+            spent, after = self._worst_group(doc, set_ref, members, step)
             if run_delta > self.delta:
                 self._refuse(doc, run_id, round, fingerprint, spent, after, "delta", run_delta)
                 raise DeltaTooLargeError(
@@ -380,7 +209,12 @@ class PrivacyLedger:
                 recorded_at=_now(),
                 max_grad_norm=float(max_grad_norm),
                 n_train=int(n_train),
+                patient_set=set_ref,
+                kind=kind,
+                accountant=self.accountant,
             )
+            if members is not None:
+                doc["patient_sets"].setdefault(set_ref, members)
             doc["contributions"].append(entry.to_json())
             self._write(doc)
         logger.info(
@@ -393,8 +227,8 @@ class PrivacyLedger:
 
     def contributions(self, fingerprint: str | None = None) -> list[Contribution]:
         """Recorded contributions, oldest first; only one dataset's when ``fingerprint`` given."""
-        with self._locked(exclusive=False):
-            doc = self._read()
+        with self.file.locked(exclusive=False):
+            doc = self.file.read(self._empty())
         entries = [Contribution.from_json(raw) for raw in doc["contributions"]]
         if fingerprint is None:
             return entries
@@ -402,8 +236,8 @@ class PrivacyLedger:
 
     def refusals(self) -> list[dict[str, Any]]:
         """Refused rounds, oldest first (one entry per (run, round, dataset, reason))."""
-        with self._locked(exclusive=False):
-            doc = self._read()
+        with self.file.locked(exclusive=False):
+            doc = self.file.read(self._empty())
         return [dict(item) for item in doc["refusals"]]
 
     def summary(self) -> dict[str, Any]:
@@ -413,8 +247,8 @@ class PrivacyLedger:
         every contribution on every dataset composed: an upper bound for a patient whose images
         sit in several of the site's datasets.
         """
-        with self._locked(exclusive=False):
-            doc = self._read()
+        with self.file.locked(exclusive=False):
+            doc = self.file.read(self._empty())
         entries = [Contribution.from_json(raw) for raw in doc["contributions"]]
         datasets: dict[str, dict[str, Any]] = {}
         for fingerprint in dict.fromkeys(c.dataset_fingerprint for c in entries):
@@ -455,16 +289,98 @@ class PrivacyLedger:
 
     @staticmethod
     def _find(
-        doc: dict[str, Any], run_id: str, round: int, fingerprint: str
+        doc: dict[str, Any], run_id: str, round: int, fingerprint: str, kind: str = "train"
     ) -> Contribution | None:
         for raw in doc["contributions"]:
             if (
                 raw["run_id"] == run_id
                 and raw["round"] == round
                 and raw["dataset_fingerprint"] == fingerprint
+                and raw.get("kind", "train") == kind
             ):
                 return Contribution.from_json(raw)
         return None
+
+    # ----------------------------------------------------------------- per-patient groups
+
+    @staticmethod
+    def _set_ref(doc: dict[str, Any], members: list[str] | None, fingerprint: str) -> str:
+        """The patient-set key of a new entry: a content hash of its members, or the dataset."""
+        if members is None:
+            return f"dataset:{fingerprint}"
+        digest = hashlib.sha256(("\n".join(members)).encode()).hexdigest()[:24]
+        return f"patients:{digest}"
+
+    def _groups(self, doc: dict[str, Any], extra: tuple[str, list[str] | None, _Step] | None = None,
+                only: set[str] | None = None) -> dict[tuple[int, ...], tuple[int, list[Any]]]:
+        """Patients grouped by which entries touched them: signature -> (patients, history).
+
+        A signature is the tuple of entry positions that apply to the group (ALL_PATIENTS entries
+        apply to everyone). ``extra`` adds a not-yet-recorded entry (its set key, members, step);
+        ``only`` restricts the explicit patients considered (those the new entry touches).
+        """
+        entries: list[Any] = [Contribution.from_json(raw) for raw in doc["contributions"]]
+        sets = {k: v for k, v in doc.get("patient_sets", {}).items()}
+        if extra is not None:
+            entries.append(extra[2])
+            if extra[1] is not None:
+                sets.setdefault(extra[0], extra[1])
+            refs = [*(c.patient_set for c in entries[:-1]), extra[0]]
+        else:
+            refs = [c.patient_set for c in entries]
+        everyone = [i for i, r in enumerate(refs) if r == ALL_PATIENTS]
+        touched: dict[str, list[int]] = {}
+        datasets: dict[str, list[int]] = {}
+        for i, ref in enumerate(refs):
+            if ref.startswith("dataset:"):
+                datasets.setdefault(ref, []).append(i)
+            elif ref != ALL_PATIENTS:
+                for patient in sets.get(ref, ()):
+                    if only is None or patient in only:
+                        touched.setdefault(patient, []).append(i)
+        groups: dict[tuple[int, ...], tuple[int, list[Any]]] = {}
+        for patient_entries in touched.values():
+            sig = tuple(sorted(set(everyone) | set(patient_entries)))
+            count, _ = groups.get(sig, (0, []))
+            groups[sig] = (count + 1, [entries[i] for i in sig])
+        for positions in datasets.values():
+            sig = tuple(sorted(set(everyone) | set(positions)))
+            groups.setdefault(sig, (0, [entries[i] for i in sig]))
+        if everyone and only is None:
+            groups.setdefault(tuple(everyone), (0, [entries[i] for i in everyone]))
+        return groups
+
+    def _worst_group(self, doc: dict[str, Any], set_ref: str, members: list[str] | None,
+                     step: _Step) -> tuple[float, float]:
+        """(epsilon before, epsilon after) of the patient group the new entry pushes highest."""
+        only = None if members is None else set(members)
+        new_pos = len(doc["contributions"])
+        worst_before, worst_after = 0.0, 0.0
+        for sig, (_, history) in self._groups(doc, extra=(set_ref, members, step), only=only).items():
+            if new_pos not in sig:
+                continue
+            after = self._epsilon(history)
+            if after > worst_after:
+                worst_after, worst_before = after, self._epsilon([h for h in history if h is not step])
+        return worst_before, worst_after
+
+    def patient_epsilons(self) -> list[dict[str, Any]]:
+        """Every group of patients with the same history: how many, their epsilon, what touched them.
+
+        Largest epsilon first. Numbers only, never a pseudonym.
+        """
+        with self.file.locked(exclusive=False):
+            doc = self.file.read(self._empty())
+        out = []
+        for sig, (count, history) in self._groups(doc).items():
+            out.append({"patients": count, "epsilon": self._epsilon(history), "entries": len(sig),
+                        "kinds": sorted({h.kind for h in history})})
+        return sorted(out, key=lambda g: -g["epsilon"])
+
+    def spent_epsilon(self) -> float:
+        """The largest cumulative epsilon any patient of the site has been exposed to (contract 6)."""
+        groups = self.patient_epsilons()
+        return groups[0]["epsilon"] if groups else 0.0
 
     def _check_same_plan(
         self,
@@ -581,47 +497,6 @@ class PrivacyLedger:
                 if self.max_epsilon > previous else "lowered: more rounds will be refused",
             )
 
-    @contextmanager
-    def _locked(self, *, exclusive: bool) -> Iterator[None]:
-        """Hold the ledger's advisory lock; released by the OS even if the process dies."""
-        with open(self.lock_path, "a+b") as handle:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-
-    def _corrupt(self, reason: str) -> LedgerCorruptError:
-        if self.backup_path.exists():
-            backup = (
-                f"The last good copy is {self.backup_path} (a second copy written after each "
-                f"update): check it, then restore it with `cp {self.backup_path} {self.path}`."
-            )
-        else:
-            backup = f"There is no backup ({self.backup_path} does not exist)."
-        return LedgerCorruptError(
-            f"privacy ledger {self.path} is unreadable: {reason}. It was NOT reset, and no "
-            f"round will train until it is repaired, because resetting it would forget the "
-            f"privacy already spent. {backup} Keep the damaged file for your privacy officer."
-        )
-
-    def _read(self) -> dict[str, Any]:
-        """The ledger document, validated; an empty one when no ledger exists yet."""
-        if not self.path.exists():
-            if self.backup_path.exists():
-                raise self._corrupt(
-                    "the file is missing although its backup exists (was it deleted?)"
-                )
-            return self._empty()
-        try:
-            raw = json.loads(self.path.read_bytes())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise self._corrupt(f"not valid JSON ({err})") from err
-        try:
-            return self._validate(raw)
-        except ValueError as err:
-            raise self._corrupt(str(err)) from err
-
     def _empty(self) -> dict[str, Any]:
         return {
             "format": LEDGER_FORMAT,
@@ -632,46 +507,17 @@ class PrivacyLedger:
             "max_epsilon": self.max_epsilon,
             "max_epsilon_history": [],
             "datasets": {},
+            "patient_sets": {},
             "contributions": [],
             "refusals": [],
         }
 
-    @staticmethod
-    def _validate(raw: object) -> dict[str, Any]:
-        if not isinstance(raw, dict):
-            raise ValueError(f"top level is {type(raw).__name__}, expected an object")
-        if raw.get("format") != LEDGER_FORMAT:
-            raise ValueError(f"format is {raw.get('format')!r}, expected {LEDGER_FORMAT!r}")
-        version = raw.get("version")
-        if version != LEDGER_VERSION:
-            raise ValueError(
-                f"version {version!r} is not {LEDGER_VERSION} (written by another fedxray "
-                "release? use that release, or one that reads it)"
-            )
-        for key in ("contributions", "refusals"):
-            if not isinstance(raw.get(key), list):
-                raise ValueError(f"{key!r} is missing or not a list")
-        for index, item in enumerate(raw["contributions"]):
-            try:
-                Contribution.from_json(item)
-            except ValueError as err:
-                raise ValueError(f"contribution #{index}: {err}") from err
-        for index, item in enumerate(raw["refusals"]):
-            if not isinstance(item, dict) or not {
-                "run_id", "round", "dataset_fingerprint", "reason"
-            } <= item.keys():
-                raise ValueError(f"refusal #{index} is malformed")
-        raw.setdefault("max_epsilon_history", [])
-        raw.setdefault("datasets", {})
-        return raw
-
     def _write(self, doc: dict[str, Any]) -> None:
-        """Atomically replace the ledger, then its backup copy (``.bak``)."""
+        """Refresh the derived fields (policy, per-dataset figures for readers) and write the file."""
         now = _now()
         if doc.get("max_epsilon") != self.max_epsilon:
             doc["max_epsilon_history"].append(
-                {"max_epsilon": self.max_epsilon, "previous": doc.get("max_epsilon"),
-                 "from": now}
+                {"max_epsilon": self.max_epsilon, "previous": doc.get("max_epsilon"), "from": now}
             )
         entries = [Contribution.from_json(raw) for raw in doc["contributions"]]
         datasets: dict[str, Any] = {}
@@ -682,20 +528,5 @@ class PrivacyLedger:
             site=self.site, accountant=self.accountant, delta=self.delta,
             max_epsilon=self.max_epsilon, updated_at=now, datasets=datasets,
         )
-        data = (json.dumps(doc, indent=2) + "\n").encode("utf-8")
-        self._validate(json.loads(data))  # never persist what could not be read back
-        _atomic_write(self.path, data)
-        # The backup is a second copy of this last good state, written only once the ledger
-        # itself is safely in place: if the ledger is later damaged (disk, editor), restoring
-        # the backup loses no entry. A crash between the two writes leaves a valid ledger and
-        # a backup one update behind, never the other way round.
-        _atomic_write(self.backup_path, data)
+        self.file.write(doc)
 
-
-@dataclass(frozen=True)
-class _Step:
-    """A not-yet-recorded round, in the shape :func:`client.privacy.epsilon_for` composes."""
-
-    noise_multiplier: float
-    sample_rate: float
-    steps: int

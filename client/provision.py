@@ -25,11 +25,9 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
-import hashlib
 import json
 import logging
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +39,15 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from common.cache import atomic_write_durable as _write_atomic
+from common.site_request import (  # noqa: F401 - ProvisionError and the name rule are part of this module's API
+    REQUEST_VERSION,
+    SITE_NAME_RE,
+    SITE_NAME_RULE,
+    ProvisionError,
+    check_site_name,
+    request_check_code,
+    signed_payload,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -55,14 +62,6 @@ CA_CERT_FILE = "ca.pem"
 COORDINATOR_FILE = "coordinator.json"
 KIT_FILES = (CA_CERT_FILE, CLIENT_CERT_FILE, COORDINATOR_FILE)
 
-REQUEST_VERSION = 1
-SITE_NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,39}")
-SITE_NAME_RULE = "1-40 lowercase letters, digits and '-', starting with a letter or digit (e.g. st-marys-2)"
-_SIGNED_DOMAIN = b"fedxray-request-v1\n"
-
-
-class ProvisionError(ValueError):
-    """The site folder is missing a file or holds ones that do not fit together; the message says the fix."""
 
 
 @dataclass(frozen=True)
@@ -81,24 +80,6 @@ class SiteIdentity:
     def address(self) -> str:
         """HOST:PORT of the coordinator's fleet proxy."""
         return self.coordinator["address"]
-
-
-def check_site_name(site: object) -> str:
-    if not isinstance(site, str) or not SITE_NAME_RE.fullmatch(site):
-        raise ProvisionError(f"site name {site!r} is invalid: use {SITE_NAME_RULE}")
-    return site
-
-
-def request_check_code(request: dict[str, Any]) -> str:
-    """Short code the site reads to its coordinator; ``fl-server admit`` prints the same one."""
-    digest = hashlib.sha256(signed_payload(request)).hexdigest()[:20]
-    return "-".join(digest[i : i + 4] for i in range(0, 20, 4))
-
-
-def signed_payload(request: dict[str, Any]) -> bytes:
-    """The bytes ``auth_signature`` covers (ECDSA P-384, SHA-384): every field but the signature, canonical JSON."""
-    body = {k: request.get(k) for k in ("fedxray_request", "site", "csr", "auth_public_key", "created")}
-    return _SIGNED_DOMAIN + json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
 
 
 def init_site(root: str | os.PathLike[str], site: str, force: bool = False) -> Path:

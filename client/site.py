@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import os
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -89,3 +90,34 @@ class ReplyCache:
         torch.save(reply, buf)
         atomic_write_bytes(self._path(server_round, digest), buf.getvalue())
         os.chmod(self._path(server_round, digest), 0o600)
+        self.prune(server_round)
+
+    def prune(self, server_round: int, *, keep_days: float = 30.0) -> int:
+        """Drop replies nobody can ask for again; returns how many files went.
+
+        A run only ever retries its latest round (a resumed run continues after its last
+        checkpoint), so this run's replies older than the previous round go; other runs' replies
+        go once untouched for ``keep_days``. A CNN's reply is about 9 MB: without this, a site's
+        disk fills up round by round.
+        """
+        removed = 0
+        for path in self.root.glob("round-*.pt"):
+            try:
+                if int(path.name.split("-")[1]) < server_round - 1:
+                    path.unlink(missing_ok=True)
+                    removed += 1
+            except (ValueError, IndexError):
+                continue
+        cutoff = time.time() - keep_days * 86400
+        for other in self.root.parent.iterdir() if self.root.parent.is_dir() else ():
+            if other == self.root or not other.is_dir():
+                continue
+            try:
+                if other.stat().st_mtime < cutoff and all(p.stat().st_mtime < cutoff for p in other.iterdir()):
+                    for p in other.iterdir():
+                        p.unlink(missing_ok=True)
+                        removed += 1
+                    other.rmdir()
+            except OSError:
+                continue
+        return removed

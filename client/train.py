@@ -59,7 +59,7 @@ class EvalStats:
     sensitivity: float
     specificity: float
     threshold: float
-    histograms: dict[str, list[int]]  # binary: per-class score histograms for the pooled AUC
+    histograms: dict[str, list[int]]  # binary: per-class score histograms (metrics.EVAL_EDGES) for the pooled AUC
     num_positive: int
 
 
@@ -187,7 +187,7 @@ def predict(model: nn.Module, dataset: Dataset, *, device: torch.device, batch_s
 
 
 def evaluate(
-    model: nn.Module, dataset: Dataset, *, task: str, threshold: float, device: torch.device, bins: int = 200
+    model: nn.Module, dataset: Dataset, *, task: str, threshold: float, device: torch.device
 ) -> EvalStats:
     """Validation metrics at this site; histograms let the coordinator pool AUC without raw scores."""
     probs, y = predict(model, dataset, device=device)
@@ -195,17 +195,23 @@ def evaluate(
     if n == 0:
         return EvalStats(float("nan"), 0, float("nan"), float("nan"), float("nan"), threshold, {}, 0)
     eps = 1e-7
-    if task == "multiclass":
-        onehot = np.eye(probs.shape[1], dtype=np.float32)[y]
-        loss = float(-np.mean(np.log(np.clip(probs[np.arange(n), y], eps, 1.0))))
-        auc = metrics.macro_auc(onehot, probs)
-        return EvalStats(loss, n, auc, float("nan"), float("nan"), threshold, {}, 0)
+    if task in ("multiclass", "multilabel"):
+        # One-vs-rest histograms per class / finding: the coordinator pools a macro AUC from them.
+        onehot = np.eye(probs.shape[1], dtype=np.float32)[y] if task == "multiclass" else y
+        if task == "multiclass":
+            loss = float(-np.mean(np.log(np.clip(probs[np.arange(n), y], eps, 1.0))))
+        else:
+            p = np.clip(probs, eps, 1 - eps)
+            loss = float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+        hists: dict[str, list[int]] = {}
+        for c in range(probs.shape[1]):
+            h = metrics.score_histograms(onehot[:, c], probs[:, c], edges=metrics.EVAL_EDGES)
+            hists[f"pos-{c}"], hists[f"neg-{c}"] = h["pos"], h["neg"]
+        positives = int(onehot.max(axis=1).sum()) if task == "multilabel" else 0
+        return EvalStats(loss, n, metrics.macro_auc(onehot, probs), float("nan"), float("nan"), threshold, hists, positives)
     p = np.clip(probs, eps, 1 - eps)
     loss = float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
-    if task == "multilabel":
-        auc = metrics.macro_auc(y, probs)
-        return EvalStats(loss, n, auc, float("nan"), float("nan"), threshold, {}, int(y.max(axis=1).sum()))
     yt, score = y[:, 0], probs[:, 0]
     sens, spec = metrics.sens_spec(yt, score, threshold)
-    hist = metrics.score_histograms(yt, score, bins=bins)
+    hist = metrics.score_histograms(yt, score, edges=metrics.EVAL_EDGES)
     return EvalStats(loss, n, metrics.roc_auc(yt, score), sens, spec, threshold, hist, int(yt.sum()))

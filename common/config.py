@@ -38,13 +38,18 @@ DEVICE_CHOICES = ("auto", "cpu", "cuda")
 #: sets none of them. The RunConfig defaults are the scatternet ones.
 RECOMMENDED: dict[str, dict[str, Any]] = {
     "scatternet": {"optimizer": "sgd", "learning-rate": 1.0, "momentum": 0.9, "max-grad-norm": 0.1, "sample-rate": 0.2},
+    # Without DP nothing clips the gradients: SGD at 1.0 diverges; Adam 1e-3 was best of 1e-2/1e-3/1e-4
+    # on pooled validation (docs/results.md).
+    "scatternet-no-dp": {"optimizer": "adam", "learning-rate": 1e-3, "sample-rate": 0.2},
     "cnn": {"optimizer": "adam", "learning-rate": 1e-3, "max-grad-norm": 1.0, "sample-rate": 0.0, "batch-size": 32},
 }
 
 
-def recommended_settings(model: str) -> dict[str, Any]:
-    """Optimiser and sampling settings that suit ``model`` (kebab-case run-config keys)."""
-    return dict(RECOMMENDED["scatternet" if model == "scatternet" else "cnn"])
+def recommended_settings(model: str, dp: bool = True) -> dict[str, Any]:
+    """Optimiser and sampling settings that suit ``model`` with or without DP (kebab-case run-config keys)."""
+    if model == "scatternet":
+        return dict(RECOMMENDED["scatternet" if dp else "scatternet-no-dp"])
+    return dict(RECOMMENDED["cnn"])
 
 
 class ConfigError(ValueError):
@@ -76,7 +81,7 @@ class RunConfig:
     optimizer: str = "sgd"  # client optimiser: sgd (with momentum) | adam
     momentum: float = 0.9  # SGD momentum
     augment: bool = True  # CNNs: training augmentation (rotation, brightness/contrast, resized crop); scatternet: none
-    val_fraction: float = 0.2  # share of each site's patients held out for validation
+    val_fraction: float = 0.2  # kept for older configs: each site validates on its own share (node config val-fraction)
     seed: int = 0  # seeds splits, sampling, initial weights
     dp: bool = True  # DP-SGD at the sites; off only when the site also allows it
     target_epsilon: float = 8.0  # per-site epsilon for the planned rounds (used when noise-multiplier=0)
@@ -87,6 +92,7 @@ class RunConfig:
     proximal_mu: float = 0.01  # FedProx proximal term weight
     server_learning_rate: float = 0.01  # FedAdam server learning rate
     trim_beta: float = 0.2  # trimmed-mean: fraction trimmed at each end
+    server_clip: float = 0.0  # coordinator-side L2 clip of each site's update before aggregation (0: off)
     fraction_train: float = 1.0  # fraction of connected sites asked to train each round
     min_sites: int = 2  # sites needed before a round starts
     round_timeout: float = 3600.0  # seconds to wait for replies in a round
@@ -97,6 +103,7 @@ class RunConfig:
     resume_from: str = ""  # run directory to continue from its last checkpoint (fl-server resume sets it)
     parity_data: str = ""  # coordinator's reference radiographs (never patient data) for the ONNX parity check
     sim_root: str = ""  # simulation only: folder whose sites.json describes the simulated hospitals
+    tracking_uri: str = ""  # MLflow: "" a SQLite store beside the run folders, "off", or a tracking URI (server/tracking.py)
 
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any]) -> RunConfig:
@@ -148,10 +155,34 @@ class SiteConfig:
     delta: float = 1e-5  # the delta this site accounts with
     allow_no_dp: bool = False  # whether this site ever trains without DP when a run asks for it
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda
+    val_fraction: float = 0.2  # share of this site's patients kept for validation (the split is the site's own)
+    eval_noise: float = 10.0  # std of the Gaussian noise on each count of the validation score histograms
+    max_evaluations: int = 100  # evaluate replies this site sends per run (each is charged to its budget)
+    # Run settings this site accepts (a run outside them is refused before anything is read or spent):
+    max_image_size: int = 512
+    max_local_epochs: int = 50
+    max_batch_size: int = 1024
+    max_rounds: int = 500
+    max_run_epsilon: float = 0.0  # largest target-epsilon a run may plan; 0: up to max-epsilon
 
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any]) -> SiteConfig:
         return _build(cls, raw, "site config", _check_site)
+
+    def refusals(self, run: RunConfig) -> list[str]:
+        """Every run setting outside what this site accepts, each naming the key, the value and the allowed range."""
+        out: list[str] = []
+        limit = self.max_run_epsilon or self.max_epsilon
+        for key, value, top in (("image-size", run.image_size, self.max_image_size),
+                                ("local-epochs", run.local_epochs, self.max_local_epochs),
+                                ("batch-size", run.batch_size, self.max_batch_size),
+                                ("num-server-rounds", run.num_server_rounds, self.max_rounds)):
+            if value > top:
+                out.append(f"`{key}` = {value}: this site accepts at most {top} (node config max-{key.removeprefix('num-server-')})")
+        if run.dp and not run.noise_multiplier and run.target_epsilon > limit:
+            out.append(f"`target-epsilon` = {run.target_epsilon:g}: this site accepts at most {limit:g} per run "
+                       "(node config max-run-epsilon)")
+        return out
 
     def to_mapping(self) -> dict[str, Any]:
         return _to_mapping(self)
@@ -277,6 +308,7 @@ def _check_run(c: RunConfig) -> list[str]:
     _range(p, "proximal-mu", c.proximal_mu, 0.0, 100.0)
     _range(p, "server-learning-rate", c.server_learning_rate, 0.0, 10.0, lo_open=True)
     _range(p, "trim-beta", c.trim_beta, 0.0, 0.49)
+    _range(p, "server-clip", c.server_clip, 0.0, 1e9)
     _range(p, "fraction-train", c.fraction_train, 0.0, 1.0, lo_open=True)
     _range(p, "min-sites", c.min_sites, 1, 100_000)
     _range(p, "round-timeout", c.round_timeout, 1.0, 7 * 86400.0)
@@ -312,6 +344,14 @@ def _check_site(c: SiteConfig) -> list[str]:
     _range(p, "delta", c.delta, 0.0, 0.1, lo_open=True)
     if not c.site_name or not all(ch.isalnum() or ch in "-_." for ch in c.site_name):
         p.append(f"`site-name` = {c.site_name!r}: use letters, digits, '-', '_' or '.'")
+    _range(p, "val-fraction", c.val_fraction, 0.0, 0.9, lo_open=True)
+    _range(p, "eval-noise", c.eval_noise, 1.0, 1e6)
+    _range(p, "max-evaluations", c.max_evaluations, 0, 100_000)
+    _range(p, "max-image-size", c.max_image_size, 16, 4096)
+    _range(p, "max-local-epochs", c.max_local_epochs, 1, 1000)
+    _range(p, "max-batch-size", c.max_batch_size, 1, 100_000)
+    _range(p, "max-rounds", c.max_rounds, 1, 100_000)
+    _range(p, "max-run-epsilon", c.max_run_epsilon, 0.0, 1000.0)
     if not c.data_dir.is_dir():
         p.append(f"`data-dir` = {str(c.data_dir)!r} is not a folder: point it at the site's DICOM folder")
     return p

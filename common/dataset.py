@@ -13,6 +13,7 @@ train/validation split.
 from __future__ import annotations
 
 import csv
+import hashlib
 import logging
 import os
 import secrets
@@ -287,8 +288,12 @@ def scan_site(
     image_size: int | None = None,
     cache: SiteCache | None = None,
     progress: bool = False,
+    require_labels: bool = True,
 ) -> SiteIndex:
     """Find every labelled, readable image under ``data_dir``.
+
+    ``require_labels=False`` (``fl-client check`` before labelling) accepts a folder without
+    labels.csv or class subfolders: every readable image is listed with no class.
 
     With ``image_size`` the records carry uint8 [S, S] pixels (resized once and kept in ``cache``
     when one is given: later scans decode nothing). Without it, files are still fully decoded so
@@ -302,14 +307,16 @@ def scan_site(
     labels_path = root / LABELS_FILE
     labels: _Labels | None = _read_labels_csv(labels_path) if labels_path.is_file() else None
     files, ignored = _candidate_files(root)
+    unlabelled = False
     if labels is None:
         class_dirs = sorted({f.relative_to(root).parts[0] for f in files if len(f.relative_to(root).parts) > 1})
-        if not class_dirs:
+        if not class_dirs and require_labels:
             raise DatasetError(
                 f"{root}: no labels.csv and no class subfolders; add labels.csv (columns file,label) "
                 "or put images in one subfolder per class (e.g. NORMAL/, PNEUMONIA/)"
             )
-        source, kind = "class folders", "single"
+        unlabelled = not class_dirs
+        source, kind = ("none (unlabelled)" if unlabelled else "class folders"), "single"
     else:
         source, kind = labels.source, labels.kind
 
@@ -329,6 +336,8 @@ def scan_site(
             if classes is None:
                 skipped.append(Skipped(path, "no label in labels.csv"))
                 continue
+        elif unlabelled:
+            classes = ()
         else:
             if len(path.relative_to(root).parts) < 2:
                 skipped.append(Skipped(path, "not inside a class subfolder"))
@@ -458,27 +467,28 @@ class Split:
     stratified: bool
 
 
-def split_patients(
-    patients: Sequence[str], strata: Sequence[int], *, val_fraction: float, seed: int
-) -> Split:
-    """Patient-level, seeded split: every image of a patient falls on the same side.
+def split_patients(patients: Sequence[str], strata: Sequence[int], *, val_fraction: float) -> Split:
+    """Patient-level split owned by the site: every image of a patient falls on the same side.
 
-    Stratified by each patient's stratum (e.g. positive if any of their images is), so a small
-    site still validates on both classes; when a stratum has a single patient it goes to train.
+    Which side a patient falls on depends only on the patient's salted hash (keyed by the site's
+    secret salt, so nobody else can predict it) and the site's own ``val_fraction`` (node config),
+    never on anything the coordinator sets (seed, labels, task): patients are ordered within their
+    stratum by sha256 of their pseudonym and the first ``val_fraction`` of each stratum validate.
+    Stratified by each patient's stratum (e.g. positive if any of their images is), so a small site
+    still validates on both classes; a stratum with a single patient trains.
     """
     by_patient: dict[str, list[int]] = defaultdict(list)
     patient_stratum: dict[str, int] = {}
     for i, (p, s) in enumerate(zip(patients, strata, strict=True)):
         by_patient[p].append(i)
         patient_stratum[p] = max(patient_stratum.get(p, s), s)
-    rng = np.random.default_rng(seed)
     val_patients: set[str] = set()
     groups: dict[int, list[str]] = defaultdict(list)
-    for p in sorted(by_patient):
+    for p in by_patient:
         groups[patient_stratum[p]].append(p)
     stratified = len(groups) > 1
     for _, members in sorted(groups.items()):
-        order = [members[j] for j in rng.permutation(len(members))]
+        order = sorted(members, key=_split_rank)
         n_val = int(round(val_fraction * len(order)))
         if len(order) >= 2:
             n_val = min(max(n_val, 1), len(order) - 1)
@@ -494,6 +504,10 @@ def split_patients(
         len(val_patients),
         stratified,
     )
+
+
+def _split_rank(patient: str) -> str:
+    return hashlib.sha256(b"fedxray-split\n" + patient.encode()).hexdigest()
 
 
 def patient_strata(targets: Targets) -> np.ndarray:

@@ -35,10 +35,21 @@ from pydicom.pixels.processing import apply_color_lut
 from pydicom.uid import UID
 
 logger = logging.getLogger(__name__)
-# pydicom's own warnings name the file's full path (a patient's folder and file name) in the log.
-# fedxray reports an unreadable file once, as a DicomError kept on the local site, so pydicom's
-# logger only passes errors.
-logging.getLogger("pydicom").setLevel(logging.ERROR)
+
+
+class _OnlyErrors(logging.Filter):
+    """Drops pydicom's warnings while fedxray reads a file.
+
+    They name the file's full path (a patient's folder and file name); fedxray reports an
+    unreadable file once, as a DicomError kept at the site. Attached only around a read, so
+    importing this module leaves pydicom's logging as the application configured it.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR
+
+
+_PYDICOM_QUIET = _OnlyErrors()
 
 DEFAULT_SALT: bytes = b"fedxray-default-salt/for-tests-and-simulations-only"
 """Salt for tests and simulations only: a site must pass its own secret salt (kept in its state
@@ -122,11 +133,16 @@ def read_radiograph(path: str | os.PathLike[str], *, salt: bytes | str = DEFAULT
     """
     name = os.fspath(path)
     _salt_bytes(salt)  # checked before any file work
-    with warnings.catch_warnings():
-        # pydicom warns with the file's full path (a patient's folder and file name) about defects
-        # it can read past; the file either decodes, or fails with a DicomError kept at the site.
-        warnings.simplefilter("ignore")
-        return _read(name, salt)
+    pydicom_log = logging.getLogger("pydicom")
+    pydicom_log.addFilter(_PYDICOM_QUIET)
+    try:
+        with warnings.catch_warnings():
+            # pydicom warns with the file's full path (a patient's folder and file name) about defects
+            # it can read past; the file either decodes, or fails with a DicomError kept at the site.
+            warnings.simplefilter("ignore")
+            return _read(name, salt)
+    finally:
+        pydicom_log.removeFilter(_PYDICOM_QUIET)
 
 
 def _read(name: str, salt: bytes | str) -> Radiograph:
@@ -147,9 +163,8 @@ def _read(name: str, salt: bytes | str) -> Radiograph:
         reason = str(err) if isinstance(err, _ReasonError) else f"unexpected {type(err).__name__}: {err}"
         reason = reason.replace(name, "<file>")  # the reason alone must never carry the path
         raise DicomError(f"{name}: {reason}", path=name, reason=reason) from err
-    logger.debug(
-        "read %s: %dx%d %s %s window=%s",
-        os.path.basename(name),
+    logger.debug(  # no file name: site file names often carry an MRN or a patient's name
+        "read a radiograph: %dx%d %s %s window=%s",
         meta["rows"],
         meta["cols"],
         meta["photometric"],

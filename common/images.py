@@ -10,8 +10,6 @@ import os
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg"})
 
@@ -52,6 +50,9 @@ def resize_image(pixels: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
 
     This is the resize of contract 3: a hospital feeding the ONNX model must resize the same way.
     """
+    import torch  # deferred: `fl-client --help` and a bad argument answer without loading torch (about 2 s)
+    import torch.nn.functional as F
+
     height, width = (size, size) if isinstance(size, int) else size
     arr = np.ascontiguousarray(pixels, dtype=np.float32)
     if arr.shape == (height, width):

@@ -68,10 +68,21 @@ class SiteData:
     def n_val(self) -> int:
         return int(self.split.val.size)
 
+    def patients(self, which: str = "train") -> list[str]:
+        """Pseudonyms (site-salted hashes) of the patients on one side of the split: what the ledger charges."""
+        recs = self.index.records
+        idx = self.split.train if which == "train" else self.split.val
+        return sorted({recs[int(self.targets.keep[i])].patient for i in idx})
+
     def train_hashes(self) -> list[str]:
         """Content hashes of the training images: the input of the ledger's dataset fingerprint."""
         recs = self.index.records
         return [recs[int(self.targets.keep[i])].content_hash for i in self.split.train]
+
+    def val_hashes(self) -> list[str]:
+        """Content hashes of the validation images (the evaluation entries' dataset fingerprint)."""
+        recs = self.index.records
+        return [recs[int(self.targets.keep[i])].content_hash for i in self.split.val]
 
     def train_dataset(self, augment: bool = True) -> XrayDataset:
         t = train_transform(self.image_size) if augment else identity
@@ -156,10 +167,13 @@ def load_site(
     task: str,
     labels: tuple[str, ...],
     val_fraction: float,
-    seed: int,
     progress: bool = False,
 ) -> SiteData:
-    """Scan ``data_dir`` through the site cache in ``state_dir`` and split it by patient."""
+    """Scan ``data_dir`` through the site cache in ``state_dir`` and split it by patient.
+
+    ``val_fraction`` is the site's own setting (node config): the split depends on nothing the
+    coordinator chooses (common.dataset.split_patients).
+    """
     state = Path(state_dir)
     cache = SiteCache(state / "cache")
     index = scan_site(data_dir, salt=site_salt(state), image_size=image_size, cache=cache, progress=progress)
@@ -169,6 +183,6 @@ def load_site(
     for reason, n in targets.dropped.items():
         log.warning("%d image(s) left out: %s", n, reason)
     kept = [index.records[int(i)] for i in targets.keep]
-    split = split_patients([r.patient for r in kept], patient_strata(targets), val_fraction=val_fraction, seed=seed)
+    split = split_patients([r.patient for r in kept], patient_strata(targets), val_fraction=val_fraction)
     images = np.stack([r.pixels for r in kept])  # type: ignore[misc]
     return SiteData(index, targets, split, images, image_size, cache)

@@ -6,8 +6,9 @@ Provisioning (server/pki.py): ``init`` (CA, server certificate, CRL), ``admit`` 
 -> its certificate and kit; its key registered when the coordinator runs), ``remove`` (revoke,
 proxy reload, unregister), ``renew-crl`` (a fresh year for the CRL), ``sites`` (the table).
 Operation (server/coordinator.py): ``start``/``stop`` (SuperLink behind the mutual-TLS fleet
-proxy), ``run``, ``resume``, ``status``. Errors are one line on stderr, ``fl-server <cmd>:
-<message>``, and exit code 2; warnings are one line each, ``warning: ...``.
+proxy), ``status``; runs (server/runs.py): ``run``, ``resume``, ``stop-run``. Records: ``audit`` (the federation's
+hash-chained audit log, server/audit.py; ``--verify`` checks it). Errors are one line on stderr,
+``fl-server <cmd>: <message>``, and exit code 2; warnings are one line each, ``warning: ...``.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ def _fail(command: str, err: Exception) -> int:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
+    from server.audit import record_coordinator
     from server.pki import ProvisionError, federation_paths, init_federation, load_federation
 
     try:
@@ -34,6 +36,10 @@ def cmd_init(args: argparse.Namespace) -> int:
     except ProvisionError as err:
         return _fail("init", err)
     paths, federation = federation_paths(root), load_federation(root)
+    problem = record_coordinator(root, "federation-created", federation=federation["federation"],
+                                 address=federation["address"], sans=federation["sans"], replaced=bool(args.force))
+    if problem:
+        print(f"fl-server init: warning: audit log: {problem}", file=sys.stderr)
     print(f"federation {federation['federation']} created in {root}")
     print(f"  CA certificate      {paths.ca_cert}   (give to sites in every kit)")
     print(f"  CA key              {paths.ca_key}   (private: never copy it; back it up offline)")
@@ -45,7 +51,8 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 def cmd_admit(args: argparse.Namespace) -> int:
     from server.coordinator import CoordinatorError, admit_site
-    from server.pki import ProvisionError, federation_paths, read_request
+    from server.pki import ProvisionError, federation_paths
+    from server.sites import read_request
 
     try:
         request = read_request(args.request)
@@ -68,7 +75,8 @@ def cmd_remove(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from server.coordinator import CoordinatorError, Layout, remove_site, running_state
-    from server.pki import ProvisionError, list_sites
+    from server.pki import ProvisionError
+    from server.sites import list_sites
 
     try:
         before = {row["site"]: row for row in list_sites(args.dir)}
@@ -160,7 +168,8 @@ def _print_launch(record: dict) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from server.coordinator import CoordinatorError, launch
+    from server.coordinator import CoordinatorError
+    from server.runs import launch
 
     try:
         record = launch(Path(args.dir), config_file=Path(args.config) if args.config else None,
@@ -174,7 +183,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_resume(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from server.coordinator import CoordinatorError, resume
+    from server.coordinator import CoordinatorError
+    from server.runs import resume
 
     try:
         record = resume(Path(args.dir), args.run, follow=args.follow)
@@ -182,6 +192,49 @@ def cmd_resume(args: argparse.Namespace) -> int:
         return _fail("resume", err)
     _print_launch(record)
     return 0
+
+
+def cmd_stop_run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from server.coordinator import CoordinatorError
+    from server.runs import stop_run
+
+    try:
+        record = stop_run(Path(args.dir), args.run)
+    except CoordinatorError as err:
+        return _fail("stop-run", err)
+    print(f"run {args.run} stopped (Flower run id {record['run_id']}); its checkpoints stay: continue it with "
+          f"fl-server resume {args.run}")
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    """Print or verify the federation's audit log: exit 0 when the chain holds, 1 when it does not, 2 on bad input."""
+    from pathlib import Path
+
+    from common.audit import AuditError, read_entries, render_entry, verify
+    from server.audit import coordinator_log
+    from server.pki import ProvisionError, load_federation
+
+    try:
+        load_federation(args.dir)
+        path = coordinator_log(Path(args.dir).resolve())
+        report = verify(path, anchor=args.anchor)
+    except (ProvisionError, AuditError) as err:
+        return _fail("audit", err)
+    code = 0 if report.ok else 1
+    if args.verify:
+        print(json.dumps(report.to_json()) if args.json else report.summary())
+        return code
+    entries = read_entries(path)
+    if args.json:
+        print(json.dumps({"entries": entries, "verify": report.to_json()}, indent=2))
+        return code
+    for entry in entries:
+        print(render_entry(entry))
+    print(report.summary())
+    return code
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -217,7 +270,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_sites(args: argparse.Namespace) -> int:
-    from server.pki import ProvisionError, list_sites
+    from server.pki import ProvisionError
+    from server.sites import list_sites
 
     try:
         rows = list_sites(args.dir)
@@ -295,6 +349,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", default=DEFAULT_DIR, help=f"federation folder (default ./{DEFAULT_DIR})")
     p.add_argument("--follow", action="store_true", help="stream the run's log until it ends")
     p.set_defaults(func=cmd_resume)
+
+    p = sub.add_parser("stop-run", help="stop a run launched here (its checkpoints stay; fl-server resume continues it)")
+    p.add_argument("run", help="run name (folder under DIR/runs)")
+    p.add_argument("--dir", default=DEFAULT_DIR, help=f"federation folder (default ./{DEFAULT_DIR})")
+    p.set_defaults(func=cmd_stop_run)
+
+    p = sub.add_parser("audit", help="the federation's audit log: who admitted, removed, launched, stopped what, when")
+    p.add_argument("--dir", default=DEFAULT_DIR, help=f"federation folder (default ./{DEFAULT_DIR})")
+    p.add_argument("--verify", action="store_true",
+                   help="only check the hash chain: one line, exit 0 if intact, 1 naming the first bad line")
+    p.add_argument("--anchor", metavar="HASH",
+                   help="a head hash recorded earlier (audit prints it): also fail if lines after it were removed")
+    p.add_argument("--json", action="store_true", help="print the entries and the check as JSON")
+    p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("status", help="sites online, runs, current round, epsilon per site")
     p.add_argument("--dir", default=DEFAULT_DIR, help=f"federation folder (default ./{DEFAULT_DIR})")

@@ -14,13 +14,14 @@ Before anything starts: the CRL is re-signed when due if ``pki/ca.key`` is in pl
 or a refusal once it has expired: nginx would refuse every site), and the folders holding state,
 logs and the Control token are made private (0700, the database 0600). Once the SuperLink is up:
 keys of removed sites still registered are unregistered, admitted sites whose key is not
-registered yet are registered (after :func:`server.pki.check_binding`), and nodes registered in the
+registered yet are registered (after :func:`server.site_table.check_binding`), and nodes registered in the
 SuperLink but not admitted by fedxray are reported. While running, logs are rotated by size.
 
-``coordinator.json`` in the federation folder says what is running where; ``fl-server run``,
-``status``, ``resume``, ``admit`` and ``remove`` read it to talk to the local SuperLink through its
-Control API (loopback, never through the proxy), with the ``flwr`` CLI and the token that
-``fl-server start`` put in ``flwr-home/credentials.yaml``.
+``coordinator.json`` in the federation folder says what is running where; ``status``, ``admit``,
+``remove`` and the run commands (``run``, ``resume``, ``stop-run``: server/runs.py) read it to talk
+to the local SuperLink through its Control API (loopback, never through the proxy), with the
+``flwr`` CLI and the token that ``fl-server start`` put in ``flwr-home/credentials.yaml``. Every
+action on the federation is recorded in its audit log (server/audit.py).
 """
 
 from __future__ import annotations
@@ -34,16 +35,16 @@ import ssl
 import subprocess
 import sys
 import time
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.bundle import BundleError, project_root, stage_app
+from common.bundle import BundleError, project_root
 from common.cache import atomic_write_bytes, atomic_write_durable
-from common.config import to_toml
 from common.processes import free_port, offline_env, process_alive, rotate_log, stop_process, wait_http, write_local_secret
 from server import pki
+from server import sites as site_table
+from server.audit import record_coordinator
 from server.proxy import ProxyError, ProxyPaths, reload_proxy, start_proxy, write_conf
 
 log = logging.getLogger("fedxray.server")
@@ -222,14 +223,14 @@ def list_nodes(layout: Layout) -> dict[int, dict[str, Any]]:
 def register_pending(layout: Layout, *, refused: list[str] | None = None) -> list[str]:
     """Register every admitted, not yet registered site key with the running SuperLink.
 
-    Each key is checked first (:func:`server.pki.check_binding`). A key that fails raises
+    Each key is checked first (:func:`server.site_table.check_binding`). A key that fails raises
     CoordinatorError, or, when a ``refused`` list is given (``fl-server start``), is skipped and its
     one-line reason appended there, so one tampered site does not keep the others out.
     """
     done = []
-    for site in pki.pending_registrations(layout.root):
+    for site in site_table.pending_registrations(layout.root):
         try:
-            pki.check_binding(layout.root, site["site"])
+            site_table.check_binding(layout.root, site["site"])
         except pki.ProvisionError as err:
             if refused is None:
                 raise CoordinatorError(str(err)) from None
@@ -240,7 +241,7 @@ def register_pending(layout: Layout, *, refused: list[str] | None = None) -> lis
                              "--format", "json"))
         if not out.get("success"):
             raise CoordinatorError(f"could not register site {site['site']}: {_one_line(out.get('error-message', out))}")
-        pki.record_node_id(layout.root, site["site"], int(out["node-id"]))
+        site_table.record_node_id(layout.root, site["site"], int(out["node-id"]))
         done.append(site["site"])
     return done
 
@@ -255,7 +256,7 @@ def unregister_revoked(layout: Layout, nodes: dict[int, dict[str, Any]] | None =
     """Unregister the keys of removed sites that the SuperLink still has (e.g. removed while stopped)."""
     nodes = list_nodes(layout) if nodes is None else nodes
     done = []
-    for gone in pki.revoked_registrations(layout.root):
+    for gone in site_table.revoked_registrations(layout.root):
         node = nodes.get(gone["node_id"])
         if node is not None and node.get("status") not in UNREGISTERED:
             unregister(layout, gone["node_id"])
@@ -268,8 +269,8 @@ def unadmitted_nodes(layout: Layout, nodes: dict[int, dict[str, Any]]) -> list[d
 
     Each item: {node_id, status, removed_site (the removed site whose key it was, or null)}.
     """
-    admitted = {int(r["node_id"]) for r in pki.list_sites(layout.root) if not r.get("revoked") and r.get("node_id") is not None}
-    removed = {r["node_id"]: r["site"] for r in pki.revoked_registrations(layout.root)}
+    admitted = {int(r["node_id"]) for r in site_table.list_sites(layout.root) if not r.get("revoked") and r.get("node_id") is not None}
+    removed = {r["node_id"]: r["site"] for r in site_table.revoked_registrations(layout.root)}
     return [{"node_id": node_id, "status": node.get("status"), "removed_site": removed.get(node_id)}
             for node_id, node in sorted(nodes.items())
             if node_id not in admitted and node.get("status") not in UNREGISTERED]
@@ -286,6 +287,13 @@ def unadmitted_warning(layout: Layout, node: dict[str, Any]) -> str:
 
 def _warn(message: str) -> None:
     print(f"fl-server: warning: {message}", file=sys.stderr, flush=True)
+
+
+def _audit(layout: Layout, event: str, /, **details: Any) -> None:
+    """Record an event in the federation's audit log (server/audit.py); a failed write is a warning, the action stands."""
+    problem = record_coordinator(layout.root, event, **details)
+    if problem:
+        _warn(f"audit log: {problem}")
 
 
 def start(root: Path, *, listen_host: str = "0.0.0.0", listen_port: int | None = None,
@@ -311,6 +319,7 @@ def start(root: Path, *, listen_host: str = "0.0.0.0", listen_port: int | None =
                                      stderr=subprocess.STDOUT, cwd=layout.root, start_new_session=True, umask=0o077)
     proxy = None
     stopping = {"flag": False}
+    stop_reason = "error at start"
 
     def _stop(signum, frame):  # noqa: ANN001
         stopping["flag"] = True
@@ -344,14 +353,20 @@ def start(root: Path, *, listen_host: str = "0.0.0.0", listen_port: int | None =
         print(f"fl-server: coordinator up. Hospitals dial {federation['address']} (proxy on {listen_host}:{port}, "
               f"mutual TLS, Fleet API only); SuperLink on 127.0.0.1:{superlink_port} with node authentication. "
               f"{len(registered)} site key(s) registered now. Stop with Ctrl-C or `fl-server stop`.", flush=True)
+        _audit(layout, "coordinator-started", federation=federation.get("federation"), address=federation["address"],
+               listen=f"{listen_host}:{port}", superlink_port=superlink_port, keys_registered=len(registered),
+               refused=len(refused))
+        stop_reason = "stopped on request (SIGTERM/SIGINT)"
         if ready_file is not None:
             ready_file.write_text(json.dumps(state))
         while not stopping["flag"]:
             if superlink.poll() is not None:
+                stop_reason = f"the SuperLink exited (code {superlink.returncode})"
                 print(f"fl-server: the SuperLink exited (code {superlink.returncode}); see {superlink_log}",
                       file=sys.stderr)
                 return 1
             if proxy.poll() is not None:
+                stop_reason = f"the fleet proxy exited (code {proxy.returncode})"
                 print(f"fl-server: the fleet proxy exited (code {proxy.returncode}); see "
                       f"{layout.proxy_dir / 'proxy-error.log'}", file=sys.stderr)
                 return 1
@@ -368,6 +383,7 @@ def start(root: Path, *, listen_host: str = "0.0.0.0", listen_port: int | None =
             stop_process(proxy)
         stop_process(superlink)
         layout.state_file.unlink(missing_ok=True)
+        _audit(layout, "coordinator-stopped", reason=stop_reason)
 
 
 def stop(root: Path, timeout: float = 30.0) -> bool:
@@ -376,6 +392,7 @@ def stop(root: Path, timeout: float = 30.0) -> bool:
     state = running_state(layout)
     if state is None:
         return False
+    _audit(layout, "coordinator-stop-requested")
     try:
         os.kill(int(state["supervisor_pid"]), signal.SIGTERM)
     except ProcessLookupError:  # its supervisor was killed: stop the orphaned SuperLink and proxy directly
@@ -407,73 +424,12 @@ def _project_root() -> Path:
         raise CoordinatorError(str(err)) from None
 
 
-def launch(root: Path, *, config_file: Path | None = None, overrides: dict[str, Any] | None = None,
-           follow: bool = False) -> dict[str, Any]:
-    """Start a run of the fedxray app on the running SuperLink; returns {run_id, run_name, bundle, run_dir}."""
-    from client.approval import installed_bundle
-    from common.config import ConfigError, RunConfig
-
-    layout = Layout(Path(root).resolve())
-    require_running(layout)
-    values: dict[str, Any] = {}
-    if config_file is not None:
-        try:
-            values.update(tomllib.loads(Path(config_file).read_text()))
-        except (OSError, tomllib.TOMLDecodeError) as err:
-            raise CoordinatorError(f"cannot read run config {config_file}: {err}") from None
-    values.update(overrides or {})
-    values.setdefault("run-name", time.strftime("run-%Y%m%d-%H%M%S"))
-    values["runs-dir"] = str(layout.runs)
-    defaults = tomllib.loads((_project_root() / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
-    unknown = sorted(set(values) - set(defaults))
-    if unknown:
-        raise CoordinatorError(f"unknown run setting(s) {', '.join(unknown)}; known: {', '.join(sorted(defaults))}")
-    try:
-        RunConfig.from_mapping({**defaults, **values})
-    except ConfigError as err:
-        raise CoordinatorError(str(err)) from None
-    run_dir = layout.runs / str(values["run-name"])
-    if run_dir.exists() and "resume-from" not in values:
-        raise CoordinatorError(f"{run_dir} exists: choose another run-name, or continue it with "
-                               f"`fl-server resume {values['run-name']}`")
-    cfg = layout.root / "state" / f"{values['run-name']}.run-config.toml"
-    cfg.parent.mkdir(parents=True, exist_ok=True)
-    cfg.write_text(to_toml(values))
-    fab_hash, _ = installed_bundle()
-    app = stage_app(layout.root / "state")  # only the app files: `flwr run` walks all of its folder
-    args = ["run", str(app), CONNECTION, "--run-config", str(cfg)]
-    if not follow:
-        proc = flwr(layout, *args, "--format", "json")
-        out = _json_out(proc)
-        if not out.get("success"):
-            raise CoordinatorError(f"the SuperLink refused the run: {out.get('error-message', out)}")
-        run_id = out.get("run-id")
-    else:
-        proc = subprocess.run(["flwr", *args, "--stream"], env=offline_env(layout.flwr_home), cwd=layout.root)
-        if proc.returncode != 0:
-            raise CoordinatorError(f"`flwr run` failed (exit {proc.returncode}); see {layout.logs / 'superlink.log'}")
-        run_id = None
-    record = {"run_id": run_id, "run_name": values["run-name"], "bundle": fab_hash, "run_dir": str(run_dir),
-              "config": str(cfg)}
-    runs_index = layout.root / "state" / "runs.jsonl"
-    with open(runs_index, "a") as fh:
-        fh.write(json.dumps(record) + "\n")
-    return record
-
-
-def resume(root: Path, run_name: str, *, follow: bool = False) -> dict[str, Any]:
-    """Continue ``runs/<run_name>`` from its last checkpoint with the rounds it has left."""
-    layout = Layout(Path(root).resolve())
-    run_dir = layout.runs / run_name
-    cfg = layout.root / "state" / f"{run_name}.run-config.toml"
-    if not (run_dir / "checkpoints").is_dir() or not cfg.is_file():
-        known = sorted(p.name for p in layout.runs.iterdir()) if layout.runs.is_dir() else []
-        raise CoordinatorError(f"no run '{run_name}' with checkpoints under {layout.runs}; runs here: "
-                               f"{', '.join(known) or 'none'}")
-    values = tomllib.loads(cfg.read_text())
-    values["resume-from"] = str(run_dir)
-    values.pop("runs-dir", None)
-    return launch(root, overrides=values, follow=follow)
+def run_dirs(layout: Layout) -> list[Path]:
+    """The run folders under ``runs/`` (a run writes ``run-id`` first); not the tracking store kept beside them."""
+    if not layout.runs.is_dir():
+        return []
+    return sorted(p for p in layout.runs.iterdir()
+                  if p.is_dir() and any((p / name).exists() for name in ("run-id", "metrics.json", "checkpoints")))
 
 
 def status(root: Path) -> dict[str, Any]:
@@ -488,14 +444,14 @@ def status(root: Path) -> dict[str, Any]:
     state = running_state(layout)
     nodes = list_nodes(layout) if state is not None else {}
     sites = []
-    for site in pki.list_sites(layout.root):
+    for site in site_table.list_sites(layout.root):
         node = nodes.get(int(site["node_id"])) if site.get("node_id") is not None else None
         sites.append({"site": site["site"], "revoked": bool(site.get("revoked")),
                       "registered": site.get("node_id") is not None,
                       "status": node["status"] if node else ("unknown" if state is None else "not registered")})
     runs = []
     if layout.runs.is_dir():
-        for run_dir in sorted(layout.runs.iterdir(), key=lambda p: p.stat().st_mtime):
+        for run_dir in sorted(run_dirs(layout), key=lambda p: p.stat().st_mtime):
             metrics = run_dir / "metrics.json"
             rounds = json.loads(metrics.read_text()).get("rounds", []) if metrics.is_file() else []
             last = rounds[-1] if rounds else {}
@@ -518,8 +474,16 @@ def admit_site(root: Path, request: Path, out: Path | None = None) -> tuple[Path
     Returns (kit folder, registered now). Otherwise the key is registered at the next start.
     """
     layout = Layout(Path(root).resolve())
-    kit = pki.admit(layout.root, request, out)
-    registered = bool(running_state(layout)) and bool(register_pending(layout))
+    kit = site_table.admit(layout.root, request, out)
+    site = site_table.read_request(request).site
+    registered = False
+    try:
+        registered = bool(running_state(layout)) and bool(register_pending(layout))
+    finally:  # the admission stands even if the registration failed: record it either way
+        rec = next((r for r in site_table.list_sites(layout.root) if r["site"] == site and not r.get("revoked")), {})
+        _audit(layout, "site-admitted", site=site, serial=rec.get("serial"), auth_key_sha256=rec.get("auth_key_sha256"),
+               cert_sha256=rec.get("cert_sha256"), check_code=rec.get("check_code"),
+               registered_now=registered)
     return kit, registered
 
 
@@ -531,18 +495,26 @@ def remove_site(root: Path, site: str) -> None:
     but the certificate still opens the door (its SuperNode would retry through it).
     """
     layout = Layout(Path(root).resolve())
-    node_id = pki.revoke(layout.root, site)
-    state = running_state(layout)
-    if state is None:
-        return
+    node_id = site_table.revoke(layout.root, site)
+    serial = next((r.get("serial") for r in site_table.list_sites(layout.root) if r["site"] == site), None)
+    done = {"proxy_reloaded": False, "unregistered_now": False}
     try:
-        reload_proxy(Path(state["proxy_conf"]), master_pid=int(state["proxy_pid"]))
-    except ProxyError as err:
+        state = running_state(layout)
+        if state is None:
+            return
+        try:
+            reload_proxy(Path(state["proxy_conf"]), master_pid=int(state["proxy_pid"]))
+            done["proxy_reloaded"] = True
+        except ProxyError as err:
+            if node_id is not None:
+                unregister(layout, node_id)  # the key at least: Flower refuses the site even if nginx did not reload
+                done["unregistered_now"] = True
+            raise CoordinatorError(str(err)) from None
         if node_id is not None:
-            unregister(layout, node_id)  # the key at least: Flower refuses the site even if nginx did not reload
-        raise CoordinatorError(str(err)) from None
-    if node_id is not None:
-        unregister(layout, node_id)
+            unregister(layout, node_id)
+            done["unregistered_now"] = True
+    finally:  # the certificate is revoked whatever happened next: record it, with how far the rest got
+        _audit(layout, "site-removed", site=site, serial=serial, node_id=node_id, **done)
 
 
 def renew_crl(root: Path) -> bool:
@@ -551,9 +523,12 @@ def renew_crl(root: Path) -> bool:
     pki.renew_crl(layout.root, force=True)
     state = running_state(layout)
     if state is None:
+        _audit(layout, "crl-renewed", proxy_reloaded=False)
         return False
     try:
         reload_proxy(Path(state["proxy_conf"]), master_pid=int(state["proxy_pid"]))
     except ProxyError as err:
+        _audit(layout, "crl-renewed", proxy_reloaded=False)
         raise CoordinatorError(str(err)) from None
+    _audit(layout, "crl-renewed", proxy_reloaded=True)
     return True

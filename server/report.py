@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,32 @@ def write_metrics(run_dir: Path, run_name: str, run_config: dict[str, Any], roun
     doc = {"run": run_name, "config": run_config, "rounds": rounds, **(extra or {})}
     path = Path(run_dir) / "metrics.json"
     atomic_write_bytes(path, json.dumps(json_safe(doc), indent=2).encode())
+    _like_other_files(path)
     return path
+
+
+def fitness_warnings(record: dict[str, Any], threshold: float) -> list[str]:
+    """Plain reasons the exported model is not fit for use, for the card, metrics.json and the summary."""
+    from common.metrics import EVAL_EDGES
+
+    out = []
+    auc = record.get("pooled_auc")
+    if auc is None or auc != auc:
+        out.append("no pooled validation AUC was measured: the model's accuracy is unknown")
+    elif auc < 0.6:
+        out.append(f"pooled validation AUC {auc:.3f} is near chance (0.5): the model is not fit for use")
+    hists = pooled_histograms(record)
+    if hists:
+        pos = np.sum([np.asarray(h["pos"], float) for h in hists], axis=0)
+        neg = np.sum([np.asarray(h["neg"], float) for h in hists], axis=0)
+        counts = np.clip(pos + neg, 0.0, None)
+        k = int(np.searchsorted(EVAL_EDGES, threshold, side="left"))
+        share = float(counts[k:].sum() / counts.sum()) if counts.sum() > 0 else float("nan")
+        if share == share and (share > 0.98 or share < 0.02):
+            side = "positive" if share > 0.98 else "negative"
+            out.append(f"at the decision threshold {threshold:.3g} about {share:.0%} of the validation images are called "
+                       f"positive: nearly every image is called {side}")
+    return out
 
 
 def pooled_histograms(round_record: dict[str, Any]) -> list[dict[str, list[int]]]:
@@ -52,6 +78,7 @@ def write_plots(run_dir: Path, rounds: list[dict[str, Any]]) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     out: list[Path] = []
     if not rounds:
@@ -61,11 +88,14 @@ def write_plots(run_dir: Path, rounds: list[dict[str, Any]]) -> list[Path]:
     a1.plot(r, [x.get("pooled_auc") or np.nan for x in rounds], "o-", color="tab:blue")
     a1.set(xlabel="round", ylabel="pooled validation AUC", ylim=(0.4, 1.0), title="Pooled AUC")
     a1.grid(alpha=0.3)
-    a2.plot(r, [x.get("train_loss") or np.nan for x in rounds], "o-", label="train (weighted)")
-    a2.plot(r, [x.get("eval_loss") or np.nan for x in rounds], "s--", label="validation (weighted)")
+    if any(x.get("train_loss") is not None for x in rounds):  # sites send no training loss under DP
+        a2.plot(r, [x.get("train_loss") or np.nan for x in rounds], "o-", label="train (weighted)")
+    a2.plot(r, [x.get("eval_loss") or np.nan for x in rounds], "s--", label="validation (from noised histograms)")
     a2.set(xlabel="round", ylabel="loss", title="Loss")
     a2.legend()
     a2.grid(alpha=0.3)
+    for axis in (a1, a2):
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
     fig.tight_layout()
     path = Path(run_dir) / "rounds.png"
     fig.savefig(path, dpi=110)
@@ -95,6 +125,23 @@ def _fmt(v: Any, digits: int = 3) -> str:
     return str(v)
 
 
+def _auc_with_ci(record: dict[str, Any]) -> str:
+    """AUC with a 95% interval (Hanley & McNeil 1982 standard error from the pooled counts)."""
+    import math
+
+    auc = record.get("pooled_auc")
+    sites = record.get("sites", {}).values()
+    n_pos = sum(float(s.get("val_positive") or 0) for s in sites)
+    n_neg = sum(float(s.get("val_examples") or 0) for s in sites) - n_pos
+    if auc is None or auc != auc or n_pos < 1 or n_neg < 1:
+        return _fmt(auc)
+    q1, q2 = auc / (2 - auc), 2 * auc * auc / (1 + auc)
+    var = (auc * (1 - auc) + (n_pos - 1) * (q1 - auc * auc) + (n_neg - 1) * (q2 - auc * auc)) / (n_pos * n_neg)
+    half = 1.96 * math.sqrt(max(var, 0.0))
+    return (f"{auc:.3f} (95% CI {max(0.0, auc - half):.3f}-{min(1.0, auc + half):.3f}, Hanley-McNeil, from about "
+            f"{n_pos:.0f} positive and {n_neg:.0f} negative validation images; counts are noised at the sites)")
+
+
 def _local_epochs(run_config: dict[str, Any]) -> str:
     epochs = run_config.get("local-epochs")
     if epochs in (0, "0", None):
@@ -114,11 +161,25 @@ def write_model_card(run_dir: Path, *, run_name: str, run_config: dict[str, Any]
     """model_card.md: data per site (counts, prevalence), training and DP setup, metrics, use and limits."""
     last = rounds[-1] if rounds else {}
     sites = sorted({s for x in rounds for s in x.get("sites", {})})
+    export = export or {}
+    problems = list(export.get("warnings", []))
+    source = str(export.get("data_source", ""))
+    if source == "synthetic":
+        problems.append("trained on synthetic phantom radiographs (fl-sim): a demonstration, not a model for patients")
+    elif source:
+        problems.append(f"trained on simulated hospitals made from a public research set ({source.removeprefix('images:')}), "
+                        "not on a hospital's own patients")
+    chosen = next((x for x in rounds if x.get("round") == export.get("round")), last)
     lines = [
-        f"# Model card: {run_name}",
+        f"# Model card: {run_config.get('task')} {run_config.get('labels')} classifier, run {run_name}",
         "",
-        f"Created {datetime.now(UTC).isoformat(timespec='seconds')} by fedxray. Federated training across "
+        f"Created {datetime.now(UTC).isoformat(timespec='seconds')} by fedxray {export.get('version', '')}"
+        f" (app bundle sha256 {export.get('bundle_sha256') or 'unknown'}). Federated training across "
         f"{len(sites)} site(s); no image left any site.",
+        "",
+        "## Fitness for use",
+        *([f"- **WARNING**: {w}" for w in problems] or ["- no warning: see the figures and limits below before any use"]),
+        f"- pooled validation AUC of the exported round: {_auc_with_ci(chosen)}",
         "",
         "## Model",
         f"- architecture: {model_info.get('name')}: {model_info.get('architecture', '')}; "
@@ -176,11 +237,15 @@ def write_model_card(run_dir: Path, *, run_name: str, run_config: dict[str, Any]
             f"| {x['round']} | {_fmt(x.get('pooled_auc'))} | {_fmt(x.get('sensitivity'))} | "
             f"{_fmt(x.get('specificity'))} | {_fmt(x.get('train_loss'))} | {eps or '-'} |"
         )
+    use = ("- **Not for use on patients**: see the warnings at the top." if problems else
+           "- Research use: triage support for chest radiographs of the kind the sites trained on. Not a medical "
+           "device; not for diagnosis without a radiologist.")
     lines += [
         "",
         "## Intended use and limits",
-        "- Research use: triage support for chest radiographs of the kind the sites trained on. Not a medical "
-        "device; not for diagnosis without a radiologist.",
+        use,
+        "- Privacy is per image: a patient with k images in a training split is protected at about k times the "
+        "epsilon above (group privacy); each site's ledger accounts per patient over all its runs (`fl-client status`).",
         "- Validated only on the sites' own validation splits (patient-level) listed above; performance on other "
         "hospitals, populations, projections (e.g. lateral) or equipment is unknown until measured there "
         "(`fl-client evaluate`).",
@@ -192,4 +257,12 @@ def write_model_card(run_dir: Path, *, run_name: str, run_config: dict[str, Any]
     ]
     path = Path(run_dir) / "model_card.md"
     atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
+    _like_other_files(path)
     return path
+
+
+def _like_other_files(path: Path) -> None:
+    """Give a file written through a temp file the mode the process' umask gives other files (model.onnx)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)

@@ -9,7 +9,11 @@ it does not copy their loop. It adds
   what the local optimiser could produce from clipped gradients. A bad update is rejected for that
   round and logged; the round goes on with the others;
 * per-site bookkeeping (epsilon, loss, validation metrics) and the pooled validation AUC from the
-  sites' score histograms, for the round record.
+  sites' noised score histograms, for the round record;
+* the coordinator's own checks: a site is its node id (the name it reports is a label bound on
+  first sight), the update-norm bound uses the coordinator's own DP plan (steps and noise from the
+  run config), a site's weight in the average is capped by the count it first reported, and
+  optional server-side clipping of each update (run config ``server-clip``).
 """
 
 from __future__ import annotations
@@ -27,8 +31,9 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrim
 
 from common import metrics
 from common.config import RunConfig
+from common.privacy import noise_for_target
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("flwr.fedxray.strategy")  # reaches the run log through Flower's handler
 
 # An update is rejected when its L2 norm exceeds this multiple of what the optimiser can move
 # the weights in the round's steps (Adam: about lr per weight per step; SGD: lr x clipped+noised
@@ -47,24 +52,67 @@ class RoundLog:
     failures: list[str] = field(default_factory=list)  # error replies (e.g. budget refused)
 
 
-def _site_name(msg: Message) -> str:
+def _claimed_name(msg: Message) -> str | None:
     rec = msg.content.get("site") if msg.has_content() else None
     if isinstance(rec, ConfigRecord) and "site-name" in rec:
         return str(rec["site-name"])
-    return f"node-{msg.metadata.src_node_id}"
+    return None
 
 
-def update_norm_bound(run: RunConfig, steps: int, n_params: int, noise_multiplier: float) -> float:
-    """Largest plausible L2 norm of one round's weight change at a site (see NORM_SAFETY)."""
+@dataclass(frozen=True)
+class ServerPlan:
+    """What the coordinator expects of every site's round, computed from the run config alone.
+
+    With ``sample-rate`` set, every site takes the same number of steps per round and (for a
+    target epsilon) the same noise multiplier whatever its size, so the coordinator can check an
+    update against its own numbers instead of the ones the site reports.
+    """
+
+    steps: int | None  # None: depends on the site's size (batch-size mode)
+    noise_multiplier: float | None  # None: not known to the server
+
+
+def server_plan(run: RunConfig) -> ServerPlan:
+    if run.sample_rate <= 0:
+        return ServerPlan(None, run.noise_multiplier or None)
+    epochs = run.epochs_per_round(run.sample_rate)
+    steps = math.ceil(epochs / run.sample_rate - 1e-9)
+    sigma: float | None = None
+    if run.dp:
+        if run.noise_multiplier:
+            sigma = run.noise_multiplier
+        else:
+            try:
+                sigma = noise_for_target(run.target_epsilon, run.delta, run.sample_rate, steps * run.num_server_rounds)
+            except ValueError:
+                sigma = None
+    return ServerPlan(steps, sigma)
+
+
+def update_norm_bound(run: RunConfig, steps: int, n_params: int, noise_multiplier: float, batch: float = 1.0) -> float:
+    """Largest plausible L2 norm of one round's weight change at a site (see NORM_SAFETY).
+
+    ``batch`` is the site's expected batch (the server's estimate; 1 when unknown, the loosest).
+    """
     steps = max(1, steps)
     if run.optimizer == "adam":
         per_step = run.learning_rate * math.sqrt(n_params)
     else:
-        # With sample-rate batches the server does not know a site's batch: assume the smallest.
-        batch = run.batch_size if run.sample_rate == 0 else 1
-        grad = run.max_grad_norm * (1.0 + noise_multiplier * math.sqrt(n_params) / max(1, batch))
+        grad = run.max_grad_norm * (1.0 + noise_multiplier * math.sqrt(n_params) / max(1.0, batch))
         per_step = run.learning_rate * grad / (1.0 - run.momentum)
     return NORM_SAFETY * per_step * steps
+
+
+def clip_update(update: dict[str, np.ndarray], reference: dict[str, np.ndarray], max_norm: float) -> tuple[dict[str, np.ndarray], float]:
+    """Scale a site's weight change to at most ``max_norm`` (L2 over all float tensors); (update, original norm)."""
+    sq = sum(float(np.sum((update[k].astype(np.float64) - reference[k]) ** 2)) for k in reference if reference[k].dtype.kind == "f")
+    norm = math.sqrt(sq)
+    if norm <= max_norm or norm == 0.0:
+        return update, norm
+    scale = max_norm / norm
+    out = {k: (reference[k] + scale * (update[k] - reference[k])).astype(update[k].dtype) if reference[k].dtype.kind == "f"
+           else update[k] for k in update}
+    return out, norm
 
 
 def check_update(
@@ -99,6 +147,27 @@ class FedxrayMixin:
         self.logs: dict[int, RoundLog] = {}
         self._global: dict[str, np.ndarray] = {}
         self.threshold = 0.5
+        self.plan = server_plan(run)
+        self.names: dict[int, str] = {}  # node id -> the site name it first reported (one name per node)
+        self.registered_examples: dict[int, int] = {}  # node id -> training images first reported this run
+
+    # -- who is who ---------------------------------------------------------------------
+    def site_of(self, msg: Message) -> tuple[str, str | None]:
+        """(label, problem): a site is its node id (bound to its certificate and key at admission); the
+        name it reports is a label, kept from the first reply. A reply claiming a name that another node
+        uses is a problem (it would overwrite that site's figures)."""
+        node = int(msg.metadata.src_node_id)
+        claimed = _claimed_name(msg)
+        if node in self.names:
+            label = self.names[node]
+            if claimed is not None and claimed != label:
+                return label, f"reported site name {claimed!r}, but node {node} joined as {label!r}"
+            return label, None
+        label = claimed or f"node-{node}"
+        if label in self.names.values():
+            return f"node-{node}", f"reported site name {label!r}, which another node already uses"
+        self.names[node] = label
+        return label, None
 
     # -- round offset -----------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
@@ -108,6 +177,8 @@ class FedxrayMixin:
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         config["threshold"] = float(self.threshold)
+        # The last round also asks for the (noised) image statistics of the drift reference.
+        config["reference-stats"] = server_round + self.round_offset >= self.run.num_server_rounds
         return super().configure_evaluate(server_round + self.round_offset, arrays, config, grid)  # type: ignore[misc]
 
     # -- validation before aggregation ------------------------------------------------
@@ -117,7 +188,7 @@ class FedxrayMixin:
         good: list[Message] = []
         n_params = sum(int(v.size) for v in self._global.values() if v.dtype.kind == "f")
         for msg in replies:
-            site = _site_name(msg)
+            site, identity_problem = self.site_of(msg)
             if msg.has_error():
                 reason = msg.error.reason or f"error code {msg.error.code}"
                 entry.failures.append(f"{site}: {reason}")
@@ -131,10 +202,31 @@ class FedxrayMixin:
                 entry.rejected[site] = f"malformed reply ({err})"
                 log.warning("round %d: rejected the update of %s: malformed reply", r, site)
                 continue
-            bound = update_norm_bound(self.run, int(m.get("steps", 1)), n_params, float(m.get("noise-multiplier", 0)))
-            reason = check_update(update, self._global, bound=bound) if self._global else None
+            reason = identity_problem
             if reason is None and "num-examples" not in m:
                 reason = "missing required key `num-examples` in the metrics"
+            if reason is None:
+                node = int(msg.metadata.src_node_id)
+                # A site's weight in the average is capped by what it first reported this run.
+                first = self.registered_examples.setdefault(node, max(1, int(m["num-examples"])))
+                if int(m["num-examples"]) > first:
+                    log.warning("round %d: %s now reports %d training images, %d before; weighting it by %d",
+                                r, site, int(m["num-examples"]), first, first)
+                    m["num-examples"] = first
+                    msg.content.metric_records[next(iter(msg.content.metric_records))]["num-examples"] = first
+                steps = self.plan.steps or int(m.get("steps", 1))
+                sigma = self.plan.noise_multiplier if self.plan.noise_multiplier is not None else float(m.get("noise-multiplier", 0))
+                batch = self.run.sample_rate * first if self.run.sample_rate > 0 else float(self.run.batch_size)
+                # Without DP nothing clips a site's gradients, so no step bound holds: only shapes and
+                # finite values are checked (and server-clip, when set, bounds every update).
+                bound = update_norm_bound(self.run, steps, n_params, sigma, batch) if self.run.dp else None
+                reason = check_update(update, self._global, bound=bound) if self._global else None
+            if reason is None and self.run.server_clip > 0 and self._global:
+                clipped, norm = clip_update(update, self._global, self.run.server_clip)
+                if clipped is not update:
+                    log.info("round %d: clipped the update of %s from norm %.3g to %.3g", r, site, norm, self.run.server_clip)
+                    key = next(iter(msg.content.array_records))
+                    msg.content.array_records[key] = ArrayRecord({k: np.ascontiguousarray(v) for k, v in clipped.items()})
             if reason is not None:
                 entry.rejected[site] = reason
                 log.warning("round %d: rejected the update of %s: %s", r, site, reason)
@@ -151,50 +243,67 @@ class FedxrayMixin:
         r = server_round + self.round_offset
         entry = self.logs.setdefault(r, RoundLog())
         for msg in replies:
-            site = _site_name(msg)
+            site, problem = self.site_of(msg)
             if msg.has_error():
                 entry.failures.append(f"{site} (evaluate): {msg.error.reason}")
                 continue
+            if problem is not None:
+                entry.rejected[site] = problem
+                continue
             m = dict(next(iter(msg.content.metric_records.values())))
-            entry.evaluate[site] = {k: (list(v) if isinstance(v, list) else float(v)) for k, v in m.items()}
+            values = {k: (list(v) if isinstance(v, list) else float(v)) for k, v in m.items()}
+            try:
+                if values.get("hist-pos") and values.get("hist-neg"):
+                    hist = [{"pos": values["hist-pos"], "neg": values["hist-neg"]}]
+                    values["auc"] = metrics.pooled_auc_from_histograms(hist)
+                    values["num-positive"] = float(max(0.0, sum(values["hist-pos"])))
+                elif per_class := _class_histograms(values):
+                    aucs = [metrics.pooled_auc_from_histograms([h]) for h in per_class.values()]
+                    values["auc"] = float(np.nanmean(aucs)) if not all(a != a for a in aucs) else math.nan
+            except metrics.MetricsError as err:
+                entry.rejected[site] = f"malformed evaluation histograms ({err})"
+                continue
+            entry.evaluate[site] = values
         return self.pooled(r)
 
     def pooled(self, r: int) -> MetricRecord | None:
+        """Pooled validation metrics of round ``r``, all from the sites' noised score histograms."""
         entry = self.logs.get(r)
         if entry is None or not entry.evaluate:
             return None
         sites = list(entry.evaluate.values())
-        weights = [int(s.get("num-examples", 0)) for s in sites]
-        hists = [{"pos": s.get("hist-pos", []), "neg": s.get("hist-neg", [])} for s in sites if s.get("hist-pos")]
+        weights = [max(0, int(s.get("num-examples", 0))) for s in sites]
+        hists = [{"pos": s["hist-pos"], "neg": s["hist-neg"]} for s in sites if s.get("hist-pos")]
         out: dict[str, float] = {
-            "eval-loss": metrics.weighted_mean([s.get("eval-loss", math.nan) for s in sites], weights),
             "site-auc-mean": metrics.weighted_mean([s.get("auc", math.nan) for s in sites], weights),
-            "sensitivity": metrics.weighted_mean([s.get("sensitivity", math.nan) for s in sites], weights),
-            "specificity": metrics.weighted_mean([s.get("specificity", math.nan) for s in sites], weights),
             "num-examples": float(sum(weights)),
         }
+        per_class = [_class_histograms(s) for s in sites]
         if hists:
             out["pooled-auc"] = metrics.pooled_auc_from_histograms(hists)
-            fpr, tpr = metrics.pooled_roc_from_histograms(hists)
-            self.threshold = _youden_threshold(hists, fpr, tpr)
+            self.threshold = metrics.histogram_threshold(hists, metrics.EVAL_EDGES)
+            out["sensitivity"], out["specificity"] = metrics.histogram_rates(hists, self.threshold, metrics.EVAL_EDGES)
+            out["eval-loss"] = metrics.histogram_loss(hists, metrics.EVAL_EDGES)
+        elif any(per_class):
+            # Multiclass / multilabel: the macro AUC over classes, each pooled over the sites (one-vs-rest).
+            classes = sorted({c for p in per_class for c in p})
+            aucs = [metrics.pooled_auc_from_histograms([p[c] for p in per_class if c in p]) for c in classes]
+            out["pooled-auc"] = float(np.nanmean(aucs)) if any(a == a for a in aucs) else math.nan
+            for c, auc in zip(classes, aucs):
+                out[f"pooled-auc-{c}"] = auc
         else:
             out["pooled-auc"] = out["site-auc-mean"]
         out["threshold"] = float(self.threshold)
         return MetricRecord(out)
 
 
-def _youden_threshold(hists: list[dict[str, list[int]]], fpr: np.ndarray, tpr: np.ndarray) -> float:
-    """The bin edge maximising sensitivity + specificity - 1 on the pooled validation histograms."""
-    pos = np.sum([np.asarray(h["pos"], float) for h in hists], axis=0)
-    neg = np.sum([np.asarray(h["neg"], float) for h in hists], axis=0)
-    bins = len(pos)
-    if pos.sum() == 0 or neg.sum() == 0:
-        return 0.5
-    # predicting positive for bins >= k: sensitivity = pos[k:].sum()/P, specificity = neg[:k].sum()/N
-    sens = np.cumsum(pos[::-1])[::-1] / pos.sum()
-    spec = np.concatenate([[0.0], np.cumsum(neg)[:-1]]) / neg.sum()
-    k = int(np.argmax(sens + spec - 1.0))
-    return float(k / bins)
+def _class_histograms(values: dict[str, Any]) -> dict[str, dict[str, list[float]]]:
+    """{class index: {"pos", "neg"}} from a multiclass / multilabel evaluate reply (hist-pos-<c>, hist-neg-<c>)."""
+    out: dict[str, dict[str, list[float]]] = {}
+    for key, value in values.items():
+        if key.startswith("hist-pos-") and f"hist-neg-{key[9:]}" in values:
+            out[key[9:]] = {"pos": value, "neg": values[f"hist-neg-{key[9:]}"]}
+    return out
 
 
 _BASES = {

@@ -110,12 +110,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     if data is None and local_epochs == 0 and "local-epochs" not in sets:
         local_epochs = SYNTHETIC_LOCAL_EPOCHS
     raw = {
-        **recommended_settings(str(sets.get("model", args.model))),
+        **recommended_settings(str(sets.get("model", args.model)), dp=not args.no_dp),
         "num-server-rounds": args.rounds, "model": args.model, "image-size": args.image_size, "dp": not args.no_dp,
         "target-epsilon": args.target_epsilon, "strategy": args.strategy, "seed": args.seed,
         "local-epochs": local_epochs, "min-sites": max(1, args.sites), "run-name": "run",
         "runs-dir": str(sim_root), "sim-root": str(sim_root), **sets,
     }
+    if args.init:
+        init = Path(args.init).expanduser().resolve()
+        if not init.is_file():
+            print(f"fl-sim: --init {args.init} is not a file: give a local weights file (nothing is downloaded)",
+                  file=sys.stderr)
+            return 2
+        raw["init-weights"] = str(init)
     try:  # every setting checked before minutes are spent making hospitals
         RunConfig.from_mapping(raw)
     except ConfigError as err:
@@ -180,13 +187,26 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not metrics_path.is_file():
         print(f"fl-sim: the run finished without metrics; see {sim_root / 'run.log'}", file=sys.stderr)
         return 1
-    rounds = json.loads(metrics_path.read_text())["rounds"]
+    doc = json.loads(metrics_path.read_text())
+    rounds = doc["rounds"]
     print(render_rounds(rounds))
+    for warning in doc.get("warnings", []):
+        print(f"WARNING: {warning}")
+    print(exact_summary(sim_root, run_dir))
     if holdout.is_dir() and (run_dir / "model.onnx").is_file():
         print(score_holdout(run_dir / "model.onnx", holdout, sim_root))
     print(f"\nrun directory: {run_dir}  ({time.monotonic() - started:.0f} s)")
     print("  model.onnx, model_card.md, metrics.json, rounds.png, roc.png, checkpoints/")
+    _print_tracking(run_dir)
     return 0
+
+
+def _print_tracking(run_dir: Path) -> None:
+    from server.tracking import tracking_hint
+
+    hint = tracking_hint(run_dir)
+    if hint:
+        print(hint)
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
@@ -215,22 +235,42 @@ def cmd_resume(args: argparse.Namespace) -> int:
     rounds = json.loads((Path(raw["resume-from"]) / "metrics.json").read_text())["rounds"]
     print(render_rounds(rounds))
     print(f"\nrun directory: {raw['resume-from']}")
+    _print_tracking(Path(raw["resume-from"]))
     return 0
 
 
 def cmd_study(args: argparse.Namespace) -> int:
-    """Pooled vs each hospital alone vs federated, with and without DP, on one image set (simulations/study.py)."""
+    """Pooled vs alone vs federated, with and without DP, leave-one-hospital-out, NIH transfer (simulations/study.py)."""
     from simulations.study import StudyError, render_goals, render_table, run_study, settings_from_args
 
-    arms = [a.strip() for a in args.arms.split(",")] if args.arms else None
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()] if args.arms else None
     try:
-        doc = run_study(args.data, args.out, settings_from_args(args), arms=arms)
+        doc = run_study(args.data, args.out, settings_from_args(args), arms=arms, nih_dir=args.nih)
     except StudyError as err:
         print(f"fl-sim study: {err}", file=sys.stderr)
         return 2
     print("\n" + render_table(doc) + "\n\n" + render_goals(doc))
-    print(f"\nresults: {Path(args.out) / 'results.json'} (table results.md, plots roc.png rounds.png); {doc['study_seconds'] / 60:.0f} min")
+    print(f"\nresults: {Path(args.out) / 'results.json'} (results.md, roc.png, rounds.png, privacy.png); "
+          f"{doc['timings']['total_seconds'] / 60:.0f} min of work")
     return 0
+
+
+def exact_summary(sim_root: Path, run_dir: Path) -> str:
+    """The exact pooled validation AUC (simulation only), beside the coordinator's noised estimate."""
+    import json
+
+    from common.cache import atomic_write_bytes
+    from simulations.evaluation import exact_validation_auc
+
+    exact = exact_validation_auc(sim_root, run_dir)
+    if not exact:
+        return ""
+    atomic_write_bytes(sim_root / "exact-validation.json", json.dumps(exact, indent=2).encode())
+    parts = [f"last round ({exact['last']['round']}) {exact['last']['auc']:.3f}"]
+    if "exported" in exact:
+        parts.append(f"exported round ({exact['exported']['round']}) {exact['exported']['auc']:.3f}")
+    return ("\nexact pooled validation AUC over the sites' " + f"{exact['images']} validation images (a simulation can "
+            "measure it; the coordinator above saw noised histograms): " + ", ".join(parts))
 
 
 def _positive_class(hospitals: Path) -> str | None:
@@ -265,31 +305,45 @@ def score_holdout(model: Path, holdout: Path, sim_root: Path) -> str:
 
 
 def render_rounds(rounds: list[dict]) -> str:
-    """Per round: pooled AUC, train loss and each site's cumulative epsilon."""
+    """Per round: pooled validation AUC and loss (from the sites' noised histograms) and each site's epsilon."""
     sites = sorted({s for r in rounds for s in r.get("epsilon", {})})
-    head = f"{'round':>5}  {'pooled AUC':>10}  {'train loss':>10}  " + "  ".join(f"{'eps ' + s:>16}" for s in sites)
+    head = f"{'round':>5}  {'pooled AUC':>10}  {'val loss':>8}  " + "  ".join(f"{'eps ' + s:>16}" for s in sites)
     lines = ["", head, "-" * len(head)]
     for r in rounds:
-        auc, loss = r.get("pooled_auc"), r.get("train_loss")
-        auc_s = "-" if auc is None else f"{auc:.3f}"
-        loss_s = "-" if loss is None else f"{loss:.4f}"
+        auc, loss = r.get("pooled_auc"), r.get("eval_loss")
+        auc_s = "-" if auc is None or auc != auc else f"{auc:.3f}"
+        loss_s = "-" if loss is None or loss != loss else f"{loss:.4f}"
         eps = "  ".join(f"{r.get('epsilon', {}).get(s, float('nan')):>16.2f}" for s in sites)
         note = f"  refused/failed: {len(r['failures'])}" if r.get("failures") else ""
-        lines.append(f"{r['round']:>5}  {auc_s:>10}  {loss_s:>10}  {eps}{note}")
+        lines.append(f"{r['round']:>5}  {auc_s:>10}  {loss_s:>8}  {eps}{note}")
+    lines.append("(pooled AUC and validation loss as the coordinator sees them: from the sites' noised histograms)")
     return "\n".join(lines)
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("fedxray")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fl-sim", description="fedxray simulated federation")
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser = argparse.ArgumentParser(
+        prog="fl-sim", description="fedxray simulated federation: `fl-sim [run options]` runs a federated DP training "
+        "over simulated hospitals (the run options are listed below)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (anywhere on the command line)")
+    parser.add_argument("--version", action="version", version=f"fl-sim (fedxray) {_version()}")
     sub = parser.add_subparsers(dest="command")
 
-    p = sub.add_parser("run", help="federated run over simulated hospitals (the default)")
+    p = sub.add_parser("run", help="federated run over simulated hospitals (the default)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--sites", type=int, default=3, help="number of simulated hospitals (when made here)")
     p.add_argument("--rounds", type=int, default=8, help="federated rounds")
     p.add_argument("--model", choices=("scatternet", "mobilenet_v2", "densenet121"), default="scatternet",
                    help="scatternet (the DP-first default: fixed scattering features + a small head) or a CNN")
-    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--image-size", type=int, default=64, help="images are resized to this square size (pixels)")
     p.add_argument("--partition", choices=PARTITIONS, default=None,
                    help="how patients are split into hospitals (default: quantity-skew for synthetic hospitals, "
                         "label-and-quantity for an image set)")
@@ -299,6 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="hospital folders (one per site), or an image set with labels.csv to partition")
     p.add_argument("--max-images", type=int, help="image set: use at most this many images")
     p.add_argument("--patients", type=int, default=500, help="synthetic: mean patients per hospital")
+    p.add_argument("--init", metavar="PATH", help="start from local weights (a state_dict, or torchvision weights from your "
+                   "own cache; with --set train-part=head for DP fine-tuning of a CNN)")
     p.add_argument("--no-dp", action="store_true", help="train without DP (the simulated sites allow it)")
     p.add_argument("--target-epsilon", type=float, default=8.0, help="per-site epsilon for the planned rounds")
     p.add_argument("--max-epsilon", type=float, default=10.0, help="each simulated site's budget")
@@ -307,12 +363,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local-epochs", type=int, default=0,
                    help="local epochs per round; 0 (default): enough for about 150 DP steps per site over the run "
                    f"({SYNTHETIC_LOCAL_EPOCHS} for synthetic hospitals made here)")
-    p.add_argument("--strategy", choices=("fedavg", "fedprox", "fedadam", "trimmed-mean", "median"), default="fedavg")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--strategy", choices=("fedavg", "fedprox", "fedadam", "trimmed-mean", "median"), default="fedavg",
+                   help="how the coordinator combines the sites' updates")
+    p.add_argument("--seed", type=int, default=0, help="hospitals, the initial model and non-DP data order (never the DP noise)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other run-config key")
     p.add_argument("--out", default="runs", help="where the simulation folder goes")
     p.add_argument("--name", help="simulation folder name (default: sim-<timestamp>)")
-    p.add_argument("--cpus-per-site", type=float, default=1.0)
+    p.add_argument("--cpus-per-site", type=float, default=1.0, help="CPU cores each simulated site gets (Ray)")
     p.add_argument("--gpus-per-site", type=float, default=None,
                    help="GPU share per simulated site (default: the GPU split between the sites when there is one)")
     p.add_argument("--progress", action="store_true", help="progress bar even when not on a terminal")
@@ -320,16 +377,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("resume", help="continue a simulated run from its last checkpoint")
     p.add_argument("sim_dir", help="the fl-sim folder (runs/sim-...)")
-    p.add_argument("--cpus-per-site", type=float, default=1.0)
+    p.add_argument("--cpus-per-site", type=float, default=1.0, help="CPU cores each simulated site gets (Ray)")
     p.set_defaults(func=cmd_resume)
 
-    p = sub.add_parser("study", help="pooled vs single-hospital vs federated, with and without DP (docs/results.md)")
+    p = sub.add_parser("study", help="pooled vs alone vs federated, DP, leave-one-hospital-out, NIH transfer (docs/results.md)")
     p.add_argument("--data", required=True, help="labelled image set (labels.csv with patient_id), e.g. kermany-pneumonia")
     p.add_argument("--out", default="runs/study", help="study folder; finished arms there are reused")
+    p.add_argument("--nih", help="the NIH ChestX-ray14 sample for the transfer figure and the warm start "
+                   "(default: nih-cxr14-1000 next to --data, if there)")
     p.add_argument("--quick", action="store_true", help="tiny smoke version: a few dozen images, 2 sites, 1 round, 32 px")
-    p.add_argument("--arms", help="comma-separated subset of arms to run (default: all)")
-    for opt, typ in (("image-size", int), ("sites", int), ("epochs", int), ("rounds", int), ("dp-epochs", int),
-                     ("max-images", int), ("seed", int), ("bootstrap", int), ("epsilons", str)):
+    p.add_argument("--models", help="comma-separated arm sets: scatternet (default), mobilenet_v2 (about 2 hours more)")
+    p.add_argument("--arms", help="comma-separated subset of arms to run (default: all of --models)")
+    for opt, typ in (("image-size", int), ("sites", int), ("rounds", int), ("max-images", int), ("seed", int),
+                     ("bootstrap", int), ("epsilons", str), ("pooled-epsilons", str), ("loho-epsilon", float),
+                     ("warm-epsilon", float), ("nih-max-images", int), ("threads", int)):
         p.add_argument(f"--{opt}", type=typ, default=None, help="override the study default (see simulations/study.py)")
     p.set_defaults(func=cmd_study)
 
@@ -358,10 +419,19 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads stall shared cores
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not any(a in ("run", "resume", "make-hospitals", "demo", "study", "-h", "--help") for a in argv[:2]):
+    verbose = any(a in ("-v", "--verbose") for a in argv)
+    argv = [a for a in argv if a not in ("-v", "--verbose")]  # a global flag, wherever it stands
+    if argv in (["-h"], ["--help"]):
+        parser.print_help()
+        print("\nrun options (`fl-sim [run options]` is `fl-sim run [run options]`):\n")
+        sub_run = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["run"]
+        print(sub_run.format_help())
+        return 0
+    if not any(a in ("run", "resume", "make-hospitals", "demo", "study", "--version") for a in argv[:1]):
         argv = ["run", *argv]  # `fl-sim [options]` is `fl-sim run [options]`
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args.verbose = verbose
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     # A SIGTERM (Ctrl-C, a killed job) unwinds normally, so the SuperLink and `flwr run` are stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     for noisy in ("openjpeg", "pylibjpeg", "pydicom"):

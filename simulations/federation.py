@@ -120,14 +120,21 @@ def run_app(sim_root: Path, run_config: dict[str, Any], *, num_supernodes: int, 
             proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                     cwd=sim_root, start_new_session=True)
             assert proc.stdout is not None
+            last_round = 0
             try:
                 for line in proc.stdout:
                     fh.write(line)
                     fh.flush()
                     m = _ROUND_LINE.search(line)
-                    if m and bar is not None:
-                        bar.n = int(m.group(1))
-                        bar.refresh()
+                    if m and int(m.group(1)) != last_round:  # Flower writes each record twice (console, file form)
+                        last_round = int(m.group(1))
+                        shown = line[m.start():].strip()
+                        if bar is not None:
+                            bar.n = int(m.group(1))
+                            bar.refresh()
+                            bar.write(shown)
+                        else:
+                            print(shown, flush=True)  # a line per round as it happens, also in logs and CI
                     if time.monotonic() - started > timeout:
                         raise SimulationRunError(f"the run took longer than {timeout:.0f} s; see {run_log}")
                 proc.wait()

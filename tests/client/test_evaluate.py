@@ -19,6 +19,44 @@ class _BrightIsPositive(nn.Module):
         return (x[:, :, 8:24, 4:12].mean(dim=(1, 2, 3)) * 20.0 - 8.0)[:, None]
 
 
+def _site_and_model(tmp_path, dicom_writer, positive_name: str = "opacity"):
+    site = tmp_path / "site"
+    rows = ["file,label"]
+    rng = np.random.default_rng(0)
+    for i in range(16):
+        positive = i % 2 == 1
+        img = np.full((32, 32), 0.2) + rng.normal(0, 0.01, (32, 32))
+        if positive:
+            img[8:24, 4:12] = 0.7
+        img[0, 0], img[-1, -1] = 0.0, 1.0
+        dicom_writer(site / f"p{i}" / "1.dcm", np.clip(img, 0, 1), patient_id=f"ID{i}")
+        rows.append(f"p{i}/1.dcm,{positive_name if positive else 'normal'}")
+    (site / "labels.csv").write_text("\n".join(rows) + "\n")
+    model_path = tmp_path / "model.onnx"
+    export_onnx(_BrightIsPositive(), model_path, task="binary", labels=["opacity"], input_size=(32, 32), threshold=0.5,
+                metadata={"model": "toy", "rounds": "1", "sites": "[]", "epsilon": "{}"})
+    return site, model_path
+
+
+def test_one_class_is_refused_and_the_fix_named(tmp_path, dicom_writer, capsys):
+    """A site naming the finding otherwise: no silent 'AUC nan', exit 0 (issue 13); --positive maps it."""
+    site, model_path = _site_and_model(tmp_path, dicom_writer, positive_name="PNEUMONIA")
+    assert main(["evaluate", "--model", str(model_path), "--data", str(site), "--json"]) == 2
+    err = capsys.readouterr().err
+    assert "only one class" in err and "--positive" in err and len(err.strip().splitlines()) == 1
+    assert main(["evaluate", "--model", str(model_path), "--data", str(site), "--positive", "PNEUMONIA", "--json",
+                 "--bootstrap", "50"]) == 0
+    report = json.loads(capsys.readouterr().out)  # valid JSON: no NaN anywhere
+    assert report["auc"] == 1.0 and report["positive_class"] == "PNEUMONIA"
+
+
+def test_out_that_is_a_file_fails_before_scoring(tmp_path, dicom_writer, capsys):
+    site, model_path = _site_and_model(tmp_path, dicom_writer)
+    (tmp_path / "taken").write_text("x")
+    assert main(["evaluate", "--model", str(model_path), "--data", str(site), "--out", str(tmp_path / "taken")]) == 2
+    assert "is a file" in capsys.readouterr().err
+
+
 def test_evaluate_reports_auc_and_confusion(tmp_path, dicom_writer, capsys):
     site = tmp_path / "site"
     rows = ["file,label"]

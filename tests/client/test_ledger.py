@@ -12,7 +12,6 @@ from typing import Any
 import numpy as np
 import pytest
 
-from client import ledger as ledger_module
 from client.ledger import (
     LEDGER_FILENAME,
     BudgetExceeded,
@@ -23,7 +22,7 @@ from client.ledger import (
     PrivacyLedger,
     dataset_fingerprint,
 )
-from client.privacy import epsilon_for
+from common.privacy import epsilon_for
 
 DELTA = 1e-5
 SITE = "st-mary"
@@ -245,7 +244,7 @@ class TestAtomicWrites:
         def crash(src: Any, dst: Any) -> None:
             raise OSError("simulated crash in os.replace")
 
-        monkeypatch.setattr(ledger_module.os, "replace", crash)
+        monkeypatch.setattr(os, "replace", crash)
         with pytest.raises(OSError, match="simulated crash"):
             _reserve(ledger, "run-a", 2)
         monkeypatch.undo()
@@ -269,7 +268,7 @@ class TestAtomicWrites:
                 raise OSError("simulated crash replacing the backup")
             real_replace(src, dst)
 
-        monkeypatch.setattr(ledger_module.os, "replace", crash_on_backup)
+        monkeypatch.setattr(os, "replace", crash_on_backup)
         with pytest.raises(OSError):
             _reserve(ledger, "run-a", 2)
         monkeypatch.undo()
@@ -385,3 +384,49 @@ class TestValidation:
         with pytest.raises(ValueError, match="round must be"):
             _reserve(ledger, "run-a", -1)
         assert not (tmp_path / LEDGER_FILENAME).exists()
+
+
+class TestPerPatientBudget:
+    """Format 2: the budget belongs to patients, so no choice of split, seed, task or labels resets it."""
+
+    def test_a_patient_in_two_training_sets_composes_both(self, tmp_path: Path) -> None:
+        one_round = _epsilon_of_rounds(1)
+        ledger = _ledger(tmp_path, max_epsilon=1.1 * one_round)
+        _reserve(ledger, "run-a", 1, patients=["p1", "p2", "p3"])
+        # Another run whose split (another seed, other labels) shares p3: p3 would pass the budget.
+        with pytest.raises(BudgetExceeded):
+            _reserve(ledger, "run-b", 1, fingerprint=OTHER_FP, patients=["p3", "p4"])
+        # Patients nobody has trained on yet can still train.
+        entry = _reserve(ledger, "run-c", 1, fingerprint=OTHER_FP, patients=["p4", "p5"])
+        assert entry.epsilon_after == pytest.approx(one_round)
+        assert ledger.spent_epsilon() == pytest.approx(one_round)
+
+    def test_evaluation_charges_validation_patients_only(self, tmp_path: Path) -> None:
+        ledger = _ledger(tmp_path)
+        _reserve(ledger, "run-a", 1, patients=["t1", "t2"])
+        _reserve(ledger, "run-a", 1, patients=["v1"], kind="evaluate", noise_multiplier=5.0, sample_rate=1.0, steps=1)
+        groups = ledger.patient_epsilons()
+        assert sorted(g["patients"] for g in groups) == [1, 2]
+        train = next(g for g in groups if g["patients"] == 2)
+        assert train["epsilon"] == pytest.approx(_epsilon_of_rounds(1)) and train["kinds"] == ["train"]
+
+    def test_entries_of_a_format_1_ledger_count_against_everyone(self, tmp_path: Path) -> None:
+        ledger = _ledger(tmp_path, max_epsilon=1.1 * _epsilon_of_rounds(1))
+        _reserve(ledger, "old-run", 1)
+        doc = json.loads((tmp_path / LEDGER_FILENAME).read_text())
+        doc["version"] = 1
+        for item in doc["contributions"]:
+            del item["patient_set"], item["kind"], item["accountant"]
+        doc.pop("patient_sets")
+        (tmp_path / LEDGER_FILENAME).write_text(json.dumps(doc))
+        (tmp_path / (LEDGER_FILENAME + ".bak")).write_text(json.dumps(doc))
+        upgraded = _ledger(tmp_path, max_epsilon=1.1 * _epsilon_of_rounds(1))
+        with pytest.raises(BudgetExceeded):  # a brand-new patient list is still charged for the old round
+            _reserve(upgraded, "new-run", 1, fingerprint=OTHER_FP, patients=["q1"])
+        assert upgraded.spent_epsilon() == pytest.approx(_epsilon_of_rounds(1))
+
+    def test_pseudonyms_stay_in_the_ledger_file_only(self, tmp_path: Path) -> None:
+        ledger = _ledger(tmp_path)
+        _reserve(ledger, "run-a", 1, patients=["p-secret-1"])
+        assert "p-secret-1" in (tmp_path / LEDGER_FILENAME).read_text()
+        assert "p-secret-1" not in json.dumps(ledger.patient_epsilons()) + json.dumps(ledger.summary())

@@ -12,9 +12,11 @@ from client.ledger import PrivacyLedger
 from client.round import (
     ERR_BUDGET,
     ERR_DP_REQUIRED,
+    ERR_WEIGHTS,
     RoundRefused,
     RoundRequest,
     evaluate_round,
+    load_data,
     train_round,
 )
 from common.config import RunConfig, SiteConfig
@@ -53,7 +55,8 @@ def test_dp_round_is_charged_before_it_trains_and_replies_head_weights(hospital,
     run, site = _run(), _site(hospital, tmp_path / "state")
     reply = train_round(run, site, _request(run))
     assert set(reply.weights) == {"head.classifier.weight", "head.classifier.bias"}
-    assert reply.metrics["num-examples"] > 0 and reply.metrics["steps"] == math.ceil(1 / 0.2)
+    n = int(reply.metrics["num-examples"])
+    assert n > 0 and reply.metrics["steps"] == math.ceil(n / round(0.2 * n))  # one epoch at 20% per step
     entries = PrivacyLedger(site.state_dir, site="hospital-a", max_epsilon=10, delta=1e-5).contributions()
     assert len(entries) == 1
     assert entries[0].epsilon_after == pytest.approx(reply.metrics["epsilon-total"])
@@ -78,12 +81,15 @@ def test_the_same_round_of_two_runs_releases_different_noise(hospital, tmp_path)
 
 
 def test_a_round_past_max_epsilon_is_refused_and_recorded(hospital, tmp_path):
-    run, site = _run(), _site(hospital, tmp_path / "state", **{"max-epsilon": 1.0})
-    with pytest.raises(RoundRefused) as info:
-        train_round(run, site, _request(run))
+    run, site = _run(), _site(hospital, tmp_path / "state", **{"max-epsilon": 4.5})
+    train_round(run, site, _request(run, 1, name="run-a"))
+    train_round(run, site, _request(run, 2, name="run-a"))  # the planned 4.0 spent
+    with pytest.raises(RoundRefused) as info:  # a new run on the same patients (any seed or split) passes 4.5
+        train_round(run, site, _request(run, 1, name="run-b"))
     assert info.value.code == ERR_BUDGET and "max-epsilon" in info.value.reason
-    ledger = PrivacyLedger(site.state_dir, site="hospital-a", max_epsilon=1.0, delta=1e-5)
-    assert ledger.contributions() == [] and len(ledger.refusals()) == 1
+    ledger = PrivacyLedger(site.state_dir, site="hospital-a", max_epsilon=4.5, delta=1e-5)
+    assert len(ledger.contributions()) == 2 and len(ledger.refusals()) == 1
+    assert ledger.spent_epsilon() == pytest.approx(4.0, rel=1e-3)
 
 
 def test_a_site_that_requires_dp_refuses_a_run_without(hospital, tmp_path):
@@ -104,9 +110,66 @@ def test_features_are_cached_once_per_image(hospital, tmp_path):
     assert [p.stat().st_mtime_ns for p in cached] == stamps  # round 2 read them, it did not recompute
 
 
-def test_evaluate_round_reports_histograms_without_charging(hospital, tmp_path):
-    run, site = _run(), _site(hospital, tmp_path / "state")
+def test_evaluation_sends_noised_histograms_charged_to_validation_patients(hospital, tmp_path):
+    run, site = _run(), _site(hospital, tmp_path / "state", **{"max-evaluations": 1})
     metrics = evaluate_round(run, site, _request(run))
-    assert metrics["num-examples"] > 0 and metrics["n-train"] > 0
-    assert sum(metrics["hist-pos"]) + sum(metrics["hist-neg"]) == metrics["num-examples"]
+    assert set(metrics) == {"num-examples", "hist-pos", "hist-neg", "eval-noise", "n-train"}  # no exact score or count
+    assert not all(float(v).is_integer() for v in metrics["hist-pos"])  # Gaussian noise on every count
+    ledger = PrivacyLedger(site.state_dir, site="hospital-a", max_epsilon=10, delta=1e-5)
+    (entry,) = ledger.contributions()
+    assert entry.kind == "evaluate" and entry.noise_multiplier == pytest.approx(10.0 / math.sqrt(2))
+    assert evaluate_round(run, site, _request(run)) == metrics  # a retry re-sends, charges nothing
+    assert len(ledger.contributions()) == 1
+    with pytest.raises(RoundRefused, match="max-evaluations"):  # the site's limit per run
+        evaluate_round(run, site, _request(run, server_round=2))
+
+
+def test_the_last_evaluation_adds_noised_reference_statistics_and_charges_them(hospital, tmp_path):
+    run, site = _run(), _site(hospital, tmp_path / "state")
+    request = _request(run)
+    metrics = evaluate_round(run, site, RoundRequest(request.server_round, request.weights, request.run_name,
+                                                     reference=True))
+    assert {"ref-intensity", "ref-brightness", "ref-contrast", "ref-sharpness"} <= set(metrics)
+    ledger = PrivacyLedger(site.state_dir, site="hospital-a", max_epsilon=10, delta=1e-5)
+    kinds = sorted(c.run_id.endswith("-reference") for c in ledger.contributions())
+    assert kinds == [False, True]  # the histograms and the statistics: two charges to the validation patients
+
+
+def test_a_run_outside_the_sites_ranges_is_refused_before_anything(hospital, tmp_path):
+    run, site = _run(**{"image-size": 128}), _site(hospital, tmp_path / "state", **{"max-image-size": 64})
+    with pytest.raises(RoundRefused, match=r"`image-size` = 128: this site accepts at most 64"):
+        train_round(run, site, _request(run))
     assert not (tmp_path / "state" / "privacy_ledger.json").exists()
+
+
+def test_nan_global_weights_are_refused_before_any_charge(hospital, tmp_path):
+    run, site = _run(), _site(hospital, tmp_path / "state")
+    request = _request(run)
+    request.weights["head.classifier.bias"][0] = float("nan")
+    with pytest.raises(RoundRefused, match="NaN") as info:
+        train_round(run, site, request)
+    assert info.value.code == ERR_WEIGHTS
+    assert not (tmp_path / "state" / "privacy_ledger.json").exists()
+
+
+def test_the_split_does_not_follow_the_run_seed(hospital, tmp_path):
+    site = _site(hospital, tmp_path / "state")
+    a = load_data(_run(seed=1), site)
+    b = load_data(_run(seed=2, **{"val-fraction": 0.5}), site)
+    assert a.patients("val") == b.patients("val")  # the site's salt and val-fraction decide, not the run
+
+
+def test_data_errors_reach_the_coordinator_without_paths(hospital, tmp_path):
+    run, site = _run(labels="no-such-finding"), _site(hospital, tmp_path / "state")
+    with pytest.raises(RoundRefused) as info:
+        train_round(run, site, _request(run))
+    assert str(hospital) not in info.value.reason and "no-such-finding" not in info.value.reason
+
+
+def test_multiclass_evaluation_sends_one_vs_rest_histograms_per_class(hospital, tmp_path):
+    run = _run(task="multiclass", labels="normal,opacity")
+    site = _site(hospital, tmp_path / "state")
+    metrics = evaluate_round(run, site, _request(run))
+    assert {"hist-pos-0", "hist-neg-0", "hist-pos-1", "hist-neg-1"} <= set(metrics) and "hist-pos" not in metrics
+    (entry,) = PrivacyLedger(site.state_dir, site="hospital-a", max_epsilon=10, delta=1e-5).contributions()
+    assert entry.noise_multiplier == pytest.approx(10.0 / math.sqrt(2 * 2))  # sqrt(2) per class, 2 classes

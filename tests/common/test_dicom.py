@@ -280,6 +280,18 @@ class TestMetaPrivacy:
         with pytest.raises(ValueError, match="salt"):
             salted_hash("PAT-0001", b"")
 
+    def test_debug_log_names_no_file(self, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+        path = _write(_dataset(RAMP, bits_stored=12), tmp_path / "MRN0012345_DOE_JANE.dcm")
+        with caplog.at_level(logging.DEBUG):
+            read_radiograph(path)
+        assert "read a radiograph" in caplog.text
+        assert "MRN0012345" not in caplog.text and "DOE" not in caplog.text
+
+    def test_import_leaves_pydicom_logging_as_configured(self) -> None:
+        # pydicom sets WARNING for itself on import; fedxray only filters while it reads a file.
+        assert logging.getLogger("pydicom").level == logging.WARNING
+        assert dicom._PYDICOM_QUIET not in logging.getLogger("pydicom").filters
+
 
 class TestPresentation:
     """MONOCHROME1 and Presentation LUT Shape: one inversion at most, 1 = brightest."""

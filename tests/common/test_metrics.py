@@ -330,3 +330,33 @@ class TestBinaryReport:
     def test_bootstrap_zero_skips_ci(self) -> None:
         r = m.binary_report([0, 1, 1], [0.2, 0.6, 0.9], 0.5, bootstrap=0)
         assert all(math.isnan(v) for v in r.auc_ci) and r.auc == 1.0
+
+
+class TestEvaluationHistograms:
+    def test_threshold_is_the_youden_edge(self):
+        neg, pos = [0] * 10, [0] * 10
+        neg[2], pos[7] = 50, 50
+        t = m.histogram_threshold([{"pos": pos, "neg": neg}])
+        assert 0.2 < t <= 0.7
+        assert m.histogram_rates([{"pos": pos, "neg": neg}], t, np.linspace(0, 1, 11)) == (1.0, 1.0)
+
+    def test_logit_edges_resolve_confident_scores(self):
+        y = np.r_[np.zeros(200), np.ones(200)]
+        s = np.r_[np.full(200, 0.9955), np.full(200, 0.9985)]  # both in the last of 200 equal-width bins
+        assert m.pooled_auc_from_histograms([m.score_histograms(y, s, bins=200)]) == 0.5
+        assert m.pooled_auc_from_histograms([m.score_histograms(y, s, edges=m.EVAL_EDGES)]) == 1.0
+
+    def test_noise_is_added_and_pooling_clips_negative_counts(self):
+        rng = np.random.default_rng(0)
+        hist = m.score_histograms([0, 1, 1], [0.1, 0.8, 0.9], edges=m.EVAL_EDGES)
+        noised = m.noised_histograms(hist, 10.0, rng)
+        assert noised["pos"] != hist["pos"] and len(noised["pos"]) == len(m.EVAL_EDGES) - 1
+        assert any(v < 0 for v in noised["neg"])
+        auc = m.pooled_auc_from_histograms([noised])
+        assert 0.0 <= auc <= 1.0
+
+    def test_histogram_loss_is_small_for_confident_correct_scores(self):
+        y = np.r_[np.zeros(50), np.ones(50)]
+        good = m.score_histograms(y, np.r_[np.full(50, 0.01), np.full(50, 0.99)], edges=m.EVAL_EDGES)
+        bad = m.score_histograms(y, np.r_[np.full(50, 0.99), np.full(50, 0.01)], edges=m.EVAL_EDGES)
+        assert m.histogram_loss([good], m.EVAL_EDGES) < 0.05 < 3.0 < m.histogram_loss([bad], m.EVAL_EDGES)

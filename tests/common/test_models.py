@@ -15,8 +15,8 @@ from torch import nn
 from torchvision import models as tvm
 
 from common.models import (
-    TORCHVISION_NAMES,
     NORMALISATION,
+    TORCHVISION_NAMES,
     DPConv2d,
     ModelError,
     WeightsError,

@@ -30,6 +30,7 @@ def test_second_run_refused_at_max_epsilon(tmp_path):
     assert second[0]["epsilon"] == {}
     for site, eps in spent.items():
         ledger = PrivacyLedger(tmp_path / "state" / site, site=site, max_epsilon=5.0, delta=1e-5)
-        assert len(ledger.contributions()) == 1  # the refused round spent nothing
-        assert ledger.spent(ledger.contributions()[0].dataset_fingerprint) == pytest.approx(eps)
+        trained = [c for c in ledger.contributions() if c.kind == "train"]
+        assert len(trained) == 1  # the refused round spent nothing
+        assert trained[0].epsilon_after == pytest.approx(eps)
         assert len(ledger.refusals()) == 1

@@ -35,7 +35,8 @@ from client.ledger import PrivacyLedger
 from client.provision import init_site
 from common.onnx_export import load_onnx_model
 from common.processes import child_pids, free_port, process_alive
-from server.pki import admit, init_federation
+from server.pki import init_federation
+from server.sites import admit
 from simulations.hospitals import make_synthetic_hospitals
 
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(shutil.which("nginx") is None and not Path("/usr/sbin/nginx").exists(),
@@ -215,7 +216,7 @@ def test_unreachable_coordinator_is_one_line(federation):
 def test_unregistered_auth_key_is_refused(federation):
     """A site with a valid certificate whose key the coordinator never registered: exit 305, said in words."""
     tmp = federation["tmp"]
-    site = _site_kit(tmp, federation["fed"], "hospital-x")  # signed offline (server.pki.admit): key not registered
+    site = _site_kit(tmp, federation["fed"], "hospital-x")  # signed offline (server.site_table.admit): key not registered
     approve(site / "state", federation["bundle"])
     out = _cli("client.cli", "start", "--kit", str(site), "--data", str(tmp / "data" / "hospital-a"),
                "--rejoin-wait", "0", timeout=120)
@@ -232,7 +233,7 @@ def test_two_rounds_over_mutual_tls(finished_run, federation):
     assert probs.shape == (2, 1)
     for name in SITES:
         ledger = PrivacyLedger(federation["sites"][name] / "state", site=name, max_epsilon=20.0, delta=1e-5)
-        assert sorted(c.round for c in ledger.contributions()) == [1, 2]
+        assert sorted(c.round for c in ledger.contributions() if c.kind == "train") == [1, 2]
     # Every Fleet request the SuperLink saw came through the proxy with a federation certificate.
     access = (federation["fed"] / "proxy" / "proxy-access.log").read_text()
     assert all(f"CN={name}" in access for name in SITES)
@@ -250,7 +251,7 @@ def _ledger_rounds(site_dir: Path, site: str, run_name: str) -> list[int]:
     ledger = PrivacyLedger(site_dir / "state", site=site, max_epsilon=20.0, delta=1e-5)
     # Ledger run ids are "<run name>-<coordinator's run id>@<weights digest>".
     ours = re.compile(rf"^{re.escape(run_name)}-[0-9a-f]{{16}}@")
-    return sorted(c.round for c in ledger.contributions() if ours.match(c.run_id))
+    return sorted(c.round for c in ledger.contributions() if ours.match(c.run_id) and c.kind == "train")
 
 
 def test_site_killed_mid_round_then_rejoins(finished_run, federation):

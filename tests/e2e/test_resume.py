@@ -2,7 +2,7 @@
 
 The coordinator side (fl-sim with its SuperLink and ServerApp) is stopped by SIGTERM once the
 round-1 checkpoint exists, possibly in the middle of round 2; `fl-sim resume` must then finish
-rounds 2 and 3, and every site's ledger must hold exactly one contribution per round.
+the remaining rounds, and every site's ledger must hold exactly one contribution per round.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.e2e
 def test_kill_after_round_one_then_resume(tmp_path):
     sim = tmp_path / "killed"
     cmd = [sys.executable, "-m", "simulations.cli", "run", "--out", str(tmp_path), "--name", "killed", "--sites", "3",
-           "--rounds", "3", "--image-size", "32", "--patients", "10", "--local-epochs", "1", "--target-epsilon", "6",
+           "--rounds", "6", "--image-size", "32", "--patients", "10", "--local-epochs", "1", "--target-epsilon", "6",
            "--partition", "label-skew"]
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, "PYTHONPATH": os.getcwd()})
@@ -41,14 +41,16 @@ def test_kill_after_round_one_then_resume(tmp_path):
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert not (sim / "run" / "checkpoints" / "round-00003.pt").exists()
+    assert not (sim / "run" / "checkpoints" / "round-00006.pt").exists()
 
     assert main(["resume", str(sim)]) == 0
     rounds = json.loads((sim / "run" / "metrics.json").read_text())["rounds"]
-    assert [r["round"] for r in rounds] == [1, 2, 3]
+    assert [r["round"] for r in rounds] == [1, 2, 3, 4, 5, 6]
     assert (sim / "run" / "model.onnx").is_file()
     for site in rounds[-1]["epsilon"]:
         ledger = PrivacyLedger(sim / "state" / site, site=site, max_epsilon=10.0, delta=1e-5)
-        entries = ledger.contributions()
-        assert sorted(c.round for c in entries) == [1, 2, 3], f"{site}: {[c.round for c in entries]}"
-        assert ledger.spent(entries[0].dataset_fingerprint) == pytest.approx(rounds[-1]["epsilon"][site], rel=1e-9)
+        entries = [c for c in ledger.contributions() if c.kind == "train"]
+        assert sorted(c.round for c in entries) == [1, 2, 3, 4, 5, 6], f"{site}: {[c.round for c in entries]}"
+        assert entries[-1].epsilon_after == pytest.approx(rounds[-1]["epsilon"][site], rel=1e-9)
+        evaluations = sorted(c.round for c in ledger.contributions() if c.kind == "evaluate")
+        assert evaluations == sorted(set(evaluations)), f"{site}: an evaluation charged twice: {evaluations}"

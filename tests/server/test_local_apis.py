@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from client.provision import init_site
 from common.processes import free_port, offline_env, process_alive, stop_process, wait_http, write_local_secret
 from server import pki
+from server import sites as site_table
 from server.cli import main as server_main
 from server.coordinator import (
     CONNECTION,
@@ -93,7 +94,7 @@ def coordinator(tmp_path_factory):
 
 def _admit(coordinator, name: str) -> Path:
     request = init_site(coordinator["tmp"] / "sites" / name, name)
-    pki.admit(coordinator["layout"].root, request)
+    site_table.admit(coordinator["layout"].root, request)
     return request.parent
 
 
@@ -164,9 +165,9 @@ class TestCoordinatorHost:
         layout = coordinator["layout"]
         _admit(coordinator, "alpha")
         assert register_pending(layout) == ["alpha"]
-        alpha = next(r for r in pki.list_sites(layout.root) if r["site"] == "alpha")
+        alpha = next(r for r in site_table.list_sites(layout.root) if r["site"] == "alpha")
         assert list_nodes(layout)[alpha["node_id"]]["status"] == "registered"
-        pki.revoke(layout.root, "alpha")  # removed while the coordinator was stopped: the key stayed registered
+        site_table.revoke(layout.root, "alpha")  # removed while the coordinator was stopped: the key stayed registered
         assert status(layout.root)["unadmitted_nodes"][0]["removed_site"] == "alpha"
         assert unregister_revoked(layout) == [f"alpha (node {alpha['node_id']})"]
         assert list_nodes(layout)[alpha["node_id"]]["status"] == "unregistered"
@@ -190,7 +191,7 @@ def site(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("site")
     fed = pki.init_federation(tmp / "coord", "localhost:9443")
     request = init_site(tmp / "site", "st-marys")
-    kit = pki.admit(fed, request)
+    kit = site_table.admit(fed, request)
     return {"dir": request.parent, "kit": kit, "tmp": tmp}
 
 

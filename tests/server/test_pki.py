@@ -24,6 +24,7 @@ from cryptography.x509.verification import DNSName, IPAddress, PolicyBuilder, St
 
 from client.provision import init_site
 from server import pki
+from server import sites as site_table
 from server.cli import main as server_main
 from server.pki import ProvisionError
 
@@ -57,7 +58,7 @@ def _resign(request: dict[str, Any], auth_key: ec.EllipticCurvePrivateKey) -> di
     request = dict(request)
     request["auth_public_key"] = auth_key.public_key().public_bytes(serialization.Encoding.OpenSSH,
                                                                      serialization.PublicFormat.OpenSSH).decode()
-    request["auth_signature"] = base64.b64encode(auth_key.sign(pki.signed_payload(request), ec.ECDSA(hashes.SHA384()))).decode()
+    request["auth_signature"] = base64.b64encode(auth_key.sign(site_table.signed_payload(request), ec.ECDSA(hashes.SHA384()))).decode()
     return request
 
 
@@ -152,14 +153,14 @@ class TestInitFederation:
         with pytest.raises(ProvisionError, match="is not a fedxray federation .*run fl-server init"):
             pki.load_federation(tmp_path)
         with pytest.raises(ProvisionError, match="run fl-server init"):
-            pki.list_sites(tmp_path)
+            site_table.list_sites(tmp_path)
 
 
 class TestAdmit:
     def test_kit_and_record(self, fed: Path, tmp_path: Path) -> None:
         request_path = _request(tmp_path)
         site_dir = request_path.parent
-        kit = pki.admit(fed, request_path)
+        kit = site_table.admit(fed, request_path)
         paths = pki.federation_paths(fed)
         assert kit == paths.kit(SITE)
         assert sorted(p.name for p in kit.iterdir()) == ["ca.pem", "client.pem", "coordinator.json"]
@@ -191,7 +192,7 @@ class TestAdmit:
             assert out.split()[1] == record["auth_key_sha256"]
 
     def test_no_private_key_leaves_its_owner(self, fed: Path, tmp_path: Path) -> None:
-        kit = pki.admit(fed, _request(tmp_path))
+        kit = site_table.admit(fed, _request(tmp_path))
         paths = pki.federation_paths(fed)
         for folder in (kit, paths.sites):
             for path in folder.rglob("*"):
@@ -200,33 +201,33 @@ class TestAdmit:
         assert {p.name for p in fed.rglob("*.key")} == {"ca.key", "server.key"}
 
     def test_out_folder(self, fed: Path, tmp_path: Path) -> None:
-        kit = pki.admit(fed, _request(tmp_path), out=tmp_path / "to-send")
+        kit = site_table.admit(fed, _request(tmp_path), out=tmp_path / "to-send")
         assert kit == tmp_path / "to-send" and (kit / "client.pem").is_file()
 
     def test_registration_helpers(self, fed: Path, tmp_path: Path) -> None:
-        pki.admit(fed, _request(tmp_path, "alpha"))
-        pki.admit(fed, _request(tmp_path, "beta"))
-        pending = pki.pending_registrations(fed)
+        site_table.admit(fed, _request(tmp_path, "alpha"))
+        site_table.admit(fed, _request(tmp_path, "beta"))
+        pending = site_table.pending_registrations(fed)
         assert [p["site"] for p in pending] == ["alpha", "beta"]
         assert Path(pending[0]["auth_pub"]) == pki.federation_paths(fed).site("alpha") / "auth.pub"
-        pki.record_node_id(fed, "alpha", 8_411_523_017)
-        assert [p["site"] for p in pki.pending_registrations(fed)] == ["beta"]
-        rows = {r["site"]: r for r in pki.list_sites(fed)}
+        site_table.record_node_id(fed, "alpha", 8_411_523_017)
+        assert [p["site"] for p in site_table.pending_registrations(fed)] == ["beta"]
+        rows = {r["site"]: r for r in site_table.list_sites(fed)}
         assert rows["alpha"]["node_id"] == 8_411_523_017 and rows["beta"]["node_id"] is None
         assert rows["alpha"]["cert_expires"] == rows["alpha"]["expires"]
         with pytest.raises(ProvisionError, match="non-negative integer"):
-            pki.record_node_id(fed, "beta", -1)
+            site_table.record_node_id(fed, "beta", -1)
         with pytest.raises(ProvisionError, match="no site 'gamma'"):
-            pki.record_node_id(fed, "gamma", 1)
+            site_table.record_node_id(fed, "gamma", 1)
 
     def test_duplicate_site_is_refused(self, fed: Path, tmp_path: Path) -> None:
-        pki.admit(fed, _request(tmp_path))
+        site_table.admit(fed, _request(tmp_path))
         with pytest.raises(ProvisionError, match=f"site '{SITE}' is already admitted .*fl-server remove {SITE} first"):
-            pki.admit(fed, init_site(tmp_path / "second-folder", SITE))
+            site_table.admit(fed, init_site(tmp_path / "second-folder", SITE))
 
     def test_keys_reused_under_another_name_are_refused(self, fed: Path, tmp_path: Path) -> None:
         request_path = _request(tmp_path)
-        pki.admit(fed, request_path)
+        site_table.admit(fed, request_path)
         tls_key = serialization.load_pem_private_key((request_path.parent / "tls.key").read_bytes(), password=None)
         auth_key = serialization.load_ssh_private_key((request_path.parent / "auth.key").read_bytes(), None)
         csr = (x509.CertificateSigningRequestBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "twin")]))
@@ -234,10 +235,10 @@ class TestAdmit:
         request = {**_load(request_path), "site": "twin", "csr": csr.public_bytes(serialization.Encoding.PEM).decode()}
         (tmp_path / "twin.json").write_text(json.dumps(_resign(request, auth_key)))
         with pytest.raises(ProvisionError, match="SuperNode key is already used by site 'st-marys'"):
-            pki.admit(fed, tmp_path / "twin.json")
+            site_table.admit(fed, tmp_path / "twin.json")
         (tmp_path / "twin.json").write_text(json.dumps(_resign(request, ec.generate_private_key(ec.SECP384R1()))))
         with pytest.raises(ProvisionError, match="TLS key is already used by site 'st-marys'"):
-            pki.admit(fed, tmp_path / "twin.json")
+            site_table.admit(fed, tmp_path / "twin.json")
 
 
 class TestRefusedRequests:
@@ -251,7 +252,7 @@ class TestRefusedRequests:
         path = tmp_path / "edited.request.json"
         path.write_text(data if isinstance(data, str) else json.dumps(data))
         with pytest.raises(ProvisionError, match=message) as info:
-            pki.admit(fed, path)
+            site_table.admit(fed, path)
         paths = pki.federation_paths(fed)
         assert not any(paths.sites.iterdir()) and not paths.kits.exists()
         return str(info.value)
@@ -294,17 +295,17 @@ class TestRefusedRequests:
         self._refused(fed, tmp_path, {**request_data, "fedxray_request": 2}, "not a fedxray request version 1")
         self._refused(fed, tmp_path, {k: v for k, v in request_data.items() if k != "csr"}, "missing field `csr`")
         with pytest.raises(ProvisionError, match="cannot read request"):
-            pki.admit(fed, tmp_path / "absent.json")
+            site_table.admit(fed, tmp_path / "absent.json")
 
 
 class TestRevoke:
     def test_remove_puts_serial_in_signed_crl(self, fed: Path, tmp_path: Path) -> None:
-        pki.admit(fed, _request(tmp_path, "alpha"))
-        pki.admit(fed, _request(tmp_path, "beta"))
-        pki.record_node_id(fed, "alpha", 42)
+        site_table.admit(fed, _request(tmp_path, "alpha"))
+        site_table.admit(fed, _request(tmp_path, "beta"))
+        site_table.record_node_id(fed, "alpha", 42)
         paths = pki.federation_paths(fed)
-        assert pki.revoke(fed, "alpha") == 42
-        assert pki.revoke(fed, "beta") is None
+        assert site_table.revoke(fed, "alpha") == 42
+        assert site_table.revoke(fed, "beta") is None
         ca = _cert(paths.ca_cert)
         crl = x509.load_pem_x509_crl(paths.crl.read_bytes())
         assert crl.is_signature_valid(ca.public_key())
@@ -314,30 +315,30 @@ class TestRevoke:
             record = _load(paths.site(site) / "site.json")
             assert record["revoked"] and (paths.site(site) / "client.pem").is_file()  # kept for audit
         assert crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number == 3
-        assert pki.pending_registrations(fed) == []
+        assert site_table.pending_registrations(fed) == []
         with pytest.raises(ProvisionError, match="was removed on .*must not be registered"):
-            pki.record_node_id(fed, "alpha", 43)
+            site_table.record_node_id(fed, "alpha", 43)
 
     def test_remove_twice_and_readmit(self, fed: Path, tmp_path: Path) -> None:
         request_path = _request(tmp_path)
-        pki.admit(fed, request_path)
+        site_table.admit(fed, request_path)
         paths = pki.federation_paths(fed)
         first = _load(paths.site(SITE) / "site.json")
-        pki.record_node_id(fed, SITE, 7)
-        assert pki.revoke(fed, SITE) == 7
+        site_table.record_node_id(fed, SITE, 7)
+        assert site_table.revoke(fed, SITE) == 7
         crl_after_first = paths.crl.read_bytes()
-        assert pki.revoke(fed, SITE) == 7  # idempotent: the caller may retry its SuperLink unregistration
+        assert site_table.revoke(fed, SITE) == 7  # idempotent: the caller may retry its SuperLink unregistration
         assert paths.crl.read_bytes() == crl_after_first
 
-        pki.admit(fed, request_path)  # re-admission after removal (e.g. renewal)
+        site_table.admit(fed, request_path)  # re-admission after removal (e.g. renewal)
         second = _load(paths.site(SITE) / "site.json")
         assert second["serial"] != first["serial"] and second["revoked"] is None and second["node_id"] is None
         assert _load(paths.site(SITE) / "previous" / first["serial"] / "site.json")["revoked"]
-        assert [r["site"] for r in pki.list_sites(fed)] == [SITE]
+        assert [r["site"] for r in site_table.list_sites(fed)] == [SITE]
 
     def test_unknown_site(self, fed: Path) -> None:
         with pytest.raises(ProvisionError, match="no site 'ghost'"):
-            pki.revoke(fed, "ghost")
+            site_table.revoke(fed, "ghost")
 
 
 def _handshake(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext, hostname: str) -> str:
@@ -392,14 +393,14 @@ class TestTlsHandshake:
 
     def test_admitted_site_is_accepted_and_stranger_refused(self, fed: Path, tmp_path: Path) -> None:
         request_path = _request(tmp_path)
-        kit = pki.admit(fed, request_path)
+        kit = site_table.admit(fed, request_path)
         client = self._client(request_path.parent, kit)
         for hostname in ("fl.example.org", "localhost", "127.0.0.1"):
             assert _handshake(self._server(fed), client, hostname) == "ok"
 
         other = pki.init_federation(tmp_path / "other-coord", "10.9.9.9:9443")
         stranger_request = init_site(tmp_path / "stranger", "stranger")
-        stranger_kit = pki.admit(other, stranger_request)
+        stranger_kit = site_table.admit(other, stranger_request)
         stranger = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         stranger.load_verify_locations(cafile=kit / "ca.pem")  # it even trusts our CA: its own certificate is what fails
         stranger.load_cert_chain(stranger_kit / "client.pem", stranger_request.parent / "tls.key")
@@ -411,10 +412,10 @@ class TestTlsHandshake:
 
     def test_removed_site_is_refused_with_the_crl(self, fed: Path, tmp_path: Path) -> None:
         request_path = _request(tmp_path)
-        kit = pki.admit(fed, request_path)
+        kit = site_table.admit(fed, request_path)
         client = self._client(request_path.parent, kit)
         assert _handshake(self._server(fed, with_crl=True), client, "localhost") == "ok"  # the initial empty CRL is valid
-        pki.revoke(fed, SITE)
+        site_table.revoke(fed, SITE)
         assert "certificate revoked" in _handshake(self._server(fed, with_crl=True), client, "localhost")
 
 
@@ -430,7 +431,7 @@ class TestCli:
         assert server_main(["admit", str(request_path), "--dir", coord]) == 0
         out = capsys.readouterr().out
         assert str(Path(coord, "kits", SITE)) in out and "copy the three files into their fedxray-site folder" in out
-        assert pki.read_request(request_path).check_code in out
+        assert site_table.read_request(request_path).check_code in out
         assert server_main(["admit", str(request_path), "--dir", coord]) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"fl-server admit: site '{SITE}' is already admitted") and err.count("\n") == 1
@@ -439,7 +440,7 @@ class TestCli:
         table = capsys.readouterr().out.splitlines()
         assert table[0].split() == ["SITE", "ADMITTED", "REVOKED", "NODE", "ID", "CERT", "EXPIRES"]
         assert table[1].split()[0] == SITE and "pending" in table[1]
-        pki.record_node_id(coord, SITE, 99)
+        site_table.record_node_id(coord, SITE, 99)
         assert server_main(["remove", SITE, "--dir", coord]) == 0
         assert "flwr supernode unregister 99" in capsys.readouterr().out
         assert server_main(["remove", SITE, "--dir", coord]) == 0
@@ -476,7 +477,7 @@ class TestCrlLife:
     NOW = dt.datetime.now(dt.UTC)
 
     def test_expired_crl_is_renewed_with_the_same_entries(self, fed: Path, tmp_path: Path) -> None:
-        pki.admit(fed, _request(tmp_path))
+        site_table.admit(fed, _request(tmp_path))
         serial = _cert(pki.federation_paths(fed).site(SITE) / "client.pem").serial_number
         _sign_crl(fed, last=self.NOW - dt.timedelta(days=400), next_=self.NOW - dt.timedelta(days=35), serials=[serial],
                   number=7)
@@ -538,7 +539,7 @@ class TestCrlLife:
     def test_renew_crl_command_and_admit_keep_it_fresh(self, fed: Path, tmp_path: Path,
                                                       capsys: pytest.CaptureFixture[str]) -> None:
         _sign_crl(fed, last=self.NOW - dt.timedelta(days=340), next_=self.NOW + dt.timedelta(days=25), serials=[], number=4)
-        pki.admit(fed, _request(tmp_path))  # holds the CA key: renews the due CRL on the way
+        site_table.admit(fed, _request(tmp_path))  # holds the CA key: renews the due CRL on the way
         assert pki.crl_state(fed).number == 5 and pki.crl_state(fed).days_left() > 364
         assert server_main(["renew-crl", "--dir", str(fed)]) == 0  # forced
         assert pki.crl_state(fed).number == 6 and "the next fl-server start serves it" in capsys.readouterr().out
@@ -552,51 +553,51 @@ class TestBinding:
     """Row 10: a site's certificate and SuperNode key are bound by the CA at admission and checked before registration."""
 
     def test_admitted_site_passes(self, fed: Path, tmp_path: Path) -> None:
-        pki.admit(fed, _request(tmp_path))
+        site_table.admit(fed, _request(tmp_path))
         record = _load(pki.federation_paths(fed).site(SITE) / "site.json")
         assert record["binding"] and record["cert_sha256"] == _cert(pki.federation_paths(fed).site(SITE) / "client.pem"
                                                                     ).fingerprint(hashes.SHA256()).hex()
-        pki.check_binding(fed, SITE)
+        site_table.check_binding(fed, SITE)
 
     def test_swapped_auth_key_is_not_registered(self, fed: Path, tmp_path: Path) -> None:
-        pki.admit(fed, _request(tmp_path))
+        site_table.admit(fed, _request(tmp_path))
         site_dir = pki.federation_paths(fed).site(SITE)
         other = ec.generate_private_key(ec.SECP384R1()).public_key().public_bytes(serialization.Encoding.OpenSSH,
                                                                                   serialization.PublicFormat.OpenSSH)
         (site_dir / "auth.pub").write_bytes(other + b" fedxray:st-marys\n")
         with pytest.raises(ProvisionError, match="auth.pub is not the SuperNode key admitted for st-marys"):
-            pki.check_binding(fed, SITE)
+            site_table.check_binding(fed, SITE)
         # Editing the record to match the swapped key breaks the CA's signature instead.
         record = _load(site_dir / "site.json")
         record["auth_key_sha256"] = pki.ssh_fingerprint(other.decode())
         (site_dir / "site.json").write_text(json.dumps(record))
         with pytest.raises(ProvisionError, match="site.json was altered after admission") as info:
-            pki.check_binding(fed, SITE)
+            site_table.check_binding(fed, SITE)
         assert "\n" not in str(info.value) and f"fl-server remove {SITE}" in str(info.value)
 
     def test_swapped_certificate_is_not_registered(self, fed: Path, tmp_path: Path) -> None:
-        pki.admit(fed, _request(tmp_path, "alpha"))
-        pki.admit(fed, _request(tmp_path, "beta"))
+        site_table.admit(fed, _request(tmp_path, "alpha"))
+        site_table.admit(fed, _request(tmp_path, "beta"))
         paths = pki.federation_paths(fed)
         shutil.copy(paths.site("beta") / "client.pem", paths.site("alpha") / "client.pem")
         with pytest.raises(ProvisionError, match="client.pem is not the certificate issued to alpha"):
-            pki.check_binding(fed, "alpha")
-        pki.check_binding(fed, "beta")
+            site_table.check_binding(fed, "alpha")
+        site_table.check_binding(fed, "beta")
 
     def test_record_without_binding_is_not_registered(self, fed: Path, tmp_path: Path) -> None:
-        pki.admit(fed, _request(tmp_path))
+        site_table.admit(fed, _request(tmp_path))
         path = pki.federation_paths(fed).site(SITE) / "site.json"
         path.write_text(json.dumps({k: v for k, v in _load(path).items() if k != "binding"}))
         with pytest.raises(ProvisionError, match="no CA-signed binding"):
-            pki.check_binding(fed, SITE)
+            site_table.check_binding(fed, SITE)
 
     def test_revoked_registrations_include_earlier_admissions(self, fed: Path, tmp_path: Path) -> None:
         request_path = _request(tmp_path)
-        pki.admit(fed, request_path)
-        pki.record_node_id(fed, SITE, 11)
-        pki.revoke(fed, SITE)
-        pki.admit(fed, request_path)  # re-admitted while the coordinator was stopped: node 11 still registered
-        pki.record_node_id(fed, SITE, 12)
-        assert [r["node_id"] for r in pki.revoked_registrations(fed)] == [11]
-        pki.revoke(fed, SITE)
-        assert sorted(r["node_id"] for r in pki.revoked_registrations(fed)) == [11, 12]
+        site_table.admit(fed, request_path)
+        site_table.record_node_id(fed, SITE, 11)
+        site_table.revoke(fed, SITE)
+        site_table.admit(fed, request_path)  # re-admitted while the coordinator was stopped: node 11 still registered
+        site_table.record_node_id(fed, SITE, 12)
+        assert [r["node_id"] for r in site_table.revoked_registrations(fed)] == [11]
+        site_table.revoke(fed, SITE)
+        assert sorted(r["node_id"] for r in site_table.revoked_registrations(fed)) == [11, 12]

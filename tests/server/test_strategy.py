@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from common.config import RunConfig
-from server.strategy import _youden_threshold, check_update, make_strategy, update_norm_bound
+from server.strategy import check_update, clip_update, make_strategy, server_plan, update_norm_bound
 
 
 @pytest.fixture
@@ -39,19 +39,17 @@ class TestCheckUpdate:
         assert update_norm_bound(run, 10, 1000, 1.0) > update_norm_bound(run, 1, 1000, 1.0) > 0
 
 
-def test_youden_threshold_separates_classes():
-    neg = [0] * 10
-    pos = [0] * 10
-    neg[2] = 50
-    pos[7] = 50
-    t = _youden_threshold([{"pos": pos, "neg": neg}], None, None)
-    assert 0.2 < t <= 0.7
-
-
 @pytest.mark.parametrize("name", ["fedavg", "fedprox", "fedadam", "trimmed-mean", "median"])
 def test_make_strategy(name):
-    s = make_strategy(RunConfig(strategy=name, min_sites=3), round_offset=2)
+    run = RunConfig(strategy=name, min_sites=3, proximal_mu=0.25, server_learning_rate=0.05, trim_beta=0.1)
+    s = make_strategy(run, round_offset=2)
     assert s.round_offset == 2 and s.min_available_nodes == 3
+    if name == "fedprox":
+        assert s.proximal_mu == 0.25
+    elif name == "fedadam":
+        assert s.eta == 0.05 and s.eta_l == run.learning_rate
+    elif name == "trimmed-mean":
+        assert s.beta == 0.1
 
 
 @pytest.fixture(autouse=True)
@@ -64,16 +62,19 @@ def _task_identity(monkeypatch):
             monkeypatch.setattr(TaskIdentity, name, 1)
 
 
-def _reply(site: str, weights: dict, n: int):
+def _reply(site: str, weights: dict, n: int, node: int | None = None, **metrics):
     from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
     content = RecordDict({
         "arrays": ArrayRecord({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in weights.items()}),
         "metrics": MetricRecord({"num-examples": n, "train-loss": 0.5, "steps": 2, "noise-multiplier": 1.0,
-                                 "epsilon-total": 1.0}),
+                                 "epsilon-total": 1.0, **metrics}),
         "site": ConfigRecord({"site-name": site}),
     })
-    return Message(content=content, dst_node_id=0, message_type="train")
+    msg = Message(content=content, dst_node_id=0, message_type="train")
+    # As the SuperLink sets it: the node the reply came from (each site its own unless a test says otherwise).
+    object.__setattr__(msg.metadata, "_src_node_id", node if node is not None else 1000 + sum(map(ord, site)))
+    return msg
 
 
 @pytest.mark.parametrize("strategy", ["fedavg", "trimmed-mean"])
@@ -103,3 +104,52 @@ def test_all_updates_bad_keeps_model(ref):
     s._global = {k: v.copy() for k, v in ref.items()}
     bad = {k: v + np.inf for k, v in ref.items()}
     assert s.aggregate_train(1, [_reply("h1", bad, 5)]) == (None, None)
+
+
+def test_a_site_is_its_node_not_the_name_it_reports(ref):
+    s = make_strategy(RunConfig(min_sites=2))
+    s._global = {k: v.copy() for k, v in ref.items()}
+    small = {k: v + 1e-3 for k, v in ref.items()}
+    s.aggregate_train(1, [_reply("h1", small, 10, node=1), _reply("h2", small, 10, node=2)])
+    # Node 2 now claims to be h1 (to overwrite h1's epsilon in the model card): rejected, h1's figures intact.
+    s.aggregate_train(2, [_reply("h1", small, 10, node=1, **{"epsilon-total": 2.0}),
+                          _reply("h1", small, 10, node=2, **{"epsilon-total": 99.0})])
+    assert s.logs[2].train["h1"]["epsilon-total"] == 2.0
+    assert "node 2 joined as 'h2'" in s.logs[2].rejected["h2"]
+
+
+def test_a_site_cannot_grow_its_weight_mid_run(ref):
+    s = make_strategy(RunConfig(min_sites=2))
+    s._global = {k: v.copy() for k, v in ref.items()}
+    a = {k: v + 0.001 for k, v in ref.items()}
+    b = {k: v + 0.003 for k, v in ref.items()}
+    s.aggregate_train(1, [_reply("h1", a, 10), _reply("h2", b, 10)])
+    arrays, _ = s.aggregate_train(2, [_reply("h1", a, 10), _reply("h2", b, 10_000)])
+    out = arrays["a.weight"].numpy()
+    assert np.allclose(out, ref["a.weight"] + 0.002, atol=1e-6)  # still weighted 10:10
+
+
+def test_norm_bound_comes_from_the_coordinators_plan_not_the_reply(ref):
+    run = RunConfig(min_sites=1, sample_rate=0.2, local_epochs=1, num_server_rounds=2, target_epsilon=3.0)
+    plan = server_plan(run)
+    assert plan.steps == 5 and plan.noise_multiplier is not None and plan.noise_multiplier > 0.5
+    s = make_strategy(run)
+    s._global = {k: v.copy() for k, v in ref.items()}
+    n_params = sum(v.size for v in ref.values())
+    bound = update_norm_bound(run, plan.steps, n_params, plan.noise_multiplier, batch=0.2 * 100)
+    huge = {k: v + 2 * bound for k, v in ref.items()}
+    # The reply claims a million steps and enormous noise to widen the bound: the plan decides.
+    s.aggregate_train(1, [_reply("h1", huge, 100, steps=1e6, **{"noise-multiplier": 1e6})])
+    assert "norm" in s.logs[1].rejected["h1"]
+
+
+def test_server_clip_bounds_each_update(ref):
+    big = {k: v + 10.0 for k, v in ref.items()}
+    clipped, norm = clip_update(big, ref, 1.0)
+    assert norm > 10.0
+    delta = np.sqrt(sum(float(np.sum((clipped[k] - ref[k]) ** 2)) for k in ref))
+    assert delta == pytest.approx(1.0, rel=1e-5)
+    s = make_strategy(RunConfig(min_sites=1, server_clip=1.0, dp=False))
+    s._global = {k: v.copy() for k, v in ref.items()}
+    arrays, _ = s.aggregate_train(1, [_reply("h1", {k: v + 0.01 for k, v in ref.items()}, 10)])
+    assert np.allclose(arrays["b.bias"].numpy(), ref["b.bias"] + 0.01)  # small updates pass unchanged

@@ -1,4 +1,4 @@
-"""Tests for client/privacy.py: DP planning and heterogeneous epsilon composition (no training)."""
+"""Tests for common/privacy.py: DP planning and heterogeneous epsilon composition (no training)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import pytest
 from opacus.accountants import RDPAccountant
 
-from client.privacy import DpPlan, epsilon_for, plan_dp
+from common.privacy import DpPlan, epsilon_for, plan_dp
 
 DELTA = 1e-5
 
@@ -105,11 +105,11 @@ class TestPlanDpValidation:
             assert word in message
 
     def test_weak_delta_is_logged(self, caplog: pytest.LogCaptureFixture) -> None:
-        with caplog.at_level(logging.WARNING, logger="client.privacy"):
+        with caplog.at_level(logging.WARNING, logger="common.privacy"):
             _plan(n_train=1000, delta=1e-3, noise_multiplier=1.0)
         assert any("1/n_train" in r.getMessage() for r in caplog.records)
         caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="client.privacy"):
+        with caplog.at_level(logging.WARNING, logger="common.privacy"):
             _plan(n_train=1000, delta=1e-5, noise_multiplier=1.0)
         assert not caplog.records
 

@@ -1,0 +1,91 @@
+"""`fl-client status`: the site's own view of its privacy budget, from its ledger alone (contract 6).
+
+A privacy officer reads here, without the coordinator and without training anything: how much
+any patient of this site has been exposed to (``spent_epsilon``: the largest cumulative epsilon
+over all runs, training and evaluation), the site's limit, and every charge with the numbers
+needed to recompute its epsilon with Opacus alone (noise multiplier, sample rate, steps, delta,
+accountant). Refusals are listed too. Nothing here names a patient or a file.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from client.ledger import LEDGER_FILENAME, PrivacyLedger
+
+
+class StatusError(ValueError):
+    """The state dir has no readable ledger; the message says where it looked."""
+
+
+def ledger_status(state_dir: str | Path) -> dict[str, Any]:
+    """The status document: spent_epsilon, max_epsilon, delta, groups, runs, entries, refusals."""
+    state = Path(state_dir)
+    path = state / LEDGER_FILENAME
+    if not state.is_dir():
+        raise StatusError(f"{state} is not a folder: give the site's state dir (fl-client start --state-dir)")
+    if not path.exists():
+        return {"state_dir": str(state), "ledger": None, "spent_epsilon": 0.0, "max_epsilon": None, "delta": None,
+                "accountant": "rdp", "groups": [], "runs": [], "entries": [], "refusals": []}
+    try:
+        doc = json.loads(path.read_text())
+        ledger = PrivacyLedger(state, site=str(doc["site"]), max_epsilon=float(doc["max_epsilon"]),
+                               delta=float(doc["delta"]), accountant=str(doc.get("accountant", "rdp")))
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise StatusError(f"cannot read the privacy ledger {path}: {err}") from err
+    entries = ledger.contributions()
+    runs: dict[str, dict[str, Any]] = {}
+    for c in entries:
+        name = c.run_id.split("@", 1)[0]
+        run = runs.setdefault(name, {"run": name, "train_rounds": [], "evaluations": 0, "first": c.recorded_at})
+        if c.kind == "train":
+            run["train_rounds"].append(c.round)
+        else:
+            run["evaluations"] += 1
+        run["last"] = c.recorded_at
+    return {
+        "state_dir": str(state),
+        "ledger": str(path),
+        "site": ledger.site,
+        "spent_epsilon": ledger.spent_epsilon(),
+        "max_epsilon": ledger.max_epsilon,
+        "delta": ledger.delta,
+        "accountant": ledger.accountant,
+        "groups": ledger.patient_epsilons(),
+        "runs": list(runs.values()),
+        "entries": [
+            {"run_id": c.run_id, "round": c.round, "kind": c.kind, "noise_multiplier": c.noise_multiplier,
+             "sample_rate": c.sample_rate, "steps": c.steps, "delta": c.delta, "accountant": c.accountant,
+             "max_grad_norm": c.max_grad_norm, "images": c.n_train, "epsilon_after": c.epsilon_after,
+             "recorded_at": c.recorded_at, "dataset": c.dataset_fingerprint[:12]}
+            for c in entries
+        ],
+        "refusals": ledger.refusals(),
+    }
+
+
+def render_status(status: dict[str, Any]) -> str:
+    """The status for a terminal: the headline, the patient groups, runs and refusals."""
+    if status["ledger"] is None:
+        return f"no privacy ledger in {status['state_dir']} yet: this site has not trained or evaluated anything"
+    lines = [
+        f"site {status['site']}: the most exposed patient has spent epsilon {status['spent_epsilon']:.3f} of "
+        f"max-epsilon {status['max_epsilon']:g} (delta {status['delta']:g}, {status['accountant']} accountant)",
+        "",
+        "patients grouped by what touched them (largest epsilon first):",
+    ]
+    for g in status["groups"]:
+        who = f"{g['patients']} patient(s)" if g["patients"] else "every patient (entries of an older ledger)"
+        lines.append(f"  {who:<44} epsilon {g['epsilon']:.3f}  from {g['entries']} charge(s): {', '.join(g['kinds'])}")
+    lines += ["", "runs:"]
+    for r in status["runs"]:
+        rounds = ", ".join(str(x) for x in sorted(r["train_rounds"])) or "none"
+        lines.append(f"  {r['run']:<40} trained rounds {rounds}; {r['evaluations']} evaluation(s); last {r['last']}")
+    if status["refusals"]:
+        lines += ["", f"refused ({len(status['refusals'])}):"]
+        for item in status["refusals"]:
+            lines.append(f"  round {item['round']} of {item['run_id'].split('@')[0]}: {item['reason']} "
+                         f"(would reach {item['epsilon_after']:.3f}; {item.get('attempts', 1)} attempt(s))")
+    return "\n".join(lines)

@@ -1,0 +1,143 @@
+"""The model as the clinic sees it: an ONNX file, its identity, and one image scored with a heatmap.
+
+:class:`Scorer` is the only place that runs the model in ``fl-predict`` and ``serve``. It keeps
+the exported file's own description (``fedxray.*`` metadata, DESIGN contract 3) and adds what a
+report needs to name the model unambiguously: the SHA-256 of the file (a model's version is
+its bytes; the export time alone does not tell two exports of one run apart).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from clinic.heatmap import Explainer
+from common.onnx_export import OnnxClassifier, load_onnx_model
+from common.preprocess import to_model_input
+
+logger = logging.getLogger(__name__)
+
+_UID_NAMESPACE = uuid.UUID("3c5c2a8e-1f4d-5b9a-8c0e-fedc11a1c000")
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What a report says about the model (all from the ONNX file; nothing about patients)."""
+
+    name: str  # architecture, e.g. "scatternet"
+    task: str
+    labels: list[str]
+    threshold: float
+    rounds: int
+    sites: Any  # JSON value from fedxray.sites (a list of site names, or a count)
+    epsilon: dict[str, float | None]  # site -> epsilon spent (None: that site trained without DP)
+    created: str  # export time, ISO-8601
+    sha256: str  # of the ONNX file
+    export_round: str = ""  # the round whose weights were exported, when the server recorded it
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def version(self) -> str:
+        """Human-readable version: export time plus the file hash's first 12 hex digits."""
+        return f"{self.created} sha256:{self.sha256[:12]}"
+
+    def uid(self, *parts: str) -> str:
+        """A DICOM UID ``2.25.<uuid5>`` derived from this model file and ``parts``.
+
+        Derived, not random: the same image scored by the same model always gets the same SR and
+        heatmap UIDs, so a resend or a restart replaces results instead of duplicating them.
+        """
+        name = "\x1f".join((self.sha256, *(str(p) for p in parts)))
+        return f"2.25.{uuid.uuid5(_UID_NAMESPACE, name).int}"
+
+    def parameters(self) -> list[str]:
+        """Training facts as ``key=value`` strings (the SR's Algorithm Parameters)."""
+        params = [f"task={self.task}", f"threshold={self.threshold:g}", f"rounds={self.rounds}",
+                  f"sites={json.dumps(self.sites)}", f"epsilon={json.dumps(self.epsilon, sort_keys=True)}"]
+        if self.export_round:
+            params.append(f"export_round={self.export_round}")
+        return params
+
+
+@dataclass(frozen=True)
+class Scored:
+    """One image's result: probabilities per label, the decision, and where the evidence is."""
+
+    probabilities: dict[str, float]
+    positive: list[str]  # labels at or above the threshold (multiclass: the most likely class)
+    explained_label: str  # the label the attribution map is for
+    attribution: NDArray[np.float32] | None  # [h, w] in logit units, None without heatmaps
+    model_input: NDArray[np.float32]  # [1, 1, H, W]: what the model saw (drift statistics use it)
+
+
+class Scorer:
+    """Load a fedxray ONNX model once; score display pixels (``common.preprocess.load_pixels``).
+
+    One :class:`~clinic.heatmap.Explainer` pass gives the probabilities and, unless
+    ``heatmaps=False``, the attribution map.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, heatmaps: bool = True, threads: int | None = None) -> None:
+        self.path = Path(path)
+        self.classifier: OnnxClassifier = load_onnx_model(self.path, threads=threads)
+        data = self.path.read_bytes()
+        meta = self.classifier.meta
+        known = {"task", "labels", "input_size", "threshold", "model", "rounds", "sites", "epsilon", "created", "export_round"}
+        self.identity = ModelIdentity(
+            name=str(meta["model"]),
+            task=str(meta["task"]),
+            labels=list(meta["labels"]),
+            threshold=float(meta["threshold"]),
+            rounds=int(meta["rounds"]),
+            sites=meta["sites"],
+            epsilon=dict(meta["epsilon"]),
+            created=str(meta["created"]),
+            sha256=hashlib.sha256(data).hexdigest(),
+            export_round=str(meta.get("export_round", "")),
+            extra={k: str(v) for k, v in meta.items() if k not in known},
+        )
+        # One session computes the probabilities, and the attribution when heatmaps are on; the
+        # OnnxClassifier above has checked the file against contract 3 and parsed its metadata.
+        self.explainer = Explainer(data, self.identity.task, threads=threads, attribution=heatmaps)
+        self.heatmaps = heatmaps
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return self.classifier.input_size
+
+    @property
+    def heatmap_method(self) -> str | None:
+        return self.explainer.method if self.heatmaps else None
+
+    def score(self, pixels: NDArray[np.float32]) -> Scored:
+        """Score one display image [H, W] in [0, 1] at native size (resized here, contract 3)."""
+        image = to_model_input(pixels, self.input_size)
+        ident = self.identity
+        batch_probs, maps = self.explainer.run(image)
+        probs = batch_probs[0]
+        explained = self._explained_label(probs)
+        index = ident.labels.index(explained)
+        attribution = None
+        if self.heatmaps:
+            attribution = maps[0, index] if maps is not None else self.explainer.occlusion(image, probs, index)
+        probabilities = {label: float(p) for label, p in zip(ident.labels, probs)}
+        return Scored(probabilities, self.decide(probabilities), explained, attribution, image)
+
+    def decide(self, probabilities: dict[str, float]) -> list[str]:
+        """Labels called positive: ``p >= threshold`` (as common.metrics); multiclass: the argmax."""
+        if self.identity.task == "multiclass":
+            return [max(probabilities, key=probabilities.__getitem__)]
+        return [label for label, p in probabilities.items() if p >= self.identity.threshold]
+
+    def _explained_label(self, probs: NDArray[np.float32]) -> str:
+        """The most likely label: the one a reader wants to see the evidence for."""
+        return self.identity.labels[int(np.argmax(probs))]

@@ -1,0 +1,123 @@
+"""What one scored image produces, built in memory and written as files (``--out DIR``).
+
+``DIR/<key>.sr.dcm`` (the SR), ``DIR/<key>.heatmap.png`` (the overlay) and
+``DIR/<key>.heatmap.dcm`` (the overlay as a Secondary Capture), where ``<key>`` is the source's
+SOP Instance UID (a PNG/JPEG input: its file stem; it gets the PNG only, since an SR and a
+Secondary Capture must reference a DICOM study). Files appear atomically (temp file + rename),
+so a PACS import job watching the folder never picks up half a file. ``serve`` uses the same
+objects to send them by C-STORE.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from numpy.typing import NDArray
+from PIL import Image
+from pydicom.dataset import Dataset
+
+from clinic.heatmap import overlay
+from clinic.model import Scored, Scorer
+from clinic.predict import Source
+from clinic.secondary_capture import build_secondary_capture
+from clinic.sr import ReportError, build_sr, conformant_header
+from common.cache import atomic_write_bytes
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Outputs:
+    """The SR, the overlay and its Secondary Capture for one image (each None when not made)."""
+
+    key: str
+    sr: Dataset | None = None
+    overlay: NDArray[np.uint8] | None = None
+    secondary_capture: Dataset | None = None
+    problems: list[str] = field(default_factory=list)  # why something was not made (one line each)
+
+    def datasets(self) -> list[Dataset]:
+        """The DICOM objects to send to a PACS: SR first, then the heatmap."""
+        return [ds for ds in (self.sr, self.secondary_capture) if ds is not None]
+
+
+def build_outputs(source: Source, scored: Scored, scorer: Scorer, *, dicom: bool = True) -> Outputs:
+    """Build the outputs of one image. ``dicom=False`` skips the SR and Secondary Capture."""
+    out = Outputs(key=source.key)
+    ident = scorer.identity
+    if scored.attribution is not None:
+        p = scored.probabilities[scored.explained_label]
+        caption = (f"fedxray {ident.name}: {scored.explained_label} p={p:.3f} (threshold {ident.threshold:.3g}) "
+                   f"- decision support, not a diagnosis")
+        out.overlay = overlay(source.pixels, scored.attribution, caption)
+    if not dicom or source.header is None:
+        return out
+    with warnings.catch_warnings(record=True) as caught:
+        # highdicom warns about odd header values (e.g. a one-component Patient Name) by quoting
+        # them: patient data must not reach the log, so the warnings are counted, not shown.
+        warnings.simplefilter("always")
+        _build_dicom(out, source, scored, scorer)
+    if caught:
+        logger.debug("%d highdicom warning(s) about the source header (not shown: they may quote patient data)", len(caught))
+    return out
+
+
+def _build_dicom(out: Outputs, source: Source, scored: Scored, scorer: Scorer) -> None:
+    """Fill ``out.sr`` and ``out.secondary_capture``; a header that does not allow one is a problem line.
+
+    Error messages name the missing or invalid attribute, never its value.
+    """
+    assert source.header is not None
+    header = conformant_header(source.header)
+    try:
+        out.sr = build_sr(header, scored, scorer.identity, heatmap_method=scorer.heatmap_method)
+    except ReportError as err:
+        out.problems.append(str(err))
+    except Exception as err:  # highdicom rejects an attribute of the source: the score stands, the SR is skipped
+        out.problems.append(f"no SR: the image header does not allow one ({_safe_reason(err)})")
+    if out.overlay is not None and out.sr is not None:
+        try:
+            out.secondary_capture = build_secondary_capture(
+                header, out.overlay, scorer.identity, method=scorer.heatmap_method or "", label=scored.explained_label
+            )
+        except Exception as err:
+            out.problems.append(f"no heatmap Secondary Capture: the image header does not allow one ({_safe_reason(err)})")
+
+
+def _safe_reason(err: Exception) -> str:
+    """The error's type, plus the attribute name for a missing attribute; never a value (it may be patient data)."""
+    if isinstance(err, AttributeError) and getattr(err, "name", None):
+        return f"missing {err.name}"
+    return type(err).__name__
+
+
+def write_outputs(outputs: Outputs, folder: Path) -> dict[str, str | None]:
+    """Write what was built under ``folder``; returns {"sr", "heatmap_png", "heatmap_dcm"} -> path or None."""
+    folder.mkdir(parents=True, exist_ok=True)
+    written: dict[str, str | None] = {"sr": None, "heatmap_png": None, "heatmap_dcm": None}
+    if outputs.sr is not None:
+        written["sr"] = _write(folder / f"{outputs.key}.sr.dcm", dicom_bytes(outputs.sr))
+    if outputs.overlay is not None:
+        buf = io.BytesIO()
+        Image.fromarray(outputs.overlay, mode="RGB").save(buf, format="PNG")
+        written["heatmap_png"] = _write(folder / f"{outputs.key}.heatmap.png", buf.getvalue())
+    if outputs.secondary_capture is not None:
+        written["heatmap_dcm"] = _write(folder / f"{outputs.key}.heatmap.dcm", dicom_bytes(outputs.secondary_capture))
+    return written
+
+
+def dicom_bytes(ds: Dataset) -> bytes:
+    """A dataset as a DICOM Part 10 file (preamble, File Meta) in memory."""
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def _write(path: Path, data: bytes) -> str:
+    atomic_write_bytes(path, data)
+    return str(path)

@@ -1,0 +1,148 @@
+"""The end of a run: the best round exported to ONNX (with its provenance), metrics.json, plots, the model card.
+
+Flower-free: the ServerApp passes what only Flower knows (the app bundle's hash) as plain strings.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common.calibration import Calibrated, calibrated_threshold
+from common.config import RunConfig
+from common.models import build_model, describe
+from common.onnx_export import export_onnx, reference_batch
+from server.checkpoint import latest_checkpoint, load_best
+from server.report import fitness_warnings, write_metrics, write_model_card, write_plots
+
+log = logging.getLogger("flwr.fedxray")
+
+
+def provenance(run: RunConfig, bundle_sha256: str = "") -> dict[str, str]:
+    """Which software made the model: fedxray's version, the app bundle's sha256 (what sites approved),
+    and, in a simulation, what the hospitals' data were."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out: dict[str, str] = {}
+    try:
+        out["version"] = version("fedxray")
+    except PackageNotFoundError:
+        out["version"] = "unknown"
+    out["bundle_sha256"] = bundle_sha256
+    if run.sim_root:
+        out["data_source"] = simulated_source(Path(run.sim_root))
+    return out
+
+
+def simulated_source(sim_root: Path) -> str:
+    """'synthetic' or 'images:<set>' from the simulated hospitals' manifest, 'simulated' when unknown."""
+    try:
+        sites = json.loads((sim_root / "sites.json").read_text())
+        manifest = Path(sites[0]["data-dir"]).parent / "manifest.json"
+        return str(json.loads(manifest.read_text()).get("source", "simulated"))
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return "simulated"
+
+
+def finish(run_dir: Path, run_name: str, run: RunConfig, provenance: dict[str, str] | None = None) -> None:
+    """Export the last checkpoint's model to ONNX and write the model card, metrics and plots."""
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        log.error("no round completed: nothing to export in %s", run_dir)
+        return
+    # The exported model is the round with the best pooled validation AUC (post-processing: the sites
+    # already released every round's histograms); the card says which round and that the choice was
+    # made on the validation data it reports.
+    best = load_best(run_dir)
+    export_round, weights = (best[0], best[1]) if best is not None else (ckpt.round, ckpt.weights)
+    model = build_model(run.model, dp=True, **run.model_kwargs())
+    model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in weights.items()})
+    chosen = next((h for h in ckpt.history if h.get("round") == export_round), ckpt.history[-1] if ckpt.history else {})
+    last = ckpt.history[-1] if ckpt.history else {}
+    threshold = chosen.get("threshold")
+    threshold = 0.5 if threshold is None else float(threshold)
+    calibration = platt_from_round(chosen, run)
+    if calibration is not None:
+        a, b = calibration
+        model = Calibrated(model, a, b)
+        threshold = calibrated_threshold(threshold, a, b)
+        log.info("calibrated the exported probabilities: sigmoid(%.4g * logit %+.4g), threshold %.3g", a, b, threshold)
+    # Privacy is spent by every round trained, not only up to the exported one: report the total.
+    epsilon = last.get("epsilon", {})
+    sample = None
+    if run.parity_data:
+        sample = reference_batch(run.parity_data, (run.image_size, run.image_size))
+        log.info("ONNX parity: %d reference radiographs from %s plus random images", len(sample), run.parity_data)
+    metadata = {"fedxray.model": run.model, "fedxray.rounds": str(ckpt.round), "fedxray.export_round": str(export_round),
+                **{f"fedxray.{k}": v for k, v in (provenance or {}).items()},
+                "fedxray.sites": json.dumps(sorted({s for h in ckpt.history for s in h.get("sites", {})})),
+                "fedxray.epsilon": json.dumps(epsilon)}
+    if calibration is not None:
+        metadata["fedxray.calibration"] = json.dumps({"method": "platt, on pooled validation histograms",
+                                                      "a": calibration[0], "b": calibration[1]})
+    drift = drift_reference(ckpt.history, chosen, run)
+    if drift:
+        metadata["fedxray.reference"] = drift
+    report = export_onnx(
+        model, run_dir / "model.onnx", sample_batch=sample, task=run.task, labels=list(run.labels),
+        input_size=(run.image_size, run.image_size), threshold=threshold, metadata=metadata,
+    )
+    problems = fitness_warnings(chosen, threshold)
+    for problem in problems:
+        log.warning("exported model: %s", problem)
+    export = {"max_abs_diff": report.max_abs_diff, "size_bytes": report.size_bytes,
+              "parity_images": 0 if sample is None else len(sample), "round": export_round,
+              "pooled_auc": chosen.get("pooled_auc"), "warnings": problems, **(provenance or {})}
+    write_metrics(run_dir, run_name, ckpt.run_config, ckpt.history,
+                  {"export": export, "threshold": threshold, "warnings": problems})
+    write_plots(run_dir, ckpt.history)
+    kwargs = run.model_kwargs()
+    info = describe(run.model, num_outputs=kwargs.pop("num_outputs"), **kwargs)
+    write_model_card(run_dir, run_name=run_name, run_config=ckpt.run_config, rounds=ckpt.history,
+                     model_info=info, threshold=threshold, export=export)
+    log.info("run %s finished: %s", run_name, run_dir)
+
+
+def drift_reference(history: list[dict], chosen: dict, run: RunConfig) -> str | None:
+    """The exported model's drift reference (common/reference.py), or None when the sites sent no statistics.
+
+    Image statistics: the last round's noised site counts (model-independent). Scores: the pooled
+    noised evaluation histograms of the exported round, rebinned to the reference's score bins.
+    """
+    from common.metrics import EVAL_EDGES
+    from common.reference import ReferenceError, rebin_scores, reference_from_sites
+
+    last = history[-1] if history else {}
+    parts = [s["reference_counts"] for s in last.get("sites", {}).values() if s.get("reference_counts")]
+    hists = [(s["hist_pos"], s["hist_neg"]) for s in chosen.get("sites", {}).values() if s.get("hist_pos")]
+    if not parts or not hists or run.task != "binary":
+        return None
+    pos = np.sum([np.asarray(p, float) for p, _ in hists], axis=0)
+    neg = np.sum([np.asarray(n, float) for _, n in hists], axis=0)
+    scores = {f"score:{run.labels[0]}": rebin_scores(pos, neg, EVAL_EDGES)}
+    try:
+        return reference_from_sites(parts, scores, (run.image_size, run.image_size))
+    except ReferenceError as err:
+        log.warning("no drift reference in the model: %s", err)
+        return None
+
+
+def platt_from_round(record: dict, run: RunConfig) -> tuple[float, float] | None:
+    """Platt scaling (common/calibration.py) fitted on the round's pooled validation histograms; None if impossible."""
+    from common.calibration import CalibrationError, fit_platt
+    from common.metrics import EVAL_EDGES
+
+    hists = [(s["hist_pos"], s["hist_neg"]) for s in record.get("sites", {}).values() if s.get("hist_pos")]
+    if run.task != "binary" or not hists:
+        return None
+    pos = np.sum([np.asarray(p, float) for p, _ in hists], axis=0)
+    neg = np.sum([np.asarray(n, float) for _, n in hists], axis=0)
+    try:
+        return fit_platt(pos, neg, EVAL_EDGES)
+    except CalibrationError as err:
+        log.warning("exported probabilities not calibrated: %s", err)
+        return None

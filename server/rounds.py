@@ -1,0 +1,114 @@
+"""After every round: the round record (contract 4), the checkpoint, the best round, metrics.json, early stop.
+
+:class:`RoundKeeper` is what the ServerApp hands Flower as ``evaluate_fn``; it is plain Python,
+so what the coordinator keeps after each round is unit-tested without Flower.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common.metrics import weighted_mean
+from server.checkpoint import Checkpoint, load_best, save_best, save_checkpoint
+from server.report import write_metrics
+from server.strategy import strategy_state
+
+log = logging.getLogger("flwr.fedxray")
+
+
+class EarlyStop(Exception):  # noqa: N818 - control flow, not an error
+    """Raised after a round to end the rounds early (Flower 1.41 has no should_stop)."""
+
+
+def round_record(strategy: Any, r: int, seconds: float) -> dict[str, Any]:
+    """The contract-4 entry of round ``r``: pooled AUC, train loss, epsilon per site, per-site metrics."""
+    entry = strategy.logs.get(r)
+    pooled = strategy.pooled(r)
+    pooled = dict(pooled) if pooled is not None else {}
+    sites: dict[str, dict[str, Any]] = {}
+    train_losses, train_n = [], []
+    epsilon: dict[str, float] = {}
+    if entry is not None:
+        for site, m in entry.train.items():
+            sites.setdefault(site, {}).update(
+                num_examples=int(m.get("num-examples", 0)), train_loss=m.get("train-loss"),
+                epsilon_round=m.get("epsilon-round"), epsilon_total=m.get("epsilon-total"),
+                noise_multiplier=m.get("noise-multiplier"), sample_rate=m.get("sample-rate"), steps=m.get("steps"),
+                local_epochs=m.get("local-epochs"), train_seconds=m.get("train-seconds"),
+            )
+            epsilon[site] = float(m.get("epsilon-total", 0.0))
+            if "train-loss" in m:  # sites send no training loss under DP (it is not accounted)
+                train_losses.append(m["train-loss"])
+                train_n.append(int(m.get("num-examples", 0)))
+        for site, m in entry.evaluate.items():
+            sites.setdefault(site, {}).update(
+                val_examples=int(m.get("num-examples", 0)), val_positive=int(round(m.get("num-positive", 0))),
+                auc=m.get("auc"), eval_noise=m.get("eval-noise"), hist_pos=m.get("hist-pos"), hist_neg=m.get("hist-neg"),
+            )
+            image_counts = {k.removeprefix("ref-"): v for k, v in m.items() if k.startswith("ref-")}
+            if image_counts:
+                sites[site]["reference_counts"] = image_counts
+    return {
+        "round": r,
+        "pooled_auc": pooled.get("pooled-auc", math.nan),
+        "train_loss": weighted_mean(train_losses, train_n) if train_n else None,
+        "eval_loss": pooled.get("eval-loss", math.nan),
+        "sensitivity": pooled.get("sensitivity", math.nan),
+        "specificity": pooled.get("specificity", math.nan),
+        "threshold": pooled.get("threshold", 0.5),
+        "epsilon": epsilon,
+        "sites": sites,
+        "rejected": dict(entry.rejected) if entry else {},
+        "failures": list(entry.failures) if entry else [],
+        "seconds": seconds,
+    }
+
+
+
+
+class RoundKeeper:
+    """Keeps every finished round: record, atomic checkpoint, best round so far, metrics.json, early stop."""
+
+    def __init__(self, *, strategy: Any, run_dir: Path, run_name: str, config_map: dict[str, Any],
+                 history: list[dict[str, Any]], start_round: int, total_rounds: int, patience: int) -> None:
+        self.strategy, self.run_dir, self.run_name = strategy, run_dir, run_name
+        self.config_map, self.history = config_map, history
+        self.start_round, self.total_rounds, self.patience = start_round, total_rounds, patience
+        self.started = time.monotonic()
+        self.best_auc = max((h.get("pooled_auc") or -1.0 for h in history), default=-1.0)
+        self.since_best = 0
+        previous = load_best(run_dir)
+        self.best_saved = previous[2] if previous else -1.0
+
+    def after_round(self, server_round: int, weights: dict[str, np.ndarray]) -> dict[str, Any] | None:
+        """Round ``server_round`` of this session (0: before the first) is done; returns its record."""
+        if server_round == 0:
+            return None
+        r = server_round + self.start_round
+        rec = round_record(self.strategy, r, time.monotonic() - self.started)
+        self.started = time.monotonic()
+        self.history.append(rec)
+        save_checkpoint(self.run_dir, Checkpoint(r, weights, strategy_state(self.strategy), self.history, self.config_map))
+        auc = rec["pooled_auc"]
+        if auc == auc and auc > self.best_saved:
+            save_best(self.run_dir, r, weights, auc)
+            self.best_saved = auc
+        write_metrics(self.run_dir, self.run_name, self.config_map, self.history)
+        eps = ", ".join(f"{k} {v:.2f}" for k, v in sorted(rec["epsilon"].items()))
+        log.info("round %d/%d: pooled AUC %.3f, validation loss %.4f, epsilon [%s]%s", r, self.total_rounds,
+                 auc, rec["eval_loss"], eps, f", rejected {sorted(rec['rejected'])}" if rec["rejected"] else "")
+        if self.patience and auc == auc:
+            if auc > self.best_auc + 1e-4:
+                self.best_auc, self.since_best = auc, 0
+            else:
+                self.since_best += 1
+                if self.since_best >= self.patience:
+                    log.info("early stop: no pooled AUC gain for %d round(s)", self.since_best)
+                    raise EarlyStop
+        return rec

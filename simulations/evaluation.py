@@ -1,0 +1,67 @@
+"""What a simulation can measure and a real coordinator cannot: exact validation figures.
+
+In a federation the coordinator sees each site's validation scores only as noised histograms
+(docs/privacy.md): its pooled AUC is a noisy, downward-biased estimate, and the noise is the
+price of the sites' privacy. A simulation holds every site's data on one machine, so after the
+run it can score the global model on the sites' validation splits exactly (read the way the
+sites read them, with their own salts and split), and on a hold-out set no site trained or
+validated on. fl-sim prints both beside the coordinator's figures.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from client.site import site_config
+from common.config import RunConfig
+from common.loaders import load_site
+from common.metrics import roc_auc
+from common.models import build_model, split_features
+from server.checkpoint import latest_checkpoint, load_best
+
+
+def exact_validation_auc(sim_root: Path, run_dir: Path) -> dict[str, Any]:
+    """Pooled validation AUC, exact, of the last round's model and of the exported (best) round's model."""
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        return {}
+    run = RunConfig.from_mapping(ckpt.run_config)
+    models = {"last": (ckpt.round, ckpt.weights)}
+    best = load_best(run_dir)
+    if best is not None:
+        models["exported"] = (best[0], best[1])
+    scores: dict[str, list[np.ndarray]] = {name: [] for name in models}
+    labels: list[np.ndarray] = []
+    entries = json.loads((sim_root / "sites.json").read_text())
+    for index in range(len(entries)):
+        site = site_config({"partition-id": index}, {"sim-root": str(sim_root)})
+        data = load_site(site.data_dir, site.state_dir, image_size=run.image_size, task=run.task, labels=run.labels,
+                         val_fraction=site.val_fraction)
+        if data.n_val == 0 or run.task != "binary":
+            continue
+        for name, (_, weights) in models.items():
+            model = build_model(run.model, dp=True, **run.model_kwargs())
+            model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in weights.items()})
+            model.eval()
+            frontend, head, _ = split_features(model)
+            with torch.no_grad():
+                if frontend is not None:
+                    _, val = data.feature_datasets(frontend)
+                    logits = head(val.tensors[0])
+                else:
+                    x = torch.from_numpy(data.images[data.split.val]).float().div_(255.0).unsqueeze(1)
+                    logits = model(x)
+            scores[name].append(torch.sigmoid(logits[:, 0]).numpy())
+        labels.append(data.targets.y[data.split.val, 0])
+    if not labels:
+        return {}
+    y = np.concatenate(labels)
+    out: dict[str, Any] = {"images": int(y.size)}
+    for name, (round_, _) in models.items():
+        out[name] = {"round": round_, "auc": float(roc_auc(y, np.concatenate(scores[name])))}
+    return out
