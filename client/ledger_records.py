@@ -117,7 +117,7 @@ class Contribution:
     # Which patients it touched: a key of the ledger's patient_sets, ALL_PATIENTS, or
     # "dataset:<fingerprint>" (a caller that did not say: the dataset is the group).
     patient_set: str = ALL_PATIENTS
-    kind: str = "train"  # train (DP-SGD) | evaluate (noised validation histograms)
+    kind: str = "train"  # train (DP-SGD) | evaluate (noised validation histograms) | reference (noised drift statistics)
     accountant: str = "rdp"
 
     def to_json(self) -> dict[str, Any]:

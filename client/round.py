@@ -316,7 +316,7 @@ def _reference_counts(site: SiteConfig, data: SiteData, ledger: PrivacyLedger, r
         ledger.reserve(run_id=run_id + "-reference", round=server_round,
                        fingerprint=dataset_fingerprint(data.val_hashes()), noise_multiplier=noise, sample_rate=1.0,
                        steps=1, max_grad_norm=1.0, n_train=max(1, data.n_val), delta=site.delta,
-                       patients=data.patients("val"), kind="evaluate")
+                       patients=data.patients("val"), kind="reference")
     except BudgetExceeded:
         log.warning("no drift reference statistics this run: they would pass max-epsilon")
         return {}

@@ -213,11 +213,21 @@ def quantize_main(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- parsers and helpers
 
 
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("fedxray")
+    except PackageNotFoundError:
+        return "unknown"
+
 def _parsers() -> dict[str, argparse.ArgumentParser]:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--model", required=True, help="fedxray ONNX model (fp32 or int8)")
     common.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default: all cores)")
     common.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO) on stderr")
+    common.add_argument("--version", action="version", version=f"fl-predict (fedxray) {_version()}")
 
     predict = argparse.ArgumentParser(prog="fl-predict", parents=[common], description=__doc__.split("\n\n")[0],
                                       epilog="Subcommands: fl-predict serve|drift|quantize --help")

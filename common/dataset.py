@@ -40,7 +40,8 @@ NEGATIVE_NAMES = frozenset({"normal", "no finding", "no_finding", "negative", "h
 POSITIVE_FLAGS = frozenset({"1", "true", "yes"})
 # labels.csv columns that are never findings.
 NON_LABEL_COLUMNS = frozenset(
-    {"file", "path", "patient_id", "patient", "split", "class_name", "subtype", "sha256", "study", "view", "age", "sex"}
+    {"file", "path", "patient_id", "patient_id_coarse", "patient", "split", "class_name", "subtype", "sha256", "study", "view",
+     "age", "sex"}
 )
 
 
@@ -156,7 +157,9 @@ def _read_labels_csv(path: Path) -> _Labels:
             f"{path}: labels.csv has no `file` column (columns: {', '.join(columns)}); "
             "add `file` with each image's path relative to the data folder"
         )
-    patient_col = lower.get("patient_id") or lower.get("patient")
+    # A coarser patient key wins when a table has one (Kermany: one child as person12_bacteria and
+    # person12_virus): the same person under two ids would otherwise straddle the split.
+    patient_col = lower.get("patient_id_coarse") or lower.get("patient_id") or lower.get("patient")
     by_file: dict[str, tuple[str, ...]] = {}
     patients: dict[str, str] = {}
     if "label" in lower:

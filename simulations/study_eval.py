@@ -14,6 +14,7 @@ threshold. AUC intervals are 95% stratified percentile bootstrap intervals.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,9 @@ def evaluate_arm(arm: Arm, trained: Trained, data: StudyData, s: Any, arm_dir: P
 
     onnx = load_onnx_model(trained.onnx, threads=s.threads)
     frontend, head, _ = split_features(trained.model)
+    # The coordinator may have calibrated the exported probabilities (common/calibration.py: Platt,
+    # a monotone map of the logits): compare the ONNX file with the same map of the torch logits.
+    calibration = json.loads(onnx.raw_meta.get("fedxray.calibration", "null") or "null") or {"a": 1.0, "b": 0.0}
 
     def onnx_scores(x: np.ndarray) -> np.ndarray:
         return onnx.predict(x, batch_size=128)[:, 0] if len(x) else np.zeros(0, np.float32)
@@ -62,7 +66,8 @@ def evaluate_arm(arm: Arm, trained: Trained, data: StudyData, s: Any, arm_dir: P
         logits = _logits(head, features if features is not None else x)
         out["logit_auc"] = roc_auc(y, logits) if len(np.unique(y)) == 2 else None
         out["saturated"] = float(np.mean((scores >= 1.0) | (scores <= 0.0)))
-        torch_probs = 0.5 * (1.0 + np.tanh(0.5 * logits))  # the sigmoid, without overflow
+        mapped = logits * float(calibration["a"]) + float(calibration["b"])
+        torch_probs = 0.5 * (1.0 + np.tanh(0.5 * mapped))  # the sigmoid, without overflow
         out["torch_max_abs_diff"] = float(np.max(np.abs(torch_probs - scores))) if len(y) else 0.0
         return out
 

@@ -131,8 +131,8 @@ def test_the_last_evaluation_adds_noised_reference_statistics_and_charges_them(h
                                                      reference=True))
     assert {"ref-intensity", "ref-brightness", "ref-contrast", "ref-sharpness"} <= set(metrics)
     ledger = PrivacyLedger(site.state_dir, site="hospital-a", max_epsilon=10, delta=1e-5)
-    kinds = sorted(c.run_id.endswith("-reference") for c in ledger.contributions())
-    assert kinds == [False, True]  # the histograms and the statistics: two charges to the validation patients
+    kinds = sorted(c.kind for c in ledger.contributions())
+    assert kinds == ["evaluate", "reference"]  # the histograms and the statistics: two charges to the validation patients
 
 
 def test_a_run_outside_the_sites_ranges_is_refused_before_anything(hospital, tmp_path):
