@@ -1,4 +1,4 @@
-"""fl-predict's speed: fp32 vs int8 ONNX latency per image, the AUC change, and the whole pipeline; prints JSON.
+"""fl-predict's speed: fp32 vs int8 ONNX vs TorchScript latency per image, the AUC change, and the whole pipeline; prints JSON.
 
 The issue's goal for the int8 model: at least 2x faster than fp32 on CPU with an AUC change of at
 most 0.005 on held-out data. Measured here the way a hospital runs it: onnxruntime on CPU, batch
@@ -10,8 +10,15 @@ include the model's own training images: then the change measures quantisation f
 generalisation, which is what int8 must preserve). ``pipeline`` times one real DICOM through
 the whole of fl-predict: decode, resize, score + attribution, overlay, SR and Secondary Capture.
 
+TorchScript (``--torchscript``, default ``model.pt`` beside ``--model`` when it exists): the
+twin that fl-server writes, run by torch on CPU with the same thread count (torch's intra-op
+threads), in the same interleaved loop; ``vs_fp32`` is fp32 ms / TorchScript ms (above 1:
+TorchScript is faster), ``throughput`` images/s at batch 16; the AUC and the largest probability
+change against fp32 ONNX are reported like int8's, and ``pipeline`` also times the ``.pt`` (its
+heatmap is occlusion: 64 passes).
+
     PYTHONPATH=. .venv/bin/python benchmarks/predict_latency.py --model runs/kermany/model.onnx \\
-        --holdout runs/kermany/hospitals/holdout --threads 1 2
+        --holdout runs/kermany/hospitals/holdout --threads 1 2 [--torchscript runs/kermany/model.pt]
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from _util import machine_info, print_json, progress
 
 from clinic.model import Scorer
@@ -36,6 +44,7 @@ from clinic.quantize import quantize_model
 from common.metrics import roc_auc
 from common.onnx_export import load_onnx_model
 from common.preprocess import load_pixels, to_model_input
+from common.torchscript_export import load_torchscript_model
 
 GOAL_SPEEDUP = 2.0
 GOAL_AUC_CHANGE = 0.005
@@ -88,6 +97,7 @@ def _latency(models: dict[str, Any], batch: np.ndarray, runs: int) -> dict[str, 
 
 def _pipeline(model: Path, dicom: Path, runs: int) -> dict[str, Any]:
     """ms for one DICOM through fl-predict: read, score with attribution, overlay + SR + SC."""
+    torch.set_num_threads(1)  # as Scorer(threads=1) does for onnxruntime
     scorer = Scorer(model, heatmaps=True, threads=1)
     read, score, outputs = [], [], []
     for _ in range(runs):
@@ -102,7 +112,7 @@ def _pipeline(model: Path, dicom: Path, runs: int) -> dict[str, Any]:
         score.append(t2 - t1)
         outputs.append(t3 - t2)
     ms = lambda values: round(statistics.median(values) * 1000, 1)  # noqa: E731
-    return {"file": dicom.name, "pixels": list(source.pixels.shape), "heatmap_method": scorer.heatmap_method,
+    return {"file": dicom.name, "model": model.name, "pixels": list(source.pixels.shape), "heatmap_method": scorer.heatmap_method,
             "read_ms": ms(read), "score_and_attribution_ms": ms(score), "overlay_sr_sc_ms": ms(outputs)}
 
 
@@ -110,6 +120,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="fp32 fedxray ONNX model")
     parser.add_argument("--int8", help="int8 model (default: quantised here with --method)")
+    parser.add_argument("--torchscript", help="TorchScript twin model.pt (default: model.pt beside --model, if there)")
     parser.add_argument("--method", choices=("dynamic", "static"), default="dynamic")
     parser.add_argument("--calibration", help="folder of images for static quantisation (default: the first held-out images)")
     parser.add_argument("--holdout", help="labelled held-out folder (labels.csv or class subfolders)")
@@ -122,6 +133,12 @@ def main() -> None:
     fp32 = load_onnx_model(args.model)
     label = fp32.labels[0]
     size = fp32.input_size
+    ts_path = Path(args.torchscript) if args.torchscript else Path(args.model).with_name("model.pt")
+    if not ts_path.is_file():
+        if args.torchscript:
+            parser.error(f"--torchscript {ts_path} not found")
+        progress(f"no {ts_path}: TorchScript not measured")
+        ts_path = None
     data_root = Path(os.environ["FEDXRAY_DATA"]) if os.environ.get("FEDXRAY_DATA") else None
     holdout = Path(args.holdout) if args.holdout else (data_root / "kermany-pneumonia" if data_root else None)
     images = labels = None
@@ -143,17 +160,24 @@ def main() -> None:
             quantize_model(args.model, int8_path, method=args.method, calibration=calibration)
         doc: dict[str, Any] = {
             "model": fp32.meta["model"], "input_size": list(size), "int8_method": args.method,
-            "size_mb": {"fp32": round(Path(args.model).stat().st_size / 1e6, 2), "int8": round(int8_path.stat().st_size / 1e6, 2)},
+            "size_mb": {"fp32": round(Path(args.model).stat().st_size / 1e6, 2), "int8": round(int8_path.stat().st_size / 1e6, 2),
+                        **({"torchscript": round(ts_path.stat().st_size / 1e6, 2)} if ts_path else {})},
             "latency_ms_per_image": {},
         }
         rng = np.random.default_rng(args.seed)
         batch = images[:16] if images is not None and len(images) >= 16 else rng.random((16, 1, *size), dtype=np.float32)
         for threads in args.threads:
             models = {"fp32": load_onnx_model(args.model, threads=threads), "int8": load_onnx_model(int8_path, threads=threads)}
+            if ts_path:
+                torch.set_num_threads(threads)
+                models["torchscript"] = load_torchscript_model(ts_path)
             entry = {}
             for n in (1, 16):
                 lat = _latency(models, batch[:n], args.runs)
                 entry[f"batch{n}"] = {**lat, "speedup": round(lat["fp32"] / lat["int8"], 2)}
+                if ts_path:
+                    entry[f"batch{n}"]["torchscript_vs_fp32"] = round(lat["fp32"] / lat["torchscript"], 2)
+            entry["throughput_images_per_s_batch16"] = {k: round(1000 / v, 1) for k, v in entry["batch16"].items() if k in models}
             doc["latency_ms_per_image"][f"threads{threads}"] = entry
             progress(f"threads {threads}: {entry}")
         if images is not None:
@@ -163,12 +187,17 @@ def main() -> None:
             doc["accuracy"] = {"holdout": str(holdout), "images": int(len(labels)), "positives": int(labels.sum()),
                                "auc_fp32": round(auc32, 4), "auc_int8": round(auc8, 4), "auc_change": round(auc8 - auc32, 4),
                                "max_abs_probability_change": round(float(np.max(np.abs(p8 - p32))), 4)}
+            if ts_path:
+                pts = load_torchscript_model(ts_path).predict(images)[:, 0]
+                doc["accuracy"].update({"auc_torchscript": round(roc_auc(labels, pts), 4),
+                                        "torchscript_max_abs_probability_change": float(f"{np.max(np.abs(pts - p32)):.3g}")})
         speedups = [e[f"batch{n}"]["speedup"] for e in doc["latency_ms_per_image"].values() for n in (1, 16)]
         doc["goal"] = {"speedup_at_least": GOAL_SPEEDUP, "best_speedup": max(speedups), "speedup_met": max(speedups) >= GOAL_SPEEDUP,
                        "auc_change_at_most": GOAL_AUC_CHANGE,
                        "auc_met": None if images is None else abs(doc["accuracy"]["auc_change"]) <= GOAL_AUC_CHANGE}
     if data_root is not None and (data_root / "dicom").is_dir():
-        doc["pipeline"] = [_pipeline(Path(args.model), data_root / "dicom" / name, max(3, args.runs // 10))
+        doc["pipeline"] = [_pipeline(model, data_root / "dicom" / name, max(3, args.runs // 10))
+                           for model in (Path(args.model), *([ts_path] if ts_path else []))
                            for name in ("pydicomdata_RG1_J2KR.dcm", "siim_1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm")
                            if (data_root / "dicom" / name).is_file()]
     doc["machine"] = machine_info()

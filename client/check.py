@@ -19,10 +19,16 @@ import numpy as np
 from common.dataset import (
     DatasetError,
     SiteIndex,
+    Split,
+    Targets,
     encode_targets,
     patient_strata,
     split_patients,
 )
+from common.labels import LabelPolicy
+
+#: Fewer validation patients with a finding (or class) than this cannot validate it: the site's AUC for it is noise.
+MIN_VALIDATION_POSITIVES = 5
 
 
 @dataclass
@@ -46,6 +52,7 @@ def summarize(
     task: str | None = None,
     labels: tuple[str, ...] | None = None,
     val_fraction: float = 0.2,
+    policy: LabelPolicy | None = None,
 ) -> CheckReport:
     """Build the check summary for a scanned site. No identifiers, only counts and categories."""
     per_class_images: Counter[str] = Counter()
@@ -80,7 +87,7 @@ def summarize(
     }
     if task and labels:
         try:
-            targets = encode_targets(index, task, labels)
+            targets = encode_targets(index, task, labels, policy)
         except DatasetError as err:
             summary["split"] = {"error": str(err)}
         else:
@@ -100,9 +107,38 @@ def summarize(
                 "val_positive": int(np.sum(strata[split.val])) if task != "multiclass" else None,
                 "stratified": split.stratified,
                 "left_out": targets.dropped,
+                "label_source": targets.source,
+                "per_label": per_label_counts(targets, split, [r.patient for r in kept]),
+                "not_labelled": list(targets.not_labelled),
+                "uncertain": targets.uncertain,
+                "blank": targets.blank,
             }
+            summary["split"]["too_few_to_validate"] = [
+                lab for lab, c in summary["split"]["per_label"].items() if c["val_patients"] < MIN_VALIDATION_POSITIVES
+                and lab not in targets.not_labelled]
     skipped_paths = sorted((_rel(index.root, s.path), s.reason) for s in index.skipped)
     return CheckReport(summary, skipped_paths)
+
+
+def per_label_counts(targets: Targets, split: Split, patients: list[str]) -> dict[str, dict[str, int]]:
+    """Per class / finding: positive images and patients (all, train, validation) and masked images."""
+    y = targets.y
+    out: dict[str, dict[str, int]] = {}
+    side = np.full(len(patients), "train", dtype=object)
+    side[split.val] = "val"
+    for j, label in enumerate(targets.labels):
+        if targets.task == "multiclass":
+            pos, masked = y == j, np.zeros(len(y), dtype=bool)
+        else:
+            pos, masked = np.nan_to_num(y[:, j], nan=0.0) > 0.5, np.isnan(y[:, j])
+        counts = {"images": int(pos.sum()), "patients": len({patients[i] for i in np.flatnonzero(pos)}),
+                  "masked_images": int(masked.sum())}
+        for part in ("train", "val"):
+            hit = np.flatnonzero(pos & (side == part))
+            counts[f"{part}_images"] = int(hit.size)
+            counts[f"{part}_patients"] = len({patients[i] for i in hit})
+        out[label] = counts
+    return out
 
 
 def _rel(root: Path, path: Path) -> str:
@@ -158,4 +194,27 @@ def render_summary(summary: dict[str, Any], skipped_paths: list[tuple[str, str]]
             out.append(f"  val    {split['val_images']:>6} images  {split['val_patients']:>5} patients{pos_v}")
             for reason, n in split["left_out"].items():
                 out.append(f"  left out: {n} x {reason}")
+            out.extend(_render_labels(split))
     return "\n".join(out)
+
+
+def _render_labels(split: dict[str, Any]) -> list[str]:
+    """Per class / finding counts for the run's task (positives: images / patients; masked images)."""
+    per = split.get("per_label") or {}
+    if not per:
+        return []
+    what = "class" if split["task"] == "multiclass" else "finding"
+    out = ["", f"per {what} (labels from {split.get('label_source') or '?'}; images / patients):",
+           f"  {what:<24}{'all':>12}{'train':>12}{'val':>12}{'masked':>8}"]
+    for label, c in per.items():
+        out.append(f"  {label:<24}{c['images']:>6} / {c['patients']:<4}{c['train_images']:>6} / {c['train_patients']:<4}"
+                   f"{c['val_images']:>6} / {c['val_patients']:<4}{c['masked_images']:>8}")
+    if split.get("not_labelled"):
+        out.append(f"  not labelled at this site (masked, never taken as absent): {', '.join(split['not_labelled'])}")
+    for name, counts in (("uncertain (-1)", split.get("uncertain")), ("blank", split.get("blank"))):
+        if counts:
+            out.append(f"  {name} cells: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    if split.get("too_few_to_validate"):
+        out.append(f"  too few positives to validate (< {MIN_VALIDATION_POSITIVES} validation patients): "
+                   f"{', '.join(split['too_few_to_validate'])}")
+    return out

@@ -56,7 +56,15 @@ def cmd_check(args: argparse.Namespace) -> int:
         guess = _infer_task(index.class_names, index.label_kind)
         if guess is not None:
             task, labels = task or guess[0], labels or guess[1]
-    report = summarize(index, task=task, labels=labels, val_fraction=args.val_fraction)
+    from common.labels import LabelError, LabelPolicy, parse_label_map
+
+    try:
+        policy = LabelPolicy(label_column=args.label_column or "", uncertain=args.uncertain, blank=args.blank,
+                             label_map=parse_label_map(args.label_map or ""))
+    except LabelError as err:
+        print(f"fl-client check: {err}", file=sys.stderr)
+        return 2
+    report = summarize(index, task=task, labels=labels, val_fraction=args.val_fraction, policy=policy)
     if args.json:
         print(json.dumps(report.summary, indent=2, sort_keys=True))
     else:
@@ -261,6 +269,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state-dir", help="use (and fill) the site cache and salt in this folder")
     p.add_argument("--task", choices=("binary", "multiclass", "multilabel"), help="task to preview the split for")
     p.add_argument("--labels", help="comma-separated run labels (binary: the positive finding)")
+    p.add_argument("--label-column", help="labels.csv column holding the classes or findings (e.g. subtype); "
+                   "default: chosen from the table (docs/tasks.md)")
+    p.add_argument("--uncertain", choices=("ignore", "positive", "negative"), default="ignore",
+                   help="what a finding column's -1 means (the run's `uncertain` setting)")
+    p.add_argument("--blank", choices=("negative", "ignore"), default="negative",
+                   help="what an empty finding cell means (the run's `blank` setting)")
+    p.add_argument("--label-map", help="this site's names -> the federation's: 'Pleural effusion=Effusion; ...' or a "
+                   "file of such lines (node config label-map)")
     p.add_argument("--val-fraction", type=_fraction, default=0.2,
                    help="share of patients for validation (the site's node-config val-fraction; the split is keyed by "
                         "the site's salt, so give --state-dir to see the split training will use)")

@@ -76,6 +76,9 @@ def evaluate_model(model_path: str | Path, data_dir: str | Path, *, salt: bytes 
             _roc_plot(Path(out_dir) / "roc.png", y, probs[:, 0], report)
     else:
         report["macro_auc"] = metrics.macro_auc(targets.y, probs)
+        onehot = np.eye(len(labels), dtype=np.float32)[targets.y] if task == "multiclass" else targets.y
+        report["per_label_auc"] = dict(zip(labels, metrics.per_label_auc(onehot, probs), strict=True))
+        report["label_source"] = targets.source
     if out_dir is not None:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         (Path(out_dir) / "evaluation.json").write_text(json.dumps(json_safe(report), indent=2))
@@ -136,4 +139,6 @@ def render_report(report: dict[str, Any]) -> str:
             lines.append(f"calibration (ECE): {report['ece']:.3f}")
     elif "macro_auc" in report:
         lines.append(f"macro AUC {report['macro_auc']:.3f}")
+        for label, auc in report.get("per_label_auc", {}).items():
+            lines.append(f"  {label:<24} AUC {auc:.3f}" if auc == auc else f"  {label:<24} AUC - (one class only here)")
     return "\n".join(lines)

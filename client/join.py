@@ -26,7 +26,6 @@ from __future__ import annotations
 import http.client
 import os
 import re
-import signal
 import socket
 import ssl
 import subprocess
@@ -35,8 +34,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.config import to_toml
-from common.processes import free_port, offline_env, rotate_log, stop_process, write_local_secret
+from common.bundle import packages_root
+from common.config import SiteConfig, to_toml
+from common.processes import free_port, offline_env, stop_process, write_local_secret
+from common.supervisor import stop_requested, supervise
 
 AUTH_REFUSED_EXIT = 305
 #: The shared secret of the SuperNode's Runtime API and the bundle launcher, new at every start.
@@ -104,8 +105,6 @@ def write_node_config(state_dir: Path, data_dir: Path, site: str, max_epsilon: f
     ``extra`` holds the site's other settings (``--site-setting KEY=VALUE``: val-fraction, eval-noise,
     max-evaluations and the run ranges it accepts), validated with the rest by SiteConfig.
     """
-    from common.config import SiteConfig
-
     values = {"data-dir": str(data_dir), "state-dir": str(state_dir), "site-name": site, "max-epsilon": max_epsilon,
               "delta": delta, "allow-no-dp": allow_no_dp, "device": device}
     typed = SiteConfig.from_mapping({**values, **(extra or {})}).to_mapping()
@@ -143,53 +142,40 @@ def run_site(*, identity, address: str, data_dir: Path, state_dir: Path, node_co
     logs.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(logs, 0o700)
     env = offline_env()
-    root = str(Path(__file__).resolve().parents[1])
+    root = str(packages_root())
     env["PYTHONPATH"] = root + (":" + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    stopping = {"flag": False}
-
-    def _stop(signum, frame):  # noqa: ANN001
-        stopping["flag"] = True
-
-    old = {s: signal.signal(s, _stop) for s in (signal.SIGTERM, signal.SIGINT)}
     started = time.monotonic()
     procs: list[subprocess.Popen] = []
     try:
-        while True:
-            supernode, guard, log_offset = _start_site_processes(identity, address, state_dir, node_config, logs, env)
-            procs = [guard, supernode]
-            code = None
-            while not stopping["flag"]:
-                if stop_after is not None and time.monotonic() - started > stop_after:
-                    break
-                code = supernode.poll()
-                if code is not None:
-                    code = _flower_exit_code(logs / "supernode.log", log_offset) or code
-                    break
-                if guard.poll() is not None:
+        with stop_requested() as stopping:
+            def stop() -> bool:
+                return stopping() or (stop_after is not None and time.monotonic() - started > stop_after)
+
+            while True:
+                supernode, guard, log_offset = _start_site_processes(identity, address, state_dir, node_config, logs, env)
+                procs = [guard, supernode]
+                exited = supervise({"supernode": supernode, "launcher": guard}, [logs / name for name in LOG_FILES], stop)
+                if exited is None:
+                    return 0
+                if exited == "launcher":
                     log(f"fl-client: the bundle launcher stopped (exit {guard.returncode}); see {logs / 'launcher.log'}")
                     return 1
-                for name in LOG_FILES:
-                    rotate_log(logs / name)
-                time.sleep(0.5)
-            if code is None:
-                return 0
-            for proc in procs:
-                stop_process(proc)
-            if code == AUTH_REFUSED_EXIT and time.monotonic() - started < rejoin_wait and not stopping["flag"]:
-                log("fl-client: the coordinator refused to activate this site; retrying (after a crash the previous "
-                    "session stays open for about a minute)")
-                time.sleep(10)
-                continue
-            if code == AUTH_REFUSED_EXIT:
-                log(f"fl-client: the coordinator refused this site's authentication key (exit {code}): ask the "
-                    "coordinator to admit your request (fl-server admit) or to register the key again; check that "
-                    "auth.key is the one fl-client init made")
-                return 3
-            log(f"fl-client: the SuperNode stopped (exit {code}); see {logs / 'supernode.log'}")
-            return 1
+                code = _flower_exit_code(logs / "supernode.log", log_offset) or supernode.returncode
+                for proc in procs:
+                    stop_process(proc)
+                if code == AUTH_REFUSED_EXIT and time.monotonic() - started < rejoin_wait and not stopping():
+                    log("fl-client: the coordinator refused to activate this site; retrying (after a crash the "
+                        "previous session stays open for about a minute)")
+                    time.sleep(10)
+                    continue
+                if code == AUTH_REFUSED_EXIT:
+                    log(f"fl-client: the coordinator refused this site's authentication key (exit {code}): ask the "
+                        "coordinator to admit your request (fl-server admit) or to register the key again; check "
+                        "that auth.key is the one fl-client init made")
+                    return 3
+                log(f"fl-client: the SuperNode stopped (exit {code}); see {logs / 'supernode.log'}")
+                return 1
     finally:
-        for s, h in old.items():
-            signal.signal(s, h)
         for proc in procs:
             stop_process(proc)
 

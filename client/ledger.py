@@ -13,7 +13,7 @@ Design choices (see docs/privacy.md):
 - Idempotent per (run, round, dataset): a retried round returns the entry already recorded.
 - Every read-modify-write holds the file's lock and writes atomically and durably, then the
   backup copy (client/ledger_store.py). A damaged ledger is never reset: it raises
-  :class:`LedgerCorruptError` naming the backup. The entries and errors are in
+  :class:`LedgerCorruptError` naming the backup. The entries, errors and input checks are in
   client/ledger_records.py.
 - Epsilon is composed with the RDP accountant (delta-free), then stated at the *site's* delta.
 - The budget is per patient (format 2). Each contribution records the set of patients whose
@@ -22,24 +22,22 @@ Design choices (see docs/privacy.md):
   size, and a round is refused when any patient it touches would pass max-epsilon. Training
   charges the training patients; evaluation (noised score histograms) charges the validation
   patients. Entries of a format-1 ledger did not record patients: they count against everyone.
+  The grouping of patients by shared history is client/ledger_groups.py.
 
 Framework-free on purpose: no flwr import.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from client.ledger_groups import patient_groups, patient_set_key, worst_group
 from client.ledger_records import (  # noqa: F401 - re-exported: callers import these from client.ledger
     _EPSILON_SLACK,
-    ALL_PATIENTS,
     LEDGER_FILENAME,
-    LEDGER_FORMAT,
-    LEDGER_VERSION,
     BudgetExceeded,
     Contribution,
     DeltaTooLargeError,
@@ -51,7 +49,11 @@ from client.ledger_records import (  # noqa: F401 - re-exported: callers import 
     _positive_int,
     _short,
     _Step,
+    add_refusal,
+    check_reservation,
+    check_step,
     dataset_fingerprint,
+    empty_document,
 )
 from client.ledger_store import LedgerFile
 from common.privacy import ACCOUNTANTS, epsilon_for
@@ -118,7 +120,7 @@ class PrivacyLedger:
         self, fingerprint: str, *, noise_multiplier: float, sample_rate: float, steps: int
     ) -> float:
         """The dataset's cumulative epsilon if such a round were recorded now (nothing is)."""
-        self._check_step(noise_multiplier, sample_rate, steps)
+        check_step(noise_multiplier, sample_rate, steps)
         with self.file.locked(exclusive=False):
             doc = self.file.read(self._empty())
         return self._epsilon(
@@ -156,8 +158,8 @@ class PrivacyLedger:
         members = None if patients is None else sorted({str(p) for p in patients})
         if members is not None and not members:
             raise ValueError("invalid privacy reservation: patients is empty; a round must touch at least one patient")
-        self._check_reserve(run_id, round, fingerprint, max_grad_norm, n_train)
-        self._check_step(noise_multiplier, sample_rate, steps)
+        check_reservation(run_id, round, fingerprint, max_grad_norm, n_train)
+        check_step(noise_multiplier, sample_rate, steps)
         if delta is not None and not (_positive_finite(delta) and delta < 1):
             raise ValueError(f"invalid privacy reservation: delta must lie in (0, 1), got {delta!r}")
         run_delta = self.delta if delta is None else float(delta)
@@ -179,9 +181,9 @@ class PrivacyLedger:
                     self.site, round, run_id, _short(fingerprint), existing.epsilon_after,
                 )
                 return existing
-            set_ref = self._set_ref(doc, members, fingerprint)
+            set_ref = patient_set_key(members, fingerprint)
             step = _Step(noise_multiplier, sample_rate, steps)
-            spent, after = self._worst_group(doc, set_ref, members, step)
+            spent, after = worst_group(doc, set_ref, members, step, self._epsilon)
             if run_delta > self.delta:
                 self._refuse(doc, run_id, round, fingerprint, spent, after, "delta", run_delta)
                 raise DeltaTooLargeError(
@@ -301,69 +303,6 @@ class PrivacyLedger:
                 return Contribution.from_json(raw)
         return None
 
-    # ----------------------------------------------------------------- per-patient groups
-
-    @staticmethod
-    def _set_ref(doc: dict[str, Any], members: list[str] | None, fingerprint: str) -> str:
-        """The patient-set key of a new entry: a content hash of its members, or the dataset."""
-        if members is None:
-            return f"dataset:{fingerprint}"
-        digest = hashlib.sha256(("\n".join(members)).encode()).hexdigest()[:24]
-        return f"patients:{digest}"
-
-    def _groups(self, doc: dict[str, Any], extra: tuple[str, list[str] | None, _Step] | None = None,
-                only: set[str] | None = None) -> dict[tuple[int, ...], tuple[int, list[Any]]]:
-        """Patients grouped by which entries touched them: signature -> (patients, history).
-
-        A signature is the tuple of entry positions that apply to the group (ALL_PATIENTS entries
-        apply to everyone). ``extra`` adds a not-yet-recorded entry (its set key, members, step);
-        ``only`` restricts the explicit patients considered (those the new entry touches).
-        """
-        entries: list[Any] = [Contribution.from_json(raw) for raw in doc["contributions"]]
-        sets = {k: v for k, v in doc.get("patient_sets", {}).items()}
-        if extra is not None:
-            entries.append(extra[2])
-            if extra[1] is not None:
-                sets.setdefault(extra[0], extra[1])
-            refs = [*(c.patient_set for c in entries[:-1]), extra[0]]
-        else:
-            refs = [c.patient_set for c in entries]
-        everyone = [i for i, r in enumerate(refs) if r == ALL_PATIENTS]
-        touched: dict[str, list[int]] = {}
-        datasets: dict[str, list[int]] = {}
-        for i, ref in enumerate(refs):
-            if ref.startswith("dataset:"):
-                datasets.setdefault(ref, []).append(i)
-            elif ref != ALL_PATIENTS:
-                for patient in sets.get(ref, ()):
-                    if only is None or patient in only:
-                        touched.setdefault(patient, []).append(i)
-        groups: dict[tuple[int, ...], tuple[int, list[Any]]] = {}
-        for patient_entries in touched.values():
-            sig = tuple(sorted(set(everyone) | set(patient_entries)))
-            count, _ = groups.get(sig, (0, []))
-            groups[sig] = (count + 1, [entries[i] for i in sig])
-        for positions in datasets.values():
-            sig = tuple(sorted(set(everyone) | set(positions)))
-            groups.setdefault(sig, (0, [entries[i] for i in sig]))
-        if everyone and only is None:
-            groups.setdefault(tuple(everyone), (0, [entries[i] for i in everyone]))
-        return groups
-
-    def _worst_group(self, doc: dict[str, Any], set_ref: str, members: list[str] | None,
-                     step: _Step) -> tuple[float, float]:
-        """(epsilon before, epsilon after) of the patient group the new entry pushes highest."""
-        only = None if members is None else set(members)
-        new_pos = len(doc["contributions"])
-        worst_before, worst_after = 0.0, 0.0
-        for sig, (_, history) in self._groups(doc, extra=(set_ref, members, step), only=only).items():
-            if new_pos not in sig:
-                continue
-            after = self._epsilon(history)
-            if after > worst_after:
-                worst_after, worst_before = after, self._epsilon([h for h in history if h is not step])
-        return worst_before, worst_after
-
     def patient_epsilons(self) -> list[dict[str, Any]]:
         """Every group of patients with the same history: how many, their epsilon, what touched them.
 
@@ -372,7 +311,7 @@ class PrivacyLedger:
         with self.file.locked(exclusive=False):
             doc = self.file.read(self._empty())
         out = []
-        for sig, (count, history) in self._groups(doc).items():
+        for sig, (count, history) in patient_groups(doc).items():
             out.append({"patients": count, "epsilon": self._epsilon(history), "entries": len(sig),
                         "kinds": sorted({h.kind for h in history})})
         return sorted(out, key=lambda g: -g["epsilon"])
@@ -382,14 +321,8 @@ class PrivacyLedger:
         groups = self.patient_epsilons()
         return groups[0]["epsilon"] if groups else 0.0
 
-    def _check_same_plan(
-        self,
-        existing: Contribution,
-        noise_multiplier: float,
-        sample_rate: float,
-        steps: int,
-        max_grad_norm: float,
-    ) -> None:
+    def _check_same_plan(self, existing: Contribution, noise_multiplier: float, sample_rate: float, steps: int,
+                         max_grad_norm: float) -> None:
         asked = (float(noise_multiplier), float(sample_rate), int(steps), float(max_grad_norm))
         recorded = (existing.noise_multiplier, existing.sample_rate, existing.steps,
                     existing.max_grad_norm)
@@ -402,41 +335,11 @@ class PrivacyLedger:
                 "to train with other settings"
             )
 
-    def _refuse(
-        self,
-        doc: dict[str, Any],
-        run_id: str,
-        round: int,
-        fingerprint: str,
-        spent: float,
-        after: float,
-        reason: str,
-        run_delta: float,
-    ) -> None:
+    def _refuse(self, doc: dict[str, Any], run_id: str, round: int, fingerprint: str, spent: float, after: float,
+                reason: str, run_delta: float) -> None:
         """Record a refusal (or count a repeat of it); a failed write never hides the refusal."""
-        now = _now()
-        for item in doc["refusals"]:
-            if (item["run_id"], item["round"], item["dataset_fingerprint"], item["reason"]) == (
-                run_id, round, fingerprint, reason
-            ):
-                item.update(attempts=int(item.get("attempts", 1)) + 1, last_refused_at=now,
-                            spent=spent, epsilon_after=after, max_epsilon=self.max_epsilon)
-                break
-        else:
-            doc["refusals"].append({
-                "run_id": run_id,
-                "round": int(round),
-                "dataset_fingerprint": fingerprint,
-                "reason": reason,
-                "spent": spent,
-                "epsilon_after": after,
-                "max_epsilon": self.max_epsilon,
-                "delta": self.delta,
-                "run_delta": run_delta,
-                "refused_at": now,
-                "last_refused_at": now,
-                "attempts": 1,
-            })
+        add_refusal(doc, run_id=run_id, round=round, fingerprint=fingerprint, reason=reason, spent=spent, after=after,
+                    max_epsilon=self.max_epsilon, delta=self.delta, run_delta=run_delta)
         try:
             self._write(doc)
         except OSError:
@@ -447,37 +350,6 @@ class PrivacyLedger:
             self.site, round, run_id, _short(fingerprint), reason, spent, after,
             self.max_epsilon,
         )
-
-    @staticmethod
-    def _check_step(noise_multiplier: float, sample_rate: float, steps: int) -> None:
-        problems = []
-        if not _positive_finite(noise_multiplier):
-            problems.append(f"noise_multiplier must be a finite number > 0, got "
-                            f"{noise_multiplier!r}")
-        if not (_positive_finite(sample_rate) and sample_rate <= 1):
-            problems.append(f"sample_rate must lie in (0, 1], got {sample_rate!r}")
-        if not _positive_int(steps):
-            problems.append(f"steps must be an integer >= 1, got {steps!r}")
-        if problems:
-            raise ValueError("invalid DP round: " + "; ".join(problems))
-
-    @staticmethod
-    def _check_reserve(
-        run_id: str, round: int, fingerprint: str, max_grad_norm: float, n_train: int
-    ) -> None:
-        problems = []
-        if not isinstance(run_id, str) or not run_id:
-            problems.append(f"run_id must be a non-empty string, got {run_id!r}")
-        if not _positive_int(round, minimum=0):
-            problems.append(f"round must be an integer >= 0, got {round!r}")
-        if not isinstance(fingerprint, str) or not fingerprint:
-            problems.append("fingerprint must be dataset_fingerprint(...) of the training split")
-        if not _positive_finite(max_grad_norm):
-            problems.append(f"max_grad_norm must be a finite number > 0, got {max_grad_norm!r}")
-        if not _positive_int(n_train):
-            problems.append(f"n_train must be an integer >= 1, got {n_train!r}")
-        if problems:
-            raise ValueError("invalid privacy reservation: " + "; ".join(problems))
 
     def _warn_on_policy_change(self, doc: dict[str, Any]) -> None:
         if not doc["contributions"] and not doc["refusals"]:
@@ -498,19 +370,7 @@ class PrivacyLedger:
             )
 
     def _empty(self) -> dict[str, Any]:
-        return {
-            "format": LEDGER_FORMAT,
-            "version": LEDGER_VERSION,
-            "site": self.site,
-            "accountant": self.accountant,
-            "delta": self.delta,
-            "max_epsilon": self.max_epsilon,
-            "max_epsilon_history": [],
-            "datasets": {},
-            "patient_sets": {},
-            "contributions": [],
-            "refusals": [],
-        }
+        return empty_document(site=self.site, accountant=self.accountant, delta=self.delta, max_epsilon=self.max_epsilon)
 
     def _write(self, doc: dict[str, Any]) -> None:
         """Refresh the derived fields (policy, per-dataset figures for readers) and write the file."""

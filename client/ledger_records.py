@@ -198,3 +198,79 @@ class _Step:
     noise_multiplier: float
     sample_rate: float
     steps: int
+
+
+def check_step(noise_multiplier: float, sample_rate: float, steps: int) -> None:
+    """ValueError listing every problem of a DP round's (noise multiplier, sample rate, steps)."""
+    problems = []
+    if not _positive_finite(noise_multiplier):
+        problems.append(f"noise_multiplier must be a finite number > 0, got "
+                        f"{noise_multiplier!r}")
+    if not (_positive_finite(sample_rate) and sample_rate <= 1):
+        problems.append(f"sample_rate must lie in (0, 1], got {sample_rate!r}")
+    if not _positive_int(steps):
+        problems.append(f"steps must be an integer >= 1, got {steps!r}")
+    if problems:
+        raise ValueError("invalid DP round: " + "; ".join(problems))
+
+def check_reservation(
+    run_id: str, round: int, fingerprint: str, max_grad_norm: float, n_train: int
+) -> None:
+    """ValueError listing every problem of a reservation's run id, round, fingerprint, clip and size."""
+    problems = []
+    if not isinstance(run_id, str) or not run_id:
+        problems.append(f"run_id must be a non-empty string, got {run_id!r}")
+    if not _positive_int(round, minimum=0):
+        problems.append(f"round must be an integer >= 0, got {round!r}")
+    if not isinstance(fingerprint, str) or not fingerprint:
+        problems.append("fingerprint must be dataset_fingerprint(...) of the training split")
+    if not _positive_finite(max_grad_norm):
+        problems.append(f"max_grad_norm must be a finite number > 0, got {max_grad_norm!r}")
+    if not _positive_int(n_train):
+        problems.append(f"n_train must be an integer >= 1, got {n_train!r}")
+    if problems:
+        raise ValueError("invalid privacy reservation: " + "; ".join(problems))
+
+
+def empty_document(*, site: str, accountant: str, delta: float, max_epsilon: float) -> dict[str, Any]:
+    """A new ledger document (format 2) for a site that has recorded nothing yet."""
+    return {
+        "format": LEDGER_FORMAT,
+        "version": LEDGER_VERSION,
+        "site": site,
+        "accountant": accountant,
+        "delta": delta,
+        "max_epsilon": max_epsilon,
+        "max_epsilon_history": [],
+        "datasets": {},
+        "patient_sets": {},
+        "contributions": [],
+        "refusals": [],
+    }
+
+
+def add_refusal(doc: dict[str, Any], *, run_id: str, round: int, fingerprint: str, reason: str, spent: float,
+                after: float, max_epsilon: float, delta: float, run_delta: float) -> None:
+    """Record a refused round in ``doc`` (a repeat of the same refusal counts an attempt)."""
+    now = _now()
+    for item in doc["refusals"]:
+        if (item["run_id"], item["round"], item["dataset_fingerprint"], item["reason"]) == (
+            run_id, round, fingerprint, reason
+        ):
+            item.update(attempts=int(item.get("attempts", 1)) + 1, last_refused_at=now,
+                        spent=spent, epsilon_after=after, max_epsilon=max_epsilon)
+            return
+    doc["refusals"].append({
+        "run_id": run_id,
+        "round": int(round),
+        "dataset_fingerprint": fingerprint,
+        "reason": reason,
+        "spent": spent,
+        "epsilon_after": after,
+        "max_epsilon": max_epsilon,
+        "delta": delta,
+        "run_delta": run_delta,
+        "refused_at": now,
+        "last_refused_at": now,
+        "attempts": 1,
+    })

@@ -103,7 +103,7 @@ def load_data(run: RunConfig, site: SiteConfig) -> SiteData:
 
     try:
         data = load_site(site.data_dir, site.state_dir, image_size=run.image_size, task=run.task, labels=run.labels,
-                         val_fraction=site.val_fraction)
+                         val_fraction=site.val_fraction, policy=site.label_policy(run))
         known = {c.lower() for c in data.index.class_names}
         unknown = [lab for lab in run.labels if lab.lower() not in known]
         if unknown and any("neither a run label" in reason for reason in data.targets.dropped):

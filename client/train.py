@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from common import metrics
+from common import losses, metrics
 from common.dp import PerSampleLoss, dp_step, make_private, site_generator, unwrapped_state_dict
 
 log = logging.getLogger(__name__)
@@ -64,8 +64,8 @@ class EvalStats:
 
 
 def criterion_for(task: str) -> nn.Module:
-    """BCE on logits for binary/multilabel (sigmoid outputs), cross-entropy for multiclass (softmax)."""
-    return nn.CrossEntropyLoss() if task == "multiclass" else nn.BCEWithLogitsLoss()
+    """Cross-entropy for multiclass (softmax); masked BCE on logits for binary/multilabel (common/losses.py)."""
+    return losses.criterion_for(task)
 
 
 def _optimizer(model: nn.Module, s: TrainSettings) -> torch.optim.Optimizer:
@@ -202,15 +202,18 @@ def evaluate(
             loss = float(-np.mean(np.log(np.clip(probs[np.arange(n), y], eps, 1.0))))
         else:
             p = np.clip(probs, eps, 1 - eps)
-            loss = float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+            loss = float(np.nanmean(-(y * np.log(p) + (1 - y) * np.log(1 - p))))  # NaN targets: masked findings
         hists: dict[str, list[int]] = {}
         for c in range(probs.shape[1]):
-            h = metrics.score_histograms(onehot[:, c], probs[:, c], edges=metrics.EVAL_EDGES)
+            known = ~np.isnan(onehot[:, c])
+            h = metrics.score_histograms(onehot[known, c], probs[known, c], edges=metrics.EVAL_EDGES)
             hists[f"pos-{c}"], hists[f"neg-{c}"] = h["pos"], h["neg"]
-        positives = int(onehot.max(axis=1).sum()) if task == "multilabel" else 0
+        positives = int((np.nan_to_num(onehot, nan=0.0).max(axis=1) > 0.5).sum()) if task == "multilabel" else 0
         return EvalStats(loss, n, metrics.macro_auc(onehot, probs), float("nan"), float("nan"), threshold, hists, positives)
+    known = ~np.isnan(y[:, 0])
+    y, probs, n = y[known], probs[known], int(known.sum())
     p = np.clip(probs, eps, 1 - eps)
-    loss = float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+    loss = float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p))) if n else float("nan")
     yt, score = y[:, 0], probs[:, 0]
     sens, spec = metrics.sens_spec(yt, score, threshold)
     hist = metrics.score_histograms(yt, score, edges=metrics.EVAL_EDGES)

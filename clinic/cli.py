@@ -1,4 +1,4 @@
-"""``fl-predict``: score radiographs with a fedxray ONNX model (DESIGN contract 7; docs/clinic.md).
+"""``fl-predict``: score radiographs with a fedxray ONNX (or TorchScript) model (DESIGN contract 7; docs/clinic.md).
 
     fl-predict --model model.onnx PATH... [--out DIR] [--json]       score files and folders
     fl-predict serve --model model.onnx --port P [--ae-title AET] [--forward HOST:PORT:AET] [--out DIR]
@@ -224,8 +224,8 @@ def _version() -> str:
 
 def _parsers() -> dict[str, argparse.ArgumentParser]:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--model", required=True, help="fedxray ONNX model (fp32 or int8)")
-    common.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default: all cores)")
+    common.add_argument("--model", required=True, help="fedxray model: model.onnx (fp32 or int8) or its TorchScript twin model.pt")
+    common.add_argument("--threads", type=int, default=None, help="onnxruntime (or torch, for model.pt) threads (default: all cores)")
     common.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO) on stderr")
     common.add_argument("--version", action="version", version=f"fl-predict (fedxray) {_version()}")
 

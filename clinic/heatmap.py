@@ -192,10 +192,12 @@ def find_linear_head(proto: onnx.ModelProto) -> LinearHead | None:
     link = producer.get(OUTPUT_NAME)
     if link is None or link.op_type not in ("Sigmoid", "Softmax"):
         return None
-    linear = _linear_layer(producer.get(link.input[0]), producer, consts)
+    node, scale, shift = _calibration(producer.get(link.input[0]), producer, consts)
+    linear = _linear_layer(node, producer, consts)
     if linear is None:
         return None
     features, weight, bias = linear
+    weight, bias = weight * np.float32(scale), bias * np.float32(scale) + np.float32(shift)
     flatten = producer.get(features)
     if flatten is None or flatten.op_type != "Flatten":
         return None
@@ -210,6 +212,33 @@ def find_linear_head(proto: onnx.ModelProto) -> LinearHead | None:
             return LinearHead(source.input[0], weight, bias, pooled=True)
         return None
     return LinearHead(flatten.input[0], weight, bias, pooled=False)
+
+
+def _scalar(name: str, consts: dict[str, np.ndarray]) -> float | None:
+    value = consts.get(name)
+    return float(value.reshape(-1)[0]) if value is not None and value.size == 1 else None
+
+
+def _calibration(
+    node: onnx.NodeProto | None, producer: dict[str, onnx.NodeProto], consts: dict[str, np.ndarray]
+) -> tuple[onnx.NodeProto | None, float, float]:
+    """Peel the export's calibration ``Add(Mul(logits, a), b)`` (common/calibration.py): (logit node, a, b).
+
+    A calibrated logit is still linear in the features, so the exact map folds ``a`` and ``b`` into
+    the head's weight and bias. A graph without the two scalar constants comes back unchanged (1, 0).
+    """
+    if node is None or node.op_type != "Add" or len(node.input) != 2:
+        return node, 1.0, 0.0
+    shifts = [_scalar(name, consts) for name in node.input]
+    for i in (0, 1):
+        mul = producer.get(node.input[1 - i])
+        if shifts[i] is None or mul is None or mul.op_type != "Mul" or len(mul.input) != 2:
+            continue
+        for j in (0, 1):
+            scale = _scalar(mul.input[j], consts)
+            if scale is not None:
+                return producer.get(mul.input[1 - j]), scale, float(shifts[i])
+    return node, 1.0, 0.0
 
 
 def _linear_layer(

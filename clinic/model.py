@@ -21,8 +21,10 @@ import numpy as np
 from numpy.typing import NDArray
 
 from clinic.heatmap import Explainer
-from common.onnx_export import OnnxClassifier, load_onnx_model
+from clinic.torchscript import TorchScriptExplainer, open_model
+from common.onnx_export import OnnxClassifier
 from common.preprocess import to_model_input
+from common.torchscript_export import TorchScriptClassifier
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +61,17 @@ class ModelIdentity:
         name = "\x1f".join((self.sha256, *(str(p) for p in parts)))
         return f"2.25.{uuid.uuid5(_UID_NAMESPACE, name).int}"
 
+    @property
+    def label_thresholds(self) -> dict[str, float]:
+        """The decision threshold of each label: a multilabel model's own per finding (``fedxray.thresholds``,
+        chosen on the federation's pooled validation data), else the model's one threshold."""
+        try:
+            chosen = json.loads(self.extra.get("thresholds", "{}"))
+        except ValueError:
+            chosen = {}
+        chosen = chosen if isinstance(chosen, dict) else {}
+        return {label: float(chosen.get(label, self.threshold)) for label in self.labels}
+
     def parameters(self) -> list[str]:
         """Training facts as ``key=value`` strings (the SR's Algorithm Parameters)."""
         params = [f"task={self.task}", f"threshold={self.threshold:g}", f"rounds={self.rounds}",
@@ -88,7 +101,8 @@ class Scorer:
 
     def __init__(self, path: str | os.PathLike[str], *, heatmaps: bool = True, threads: int | None = None) -> None:
         self.path = Path(path)
-        self.classifier: OnnxClassifier = load_onnx_model(self.path, threads=threads)
+        # model.onnx (fp32 or int8) or its TorchScript twin model.pt (clinic/torchscript.py): same metadata, same interface.
+        self.classifier: OnnxClassifier | TorchScriptClassifier = open_model(self.path, threads=threads)
         data = self.path.read_bytes()
         meta = self.classifier.meta
         known = {"task", "labels", "input_size", "threshold", "model", "rounds", "sites", "epsilon", "created", "export_round"}
@@ -107,7 +121,10 @@ class Scorer:
         )
         # One session computes the probabilities, and the attribution when heatmaps are on; the
         # OnnxClassifier above has checked the file against contract 3 and parsed its metadata.
-        self.explainer = Explainer(data, self.identity.task, threads=threads, attribution=heatmaps)
+        if isinstance(self.classifier, TorchScriptClassifier):
+            self.explainer: Explainer = TorchScriptExplainer(self.classifier, self.identity.task, attribution=heatmaps)
+        else:
+            self.explainer = Explainer(data, self.identity.task, threads=threads, attribution=heatmaps)
         self.heatmaps = heatmaps
 
     @property
@@ -133,10 +150,11 @@ class Scorer:
         return Scored(probabilities, self.decide(probabilities), explained, attribution, image)
 
     def decide(self, probabilities: dict[str, float]) -> list[str]:
-        """Labels called positive: ``p >= threshold`` (as common.metrics); multiclass: the argmax."""
+        """Labels called positive: ``p >= threshold`` of that label (as common.metrics); multiclass: the argmax."""
         if self.identity.task == "multiclass":
             return [max(probabilities, key=probabilities.__getitem__)]
-        return [label for label, p in probabilities.items() if p >= self.identity.threshold]
+        thresholds = self.identity.label_thresholds
+        return [label for label, p in probabilities.items() if p >= thresholds.get(label, self.identity.threshold)]
 
     def _explained_label(self, probs: NDArray[np.float32]) -> str:
         """The most likely label: the one a reader wants to see the evidence for."""

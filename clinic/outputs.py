@@ -52,7 +52,8 @@ def build_outputs(source: Source, scored: Scored, scorer: Scorer, *, dicom: bool
     ident = scorer.identity
     if scored.attribution is not None:
         p = scored.probabilities[scored.explained_label]
-        caption = (f"fedxray {ident.name}: {scored.explained_label} p={p:.3f} (threshold {ident.threshold:.3g}) "
+        threshold = ident.label_thresholds.get(scored.explained_label, ident.threshold)
+        caption = (f"fedxray {ident.name}: {scored.explained_label} p={p:.3f} (threshold {threshold:.3g}) "
                    f"- decision support, not a diagnosis")
         out.overlay = overlay(source.pixels, scored.attribution, caption)
     if not dicom or source.header is None:

@@ -120,6 +120,7 @@ def record(source: Source, scored: Scored, scorer: Scorer, outputs: dict[str, st
         "probabilities": {label: round(p, 6) for label, p in scored.probabilities.items()},
         "positive": list(scored.positive),
         "threshold": ident.threshold,
+        "thresholds": ident.label_thresholds,
         "model": ident.name,
         "model_sha256": ident.sha256[:12],
         "heatmap_label": scored.explained_label if scored.attribution is not None else None,

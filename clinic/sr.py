@@ -108,6 +108,7 @@ def build_sr(source: Dataset, scored: Scored, model: ModelIdentity, *, heatmap_m
         name=f"fedxray {model.name}", version=model.version, parameters=model.parameters(), manufacturer="fedxray"
     )
     groups = []
+    thresholds = model.label_thresholds
     for label, probability in scored.probabilities.items():
         finding = finding_code(label)
         present = label in scored.positive
@@ -120,7 +121,8 @@ def build_sr(source: Dataset, scored: Scored, model: ModelIdentity, *, heatmap_m
                 algorithm_id=algorithm,
                 measurements=[
                     hd.sr.Measurement(name=codes.DCM.Probability, value=round(probability, 6), unit=UNIT_NONE),
-                    hd.sr.Measurement(name=codes.DCM.ThresholdValue, value=model.threshold, unit=UNIT_NONE),
+                    hd.sr.Measurement(name=codes.DCM.ThresholdValue, value=thresholds.get(label, model.threshold),
+                                      unit=UNIT_NONE),
                 ],
                 qualitative_evaluations=[
                     hd.sr.QualitativeEvaluation(name=finding, value=codes.SCT.Present if present else codes.SCT.Absent)

@@ -21,9 +21,14 @@ class BundleError(RuntimeError):
     """fedxray is not installed from a source folder, so no bundle can be built."""
 
 
+def packages_root() -> Path:
+    """The folder that holds fedxray's packages (a checkout, or site-packages): what PYTHONPATH needs."""
+    return Path(__file__).resolve().parents[1]
+
+
 def project_root() -> Path:
     """The folder that holds fedxray's pyproject.toml (an editable install from a checkout)."""
-    root = Path(__file__).resolve().parents[1]
+    root = packages_root()
     if not (root / "pyproject.toml").is_file():
         raise BundleError(f"no pyproject.toml next to the fedxray packages ({root}): install fedxray from its source "
                           "folder (pip install -e .)")
@@ -45,7 +50,7 @@ def app_files(root: Path | None = None) -> dict[str, Path]:
 
 def build_bundle(root: Path | None = None) -> tuple[str, bytes]:
     """(sha256, FAB bytes) exactly as `flwr run` would build them from this source."""
-    from flwr.cli.build import build_fab_from_files
+    from flwr.cli.build import build_fab_from_files  # deferred: Flower is common/'s one exception, needed here only
 
     fab, _ = build_fab_from_files(app_files(root))
     return hashlib.sha256(fab).hexdigest(), fab

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from common.labels import BLANK_CHOICES, UNCERTAIN_CHOICES, LabelError, LabelPolicy, parse_label_map
+
 MODEL_CHOICES = ("scatternet", "mobilenet_v2", "densenet121")
 HEAD_CHOICES = ("linear", "cnn")
 TRAIN_PART_CHOICES = ("all", "last-block", "head")
@@ -30,6 +32,7 @@ TRAIN_PART_CHOICES = ("all", "last-block", "head")
 MIN_DP_STEPS = 150
 TASK_CHOICES = ("binary", "multiclass", "multilabel")
 STRATEGY_CHOICES = ("fedavg", "fedprox", "fedadam", "trimmed-mean", "median")
+EXPORT_ROUND_CHOICES = ("last", "best")
 OPTIMIZER_CHOICES = ("adam", "sgd")
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 
@@ -37,7 +40,7 @@ DEVICE_CHOICES = ("auto", "cpu", "cuda")
 #: Settings that suit each kind of model (docs/models.md), filled in by fl-sim and the study when the user
 #: sets none of them. The RunConfig defaults are the scatternet ones.
 RECOMMENDED: dict[str, dict[str, Any]] = {
-    "scatternet": {"optimizer": "sgd", "learning-rate": 1.0, "momentum": 0.9, "max-grad-norm": 0.1, "sample-rate": 0.2},
+    "scatternet": {"optimizer": "sgd", "learning-rate": 1.0, "momentum": 0.9, "max-grad-norm": 0.1, "sample-rate": 1.0},
     # Without DP nothing clips the gradients: SGD at 1.0 diverges; Adam 1e-3 was best of 1e-2/1e-3/1e-4
     # on pooled validation (docs/results.md).
     "scatternet-no-dp": {"optimizer": "adam", "learning-rate": 1e-3, "sample-rate": 0.2},
@@ -74,8 +77,11 @@ class RunConfig:
     image_size: int = 64  # images are resized to image_size x image_size (whole image, bilinear)
     task: str = "binary"  # binary (sigmoid, 1 output) | multiclass (softmax) | multilabel (sigmoids)
     labels: tuple[str, ...] = ("opacity",)  # binary: the positive finding; else the class/finding names
+    label_column: str = ""  # labels.csv column the targets come from (e.g. subtype); "": chosen from the table (docs/tasks.md)
+    uncertain: str = "ignore"  # a finding column's -1: ignore (masked from loss and metrics) | positive | negative
+    blank: str = "negative"  # an empty finding cell (not mentioned): negative | ignore (masked)
     local_epochs: int = 0  # passes over the site's training split per round (expected, under DP); 0: enough for MIN_DP_STEPS
-    sample_rate: float = 0.2  # share of a site's training images per step (Poisson under DP); 0: use batch-size
+    sample_rate: float = 1.0  # share of a site's training images per step (Poisson under DP); 0: use batch-size
     batch_size: int = 32  # used when sample-rate is 0: expected batch; under DP, Poisson rate batch/n_train
     learning_rate: float = 1.0  # client optimiser learning rate (scatternet SGD: 1.0; CNNs with Adam: about 1e-3)
     optimizer: str = "sgd"  # client optimiser: sgd (with momentum) | adam
@@ -98,6 +104,7 @@ class RunConfig:
     round_timeout: float = 3600.0  # seconds to wait for replies in a round
     wait_timeout: float = 600.0  # seconds to wait for min-sites before giving up
     early_stop_patience: int = 0  # stop after this many rounds without pooled AUC gain (0: never)
+    export_round: str = "last"  # last | best (by the noised pooled validation AUC; docs/models.md: last did better)
     run_name: str = ""  # run directory name under runs-dir; empty: a timestamped name
     runs_dir: str = "runs"  # where run directories go (absolute, or relative to the coordinator's cwd)
     resume_from: str = ""  # run directory to continue from its last checkpoint (fl-server resume sets it)
@@ -160,10 +167,12 @@ class SiteConfig:
     max_evaluations: int = 100  # evaluate replies this site sends per run (each is charged to its budget)
     # Run settings this site accepts (a run outside them is refused before anything is read or spent):
     max_image_size: int = 512
-    max_local_epochs: int = 50
+    max_local_epochs: int = 200
     max_batch_size: int = 1024
     max_rounds: int = 500
     max_run_epsilon: float = 0.0  # largest target-epsilon a run may plan; 0: up to max-epsilon
+    label_map: str = ""  # this site's finding names -> the federation's: "Pleural effusion=Effusion; ..." or a file of such lines
+    label_column: str = ""  # this site's labels.csv column for the run's labels (wins over the run's label-column)
 
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any]) -> SiteConfig:
@@ -186,6 +195,11 @@ class SiteConfig:
 
     def to_mapping(self) -> dict[str, Any]:
         return _to_mapping(self)
+
+    def label_policy(self, run: RunConfig) -> LabelPolicy:
+        """How this site's label table gives the run's targets: the run's -1 / blank policy, the site's column and names."""
+        return LabelPolicy(label_column=self.label_column or run.label_column, uncertain=run.uncertain, blank=run.blank,
+                           label_map=parse_label_map(self.label_map))
 
 
 # --------------------------------------------------------------------------- helpers
@@ -295,7 +309,10 @@ def _check_run(c: RunConfig) -> list[str]:
     _range(p, "sample-rate", c.sample_rate, 0.0, 1.0)
     _range(p, "momentum", c.momentum, 0.0, 0.99)
     _one_of(p, "task", c.task, TASK_CHOICES)
+    _one_of(p, "uncertain", c.uncertain, UNCERTAIN_CHOICES)
+    _one_of(p, "blank", c.blank, BLANK_CHOICES)
     _one_of(p, "strategy", c.strategy, STRATEGY_CHOICES)
+    _one_of(p, "export-round", c.export_round, EXPORT_ROUND_CHOICES)
     _one_of(p, "optimizer", c.optimizer, OPTIMIZER_CHOICES)
     _range(p, "num-server-rounds", c.num_server_rounds, 1, 10_000)
     _range(p, "image-size", c.image_size, 16, 1024)
@@ -354,6 +371,10 @@ def _check_site(c: SiteConfig) -> list[str]:
     _range(p, "max-run-epsilon", c.max_run_epsilon, 0.0, 1000.0)
     if not c.data_dir.is_dir():
         p.append(f"`data-dir` = {str(c.data_dir)!r} is not a folder: point it at the site's DICOM folder")
+    try:
+        parse_label_map(c.label_map)
+    except LabelError as err:
+        p.append(f"`label-map`: {err}")
     return p
 
 

@@ -1,9 +1,10 @@
 """A hospital's data folder as a list of labelled, readable images (contract 2).
 
 A site folder holds DICOM files at any depth (PNG/JPEG too, for research sets). Labels come from
-``labels.csv`` (column ``file`` = path relative to the folder, plus either a ``label`` column or
-one 0/1 column per finding) or, without a labels.csv, from class subfolders (``NORMAL/``,
-``PNEUMONIA/``). Unreadable files are skipped and reported with a reason, never the end of a run.
+``labels.csv`` (column ``file`` = path relative to the folder, plus a ``label`` column, a column of
+'|'-separated findings, one 1/0/-1/blank column per finding, or any column the run names; see
+common/labels.py) or, without a labels.csv, from class subfolders (``NORMAL/``, ``PNEUMONIA/``).
+Unreadable files are skipped and reported with a reason, never the end of a run.
 
 Everything here stays at the site. ``ImageRecord.path`` is a local path and is never logged;
 patients are known only by a salted hash, used to keep every patient's images on one side of the
@@ -27,6 +28,17 @@ import numpy as np
 
 from common.cache import SiteCache, file_sha256
 from common.images import ImageError, is_image_file, read_image, resize_image, to_uint8
+from common.labels import (  # noqa: F401 - NEGATIVE_NAMES, POSITIVE_FLAGS: re-exported for callers
+    NEGATIVE_NAMES,
+    NON_LABEL_COLUMNS,
+    POSITIVE_FLAGS,
+    LabelError,
+    LabelPolicy,
+    encode,
+    finding_columns,
+    list_column,
+)
+from common.labels import key as label_key
 
 log = logging.getLogger(__name__)
 
@@ -35,14 +47,9 @@ LABELS_FILE = "labels.csv"
 NON_IMAGE_SUFFIXES = frozenset(
     {".csv", ".txt", ".md", ".json", ".xml", ".html", ".pdf", ".log", ".ini", ".yaml", ".yml", ".toml", ".npy", ".zip"}
 )
-# Class names read as "no finding" when a binary or multilabel task needs a negative class.
-NEGATIVE_NAMES = frozenset({"normal", "no finding", "no_finding", "negative", "healthy", "0", "false", "no"})
-POSITIVE_FLAGS = frozenset({"1", "true", "yes"})
-# labels.csv columns that are never findings.
-NON_LABEL_COLUMNS = frozenset(
-    {"file", "path", "patient_id", "patient_id_coarse", "patient", "split", "class_name", "subtype", "sha256", "study", "view",
-     "age", "sex"}
-)
+# labels.csv columns an ImageRecord never carries (identifiers and file names stay in the table).
+_PRIVATE_COLUMNS = frozenset({"file", "path", "patient id", "patient id coarse", "patient", "sha256", "study", "study id",
+                              "dicom id", "subject id"})
 
 
 class DatasetError(ValueError):
@@ -60,6 +67,7 @@ class ImageRecord:
     content_hash: str  # sha256 of the file bytes
     meta: dict[str, Any] = field(default_factory=dict)  # non-identifying fields only
     pixels: np.ndarray | None = field(default=None, repr=False, compare=False)  # uint8 [S, S] when loaded
+    label_row: dict[str, str] = field(default_factory=dict, repr=False, compare=False)  # labels.csv label cells
 
 
 @dataclass(frozen=True)
@@ -78,9 +86,10 @@ class SiteIndex:
     records: list[ImageRecord]
     skipped: list[Skipped]
     label_source: str  # "labels.csv (label column)" | "labels.csv (finding columns)" | "class folders"
-    label_kind: str  # "single" (one class per image) | "multi" (0/1 finding columns)
+    label_kind: str  # "single" (one class per image) | "multi" (finding columns or a findings list)
     class_names: tuple[str, ...]  # every class or finding seen, sorted
     ignored: int = 0  # non-image files (csv, txt, ...) not considered
+    label_columns: tuple[str, ...] = ()  # labels.csv columns a run may take its targets from
 
     @property
     def content_hashes(self) -> list[str]:
@@ -96,6 +105,10 @@ class Targets:
     labels: tuple[str, ...]
     keep: np.ndarray  # indices of index.records that have a target under this task
     dropped: dict[str, int]  # reason -> count for records with no target under this task
+    source: str = ""  # which labels.csv column(s) (or class folders) the targets came from
+    not_labelled: tuple[str, ...] = ()  # run labels this site does not label: masked (NaN) for every image
+    uncertain: dict[str, int] = field(default_factory=dict)  # run label -> -1 cells (per the uncertain policy)
+    blank: dict[str, int] = field(default_factory=dict)  # run label -> blank cells (per the blank policy)
 
 
 # --------------------------------------------------------------------------- site salt
@@ -135,6 +148,8 @@ class _Labels:
     by_file: dict[str, tuple[str, ...]]  # normalised relative path -> classes
     patients: dict[str, str]  # normalised relative path -> patient id from labels.csv (if any)
     names: tuple[str, ...]
+    rows: dict[str, dict[str, str]] = field(default_factory=dict)  # relative path -> label cells (no identifiers)
+    columns: tuple[str, ...] = ()  # the label-bearing columns of rows
 
 
 def _norm(rel: str) -> str:
@@ -162,6 +177,11 @@ def _read_labels_csv(path: Path) -> _Labels:
     patient_col = lower.get("patient_id_coarse") or lower.get("patient_id") or lower.get("patient")
     by_file: dict[str, tuple[str, ...]] = {}
     patients: dict[str, str] = {}
+    label_columns = tuple(c for c in columns if label_key(c) not in _PRIVATE_COLUMNS)
+    label_rows = {_norm(r.get(file_col) or ""): {c: (r.get(c) or "").strip() for c in label_columns} for r in rows}
+    label_rows.pop("", None)
+    findings = finding_columns(rows, columns)
+    listed = list_column(columns)
     if "label" in lower:
         label_col = lower["label"]
         name_col = lower.get("class_name")
@@ -176,24 +196,32 @@ def _read_labels_csv(path: Path) -> _Labels:
             if rel and patient_col and (row.get(patient_col) or "").strip():
                 patients[rel] = row[patient_col].strip()
     else:
-        finding_cols = [c for c in columns if c.lower() not in NON_LABEL_COLUMNS]
-        finding_cols = [c for c in finding_cols if all((r.get(c) or "").strip() in ("0", "1", "") for r in rows)]
-        if not finding_cols:
+        finding_cols = [c for c in findings if c.lower() not in NON_LABEL_COLUMNS]
+        if not finding_cols and listed is None:
             raise DatasetError(
-                f"{path}: labels.csv has neither a `label` column nor 0/1 finding columns "
-                f"(columns: {', '.join(columns)}); add `label` (class name) or one 0/1 column per finding"
+                f"{path}: labels.csv has no `label` column, no 1/0/-1 finding columns and no `finding_labels` column "
+                f"(columns: {', '.join(columns)}); add `label` (class name), one column per finding, or "
+                "`finding_labels` ('|'-separated findings)"
             )
-        kind, source = "multi", "labels.csv (finding columns)"
+        kind = "multi"
+        source = "labels.csv (finding columns)" if finding_cols else f"labels.csv ({listed} column)"
+        names: set[str] = set()
         for row in rows:
             rel = _norm(row.get(file_col) or "")
             if not rel:
                 continue
-            by_file[rel] = tuple(c for c in finding_cols if (row.get(c) or "").strip() == "1")
+            if finding_cols:
+                by_file[rel] = tuple(c for c in finding_cols if (row.get(c) or "").strip() in ("1", "1.0"))
+            else:
+                by_file[rel] = tuple(f.strip() for f in (row.get(listed) or "").split("|")
+                                     if f.strip() and label_key(f) != "no finding")
+            names.update(by_file[rel])
             if patient_col and (row.get(patient_col) or "").strip():
                 patients[rel] = row[patient_col].strip()
-        return _Labels(source, kind, by_file, patients, tuple(sorted(finding_cols)))
-    names = tuple(sorted({v[0] for v in by_file.values()}))
-    return _Labels(source, kind, by_file, patients, names)
+        all_names = tuple(sorted(finding_cols)) if finding_cols else tuple(sorted(names))
+        return _Labels(source, kind, by_file, patients, all_names, label_rows, label_columns)
+    names_single = tuple(sorted({v[0] for v in by_file.values()}))
+    return _Labels(source, kind, by_file, patients, names_single, label_rows, label_columns)
 
 
 # --------------------------------------------------------------------------- scanning
@@ -362,7 +390,8 @@ def scan_site(
         else:
             patient, source_kind = _hash("file:" + key, salt), "file"
             missing_patient["file"] += 1
-        records.append(ImageRecord(path, tuple(classes), patient, source_kind, key, meta, pixels))
+        row = labels.rows.get(rel, {}) if labels is not None else ({"label": classes[0]} if classes else {})
+        records.append(ImageRecord(path, tuple(classes), patient, source_kind, key, meta, pixels, row))
 
     if labels is not None:
         for rel in sorted(set(labels.by_file) - seen_rel):
@@ -388,72 +417,37 @@ def scan_site(
         names = labels.names
     else:
         names = tuple(sorted({c for r in records for c in r.classes}))
-    return SiteIndex(root, records, skipped, source, kind, names, ignored)
+    columns = labels.columns if labels is not None else ("label",)
+    return SiteIndex(root, records, skipped, source, kind, names, ignored, columns)
 
 
 # --------------------------------------------------------------------------- targets
 
 
-def encode_targets(index: SiteIndex, task: str, labels: Sequence[str]) -> Targets:
-    """Turn the site's classes into the run's targets.
+def encode_targets(index: SiteIndex, task: str, labels: Sequence[str], policy: LabelPolicy | None = None) -> Targets:
+    """Turn the site's label table into the run's targets (common/labels.py says how each style reads).
 
     binary: 1 for the positive finding ``labels[0]``, 0 for the other class (a single-label site
     may have exactly one other class, or several named like "normal"); multiclass: index into
-    ``labels``; multilabel: one 0/1 column per label. Images whose class the run does not know are
-    left out (and counted in ``dropped``), so a site with an extra class still trains on the rest.
+    ``labels``; multilabel: one column per label, NaN where a finding is masked (uncertain or blank
+    under an ``ignore`` policy, or not labelled at this site). Images with no target under this
+    task are left out (and counted in ``dropped``), so a site with an extra class still trains on
+    the rest.
     """
-    wanted = [lab.lower() for lab in labels]
-    if index.label_kind == "multi":
-        present = {n.lower() for n in index.class_names}
-        absent = [lab for lab in labels if lab.lower() not in present]
-        if task == "multiclass":
-            raise DatasetError("labels.csv has 0/1 finding columns: use task multilabel or binary, not multiclass")
-        if absent:
-            raise DatasetError(
-                f"labels.csv has no column for {', '.join(absent)} (columns: {', '.join(index.class_names)}); "
-                "the run's labels must be finding columns of labels.csv"
-            )
-    else:
-        seen = {c.lower() for r in index.records for c in r.classes}
-        others = sorted(seen - set(wanted))
-    rows: list[np.ndarray | int] = []
-    keep: list[int] = []
-    dropped: Counter[str] = Counter()
-    for i, rec in enumerate(index.records):
-        classes = [c.lower() for c in rec.classes]
-        if index.label_kind == "multi":
-            vec = np.array([1.0 if lab in classes else 0.0 for lab in wanted], dtype=np.float32)
-            rows.append(vec)
-            keep.append(i)
-            continue
-        cls = classes[0]
-        if task == "multiclass":
-            if cls in wanted:
-                rows.append(wanted.index(cls))
-                keep.append(i)
-            else:
-                dropped[f"class {rec.classes[0]!r} is not among the run's labels"] += 1
-            continue
-        if cls in wanted or cls in POSITIVE_FLAGS:
-            vec = np.array([1.0 if lab in (cls,) or (cls in POSITIVE_FLAGS and len(wanted) == 1) else 0.0
-                            for lab in wanted], dtype=np.float32)
-        elif cls in NEGATIVE_NAMES or (task == "binary" and len(others) == 1):
-            vec = np.zeros(len(wanted), dtype=np.float32)
-        else:
-            dropped[f"class {rec.classes[0]!r} is neither a run label nor a negative class"] += 1
-            continue
-        rows.append(vec)
-        keep.append(i)
-    if not keep:
+    policy = policy or LabelPolicy()
+    rows = [r.label_row for r in index.records]
+    try:
+        enc = encode(rows, index.label_columns, task, labels, policy)
+    except LabelError as err:
+        raise DatasetError(str(err)) from err
+    if not enc.keep:
         raise DatasetError(
             f"no image of this site fits the run's labels ({', '.join(labels)}); "
             f"the site has: {', '.join(index.class_names)}"
         )
-    if task == "multiclass":
-        y = np.asarray(rows, dtype=np.int64)
-    else:
-        y = np.stack(rows).astype(np.float32)
-    return Targets(y, task, tuple(labels), np.asarray(keep, dtype=np.int64), dict(dropped))
+    source = "class folders" if index.label_source == "class folders" else enc.source
+    return Targets(enc.y, task, tuple(labels), np.asarray(enc.keep, dtype=np.int64), enc.dropped, source,
+                   enc.not_labelled, enc.uncertain, enc.blank)
 
 
 # --------------------------------------------------------------------------- split
@@ -517,4 +511,4 @@ def patient_strata(targets: Targets) -> np.ndarray:
     """A stratum per image for splitting: the class (multiclass), positive/negative otherwise."""
     if targets.task == "multiclass":
         return targets.y.astype(np.int64)
-    return (targets.y.max(axis=1) > 0.5).astype(np.int64)
+    return (np.nan_to_num(targets.y, nan=0.0).max(axis=1) > 0.5).astype(np.int64)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import secrets
 import warnings
 from collections.abc import Callable
@@ -297,11 +298,20 @@ def site_generator(device: torch.device | str = "cpu") -> torch.Generator:
     return gen
 
 
-def dp_step(pt: PrivateTraining, x: torch.Tensor, y: torch.Tensor) -> float:
+#: Largest number of images one forward/backward pass holds; a larger Poisson batch (a big site
+#: at a high sample rate) is split into such chunks whose clipped gradients add up before the one
+#: noise draw of the step, so memory stays bounded and the privacy of the step is unchanged.
+PHYSICAL_BATCH = 512
+
+
+def dp_step(pt: PrivateTraining, x: torch.Tensor, y: torch.Tensor, *, physical_batch: int = PHYSICAL_BATCH) -> float:
     """One DP-SGD step on a batch: forward, loss, backward, clip+noise step; returns the loss.
 
     An empty batch (possible under Poisson sampling) still takes a step: the noise is added
     and the accountant counts it, as DP-SGD requires; the returned loss is then NaN.
+    A batch over ``physical_batch`` images goes through in chunks (Opacus' skipped steps, as
+    its BatchMemoryManager does): each chunk's per-sample gradients are clipped and summed,
+    and only the last chunk adds the noise, scales by the expected batch and counts the step.
     """
     pt.model.train()
     pt.optimizer.zero_grad()
@@ -313,17 +323,21 @@ def dp_step(pt: PrivateTraining, x: torch.Tensor, y: torch.Tensor) -> float:
         pt.optimizer.step()
         pt.optimizer.zero_grad()
         return float("nan")
-    output = pt.model(x)
-    loss = pt.criterion(output, y)
-    with warnings.catch_warnings():
-        # Opacus' hooks on a first trainable layer whose input needs no gradient (a head on fixed
-        # features, a frozen backbone) make torch warn on every backward; the gradients are right.
-        warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with respect to module outputs")
-        loss.backward()
-    pt.optimizer.step()
-    value = float(loss.item())
-    pt.optimizer.zero_grad()
-    return value
+    chunks = max(1, math.ceil(x.shape[0] / physical_batch)) if pt.mode != "ghost" else 1
+    total = 0.0
+    for i, (xc, yc) in enumerate(zip(x.chunk(chunks), y.chunk(chunks))):
+        output = pt.model(xc)
+        loss = pt.criterion(output, yc)
+        with warnings.catch_warnings():
+            # Opacus' hooks on a first trainable layer whose input needs no gradient (a head on fixed
+            # features, a frozen backbone) make torch warn on every backward; the gradients are right.
+            warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
+            loss.backward()
+        pt.optimizer.signal_skip_step(do_skip=i < chunks - 1)
+        pt.optimizer.step()
+        total += float(loss.item()) * xc.shape[0]
+        pt.optimizer.zero_grad()
+    return total / x.shape[0] if x.shape[0] else float("nan")
 
 
 def unwrapped_state_dict(pt: PrivateTraining) -> dict[str, torch.Tensor]:

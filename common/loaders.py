@@ -29,6 +29,7 @@ from common.dataset import (
     site_salt,
     split_patients,
 )
+from common.labels import LabelPolicy
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +157,7 @@ class SiteData:
         if self.targets.task == "multiclass":
             counts = np.bincount(y, minlength=len(self.targets.labels))
             return [float(c) / len(y) for c in counts]
-        return [float(v) for v in y.mean(axis=0)]
+        return [float(v) for v in np.nanmean(y, axis=0)]  # masked findings (NaN) left out
 
 
 def load_site(
@@ -168,18 +169,23 @@ def load_site(
     labels: tuple[str, ...],
     val_fraction: float,
     progress: bool = False,
+    policy: LabelPolicy | None = None,
 ) -> SiteData:
     """Scan ``data_dir`` through the site cache in ``state_dir`` and split it by patient.
 
     ``val_fraction`` is the site's own setting (node config): the split depends on nothing the
-    coordinator chooses (common.dataset.split_patients).
+    coordinator chooses (common.dataset.split_patients). ``policy`` says how the label table gives
+    the targets (label column, -1 / blank, the site's names; default: chosen from the table).
     """
     state = Path(state_dir)
     cache = SiteCache(state / "cache")
     index = scan_site(data_dir, salt=site_salt(state), image_size=image_size, cache=cache, progress=progress)
     if index.skipped:
         log.warning("%d file(s) skipped (run `fl-client check` for the reasons)", len(index.skipped))
-    targets = encode_targets(index, task, labels)
+    targets = encode_targets(index, task, labels, policy)
+    if targets.not_labelled:
+        log.warning("this site does not label %s: masked for all its images (it trains on the other labels)",
+                    ", ".join(targets.not_labelled))
     for reason, n in targets.dropped.items():
         log.warning("%d image(s) left out: %s", n, reason)
     kept = [index.records[int(i)] for i in targets.keep]

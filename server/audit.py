@@ -24,10 +24,12 @@ import json
 import logging
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 from common.audit import audit_path, read_entries, try_record
+from common.cache import file_sha256
 
 log = logging.getLogger("fedxray.server")
 
@@ -44,6 +46,13 @@ def coordinator_log(root: str | os.PathLike[str]) -> Path:
 def record_coordinator(root: str | os.PathLike[str], event: str, /, **details: Any) -> str | None:
     """Record a coordinator event; None when written, else the one-line reason (the action itself stands)."""
     return try_record(coordinator_log(root), event, **details)
+
+
+def record_or_warn(root: str | os.PathLike[str], event: str, /, **details: Any) -> None:
+    """:func:`record_coordinator`, where a failed write is one warning line on stderr and the action stands."""
+    problem = record_coordinator(root, event, **details)
+    if problem:
+        print(f"fl-server: warning: audit log: {problem}", file=sys.stderr, flush=True)
 
 
 def settings_for_audit(values: dict[str, Any]) -> dict[str, Any]:
@@ -84,8 +93,6 @@ def record_run_event(run_dir: str | os.PathLike[str], event: str, /, **details: 
 def record_run_finished(run_dir: str | os.PathLike[str]) -> None:
     """From the ServerApp after the export: ``run-finished`` with rounds, the exported round, its pooled AUC,
     the bundle and the model's sha256, read from ``run_dir/metrics.json``. Never raises; nothing in a simulation."""
-    from common.cache import file_sha256
-
     if federation_of(run_dir) is None:
         return
     run_dir = Path(run_dir)

@@ -144,21 +144,6 @@ def cmd_stop(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parse_sets(pairs: list[str]) -> dict:
-    import tomllib
-
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise ValueError(f"-c {pair}: expected key=value")
-        try:
-            out[key.strip()] = tomllib.loads(f"v = {value}")["v"]
-        except tomllib.TOMLDecodeError:
-            out[key.strip()] = value
-    return out
-
-
 def _print_launch(record: dict) -> None:
     print(f"run {record['run_name']} started (Flower run id {record['run_id']})")
     print(f"app bundle sha256 {record['bundle']}: each site must have approved it (fl-client approve HASH)")
@@ -168,12 +153,13 @@ def _print_launch(record: dict) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from common.cli import parse_settings
     from server.coordinator import CoordinatorError
     from server.runs import launch
 
     try:
         record = launch(Path(args.dir), config_file=Path(args.config) if args.config else None,
-                        overrides=_parse_sets(args.set), follow=args.follow)
+                        overrides=parse_settings(args.set, "-c"), follow=args.follow)
     except (CoordinatorError, ValueError) as err:
         return _fail("run", err)
     _print_launch(record)

@@ -15,7 +15,8 @@ import torch
 from common.calibration import Calibrated, calibrated_threshold
 from common.config import RunConfig
 from common.models import build_model, describe
-from common.onnx_export import export_onnx, reference_batch
+from common.onnx_export import ExportError, export_onnx, reference_batch
+from common.torchscript_export import export_torchscript
 from server.checkpoint import latest_checkpoint, load_best
 from server.report import fitness_warnings, write_metrics, write_model_card, write_plots
 
@@ -54,10 +55,12 @@ def finish(run_dir: Path, run_name: str, run: RunConfig, provenance: dict[str, s
     if ckpt is None:
         log.error("no round completed: nothing to export in %s", run_dir)
         return
-    # The exported model is the round with the best pooled validation AUC (post-processing: the sites
-    # already released every round's histograms); the card says which round and that the choice was
-    # made on the validation data it reports.
-    best = load_best(run_dir)
+    # The exported model is the last round's, or with export-round = best the round with the best
+    # pooled validation AUC (post-processing either way: the sites already released every round's
+    # histograms; the card says which round). Under DP the noised AUC of one round is uncertain by
+    # about 0.1 and "best" picked a worse round than the last in every federated arm of the study
+    # (docs/models.md), so "last" is the default.
+    best = load_best(run_dir) if run.export_round == "best" else None
     export_round, weights = (best[0], best[1]) if best is not None else (ckpt.round, ckpt.weights)
     model = build_model(run.model, dp=True, **run.model_kwargs())
     model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in weights.items()})
@@ -87,24 +90,57 @@ def finish(run_dir: Path, run_name: str, run: RunConfig, provenance: dict[str, s
     drift = drift_reference(ckpt.history, chosen, run)
     if drift:
         metadata["fedxray.reference"] = drift
+    metadata.update(label_metadata(run, chosen))
     report = export_onnx(
         model, run_dir / "model.onnx", sample_batch=sample, task=run.task, labels=list(run.labels),
         input_size=(run.image_size, run.image_size), threshold=threshold, metadata=metadata,
     )
+    torchscript = torchscript_twin(model, run_dir, sample)
     problems = fitness_warnings(chosen, threshold)
     for problem in problems:
         log.warning("exported model: %s", problem)
     export = {"max_abs_diff": report.max_abs_diff, "size_bytes": report.size_bytes,
               "parity_images": 0 if sample is None else len(sample), "round": export_round,
-              "pooled_auc": chosen.get("pooled_auc"), "warnings": problems, **(provenance or {})}
+              "pooled_auc": chosen.get("pooled_auc"), "warnings": problems, "torchscript": torchscript, **(provenance or {})}
     write_metrics(run_dir, run_name, ckpt.run_config, ckpt.history,
-                  {"export": export, "threshold": threshold, "warnings": problems})
+                  {"export": export, "threshold": threshold, "warnings": problems, "labels": chosen.get("labels", {})})
     write_plots(run_dir, ckpt.history)
     kwargs = run.model_kwargs()
     info = describe(run.model, num_outputs=kwargs.pop("num_outputs"), **kwargs)
     write_model_card(run_dir, run_name=run_name, run_config=ckpt.run_config, rounds=ckpt.history,
                      model_info=info, threshold=threshold, export=export)
     log.info("run %s finished: %s", run_name, run_dir)
+
+
+def torchscript_twin(model: torch.nn.Module, run_dir: Path, sample: torch.Tensor | None) -> dict:
+    """model.pt beside model.onnx (common/torchscript_export.py): its parity figures, or the error that stopped it.
+
+    The ONNX model is the primary artefact: a TorchScript failure is logged as an error and named
+    on the model card, and the run still ends with its metrics and card.
+    """
+    try:
+        ts = export_torchscript(model, run_dir / "model.pt", onnx_model=run_dir / "model.onnx", sample_batch=sample)
+    except ExportError as err:
+        log.error("model.pt (TorchScript) not written: %s", err)
+        return {"path": None, "error": str(err)}
+    return {"path": ts.path.name, "max_abs_diff": ts.max_abs_diff, "size_bytes": ts.size_bytes}
+
+
+def label_metadata(run: RunConfig, chosen: dict) -> dict[str, str]:
+    """ONNX metadata per output, named by class / finding: ``fedxray.outputs`` (label, activation, pooled AUC,
+    threshold) and, for multilabel, ``fedxray.thresholds`` ({finding: threshold}, what fl-predict decides with)."""
+    from server.report import json_safe
+
+    figures = chosen.get("labels") or {}
+    activation = "softmax" if run.task == "multiclass" else "sigmoid"
+    outputs = [{"index": i, "label": label, "activation": activation, **{k: figures.get(label, {}).get(k)
+                                                                         for k in ("auc", "threshold")}}
+               for i, label in enumerate(run.labels)]
+    out = {"fedxray.outputs": json.dumps(json_safe(outputs))}
+    thresholds = {label: f["threshold"] for label, f in figures.items() if f.get("threshold") is not None}
+    if run.task == "multilabel" and thresholds:
+        out["fedxray.thresholds"] = json.dumps(json_safe(thresholds))
+    return out
 
 
 def drift_reference(history: list[dict], chosen: dict, run: RunConfig) -> str | None:

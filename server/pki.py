@@ -14,27 +14,6 @@ too, and that nothing was swapped on the way). ``admit`` signs a client certific
 kit of public files to send back. Both ends print the same *check code* so the two people can
 compare it over the phone: a request replaced in transit would show a different code.
 
-Layout of a federation folder (the names are the ``*_FILE``/``*_DIR`` constants below)::
-
-    federation.json              {"federation", "address" (what sites dial: the proxy), "sans", "created"}
-    pki/ca.key      (0600)       EC P-384 CA key: never copied anywhere
-    pki/ca.pem                   self-signed CA, path length 0, 10 years
-    pki/server.key  (0600)       the proxy's and the SuperLink's TLS key (EC P-256)
-    pki/server.pem               serverAuth, SANs = address host + --san + localhost + 127.0.0.1, 2 years
-    pki/crl.pem                  revoked client certificates (nginx ``ssl_crl``; reload nginx after a change),
-                                 valid 1 year: re-signed when due (see "The CRL's life" below)
-    sites/<site>/client.pem      the certificate issued to the site (1 year)
-    sites/<site>/auth.pub        its SuperNode public key (OpenSSH), for ``flwr supernode register``
-    sites/<site>/site.json       {site, serial (hex), auth_key_sha256 ("SHA256:..." as ssh-keygen -l prints it),
-                                  cert_sha256, binding, admitted, expires, revoked (time or null),
-                                  node_id (null: not registered), ...}
-    sites/<site>/previous/<serial>/   an earlier, removed admission of the same name (audit)
-    kits/<site>/                 ca.pem, client.pem, coordinator.json: what the site receives
-
-Private keys are created with mode 0600 (``os.open`` with the mode, then ``os.replace``), every
-write is atomic, and admit/remove/record_node_id run under an exclusive lock on ``.lock``, since
-``fl-server start`` may record node ids while an operator admits a site.
-
 Binding. A site's two keys are bound at admission: ``binding`` in site.json is the CA's signature
 over (site, certificate serial, certificate sha256, auth key fingerprint). Before a key is
 registered with the SuperLink, :func:`check_binding` verifies it against ``ca.pem`` and the files
@@ -54,15 +33,12 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
-import fcntl
 import hashlib
 import ipaddress
-import json
 import logging
 import os
 import re
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,23 +50,25 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from common.cache import atomic_write_durable as _write_atomic
 from common.site_request import SITE_NAME_RE, SITE_NAME_RULE, ProvisionError, check_site_name  # noqa: F401 - ProvisionError re-exported
+from server.federation_files import (  # noqa: F401 - the file names are re-exported: callers read them as pki.*
+    CA_CERT_FILE,
+    CA_KEY_FILE,
+    KIT_COORDINATOR_FILE,
+    PKI_DIR,
+    SITE_CERT_FILE,
+    FederationPaths,
+    _cert_pem,
+    _iso,
+    _load_ca,
+    _load_crl,
+    _locked,
+    _now,
+    _write_json,
+    federation_paths,
+    load_federation,
+)
 
 logger = logging.getLogger(__name__)
-
-FEDERATION_FILE = "federation.json"
-PKI_DIR = "pki"
-CA_KEY_FILE = "ca.key"
-CA_CERT_FILE = "ca.pem"
-SERVER_KEY_FILE = "server.key"
-SERVER_CERT_FILE = "server.pem"
-CRL_FILE = "crl.pem"
-SITES_DIR = "sites"
-KITS_DIR = "kits"
-SITE_CERT_FILE = "client.pem"
-SITE_AUTH_PUB_FILE = "auth.pub"
-SITE_RECORD_FILE = "site.json"
-KIT_COORDINATOR_FILE = "coordinator.json"
-LOCK_FILE = ".lock"
 
 #: Site names: what goes into certificates, folder names and Flower node names.
 #: Always in the server certificate: the proxy reaches the SuperLink on loopback with it.
@@ -107,66 +85,11 @@ _BINDING_FIELDS = ("site", "serial", "cert_sha256", "auth_key_sha256")
 _DNS_RE = re.compile(r"(\*\.)?([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 
 
-@dataclass(frozen=True)
-class FederationPaths:
-    """Where a federation folder keeps each file (see the module docstring); from :func:`federation_paths`."""
-
-    root: Path
-    federation: Path
-    ca_key: Path
-    ca_cert: Path
-    server_key: Path
-    server_cert: Path
-    crl: Path
-    sites: Path
-    kits: Path
-
-    def site(self, site: str) -> Path:
-        return self.sites / site
-
-    def kit(self, site: str) -> Path:
-        return self.kits / site
-
-
-def federation_paths(root: str | os.PathLike[str]) -> FederationPaths:
-    root = Path(root).expanduser().resolve()
-    pki = root / PKI_DIR
-    return FederationPaths(root=root, federation=root / FEDERATION_FILE, ca_key=pki / CA_KEY_FILE, ca_cert=pki / CA_CERT_FILE,
-                           server_key=pki / SERVER_KEY_FILE, server_cert=pki / SERVER_CERT_FILE, crl=pki / CRL_FILE,
-                           sites=root / SITES_DIR, kits=root / KITS_DIR)
-
-
 # ---------------------------------------------------------------- small helpers
-
-
-def _now() -> dt.datetime:
-    return dt.datetime.now(dt.UTC).replace(microsecond=0)
-
-
-def _iso(when: dt.datetime) -> str:
-    return when.isoformat(timespec="seconds")
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    _write_atomic(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-
-
-def _cert_pem(cert: x509.Certificate) -> bytes:
-    return cert.public_bytes(serialization.Encoding.PEM)
-
-
-@contextmanager
-def _locked(root: Path) -> Iterator[None]:
-    with open(root / LOCK_FILE, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -291,46 +214,6 @@ def _write_crl(paths: FederationPaths, ca: x509.Certificate, ca_key: Any, revoke
     for entry in revoked:
         builder = builder.add_revoked_certificate(entry)
     _write_atomic(paths.crl, builder.sign(ca_key, hashes.SHA384()).public_bytes(serialization.Encoding.PEM))
-
-
-# ---------------------------------------------------------------- loading
-
-
-def load_federation(root: str | os.PathLike[str]) -> dict[str, Any]:
-    """federation.json of ``root``, or a ProvisionError saying to run ``fl-server init``."""
-    paths = federation_paths(root)
-    if not paths.federation.is_file():
-        raise ProvisionError(f"{paths.root} is not a fedxray federation (no {FEDERATION_FILE}): "
-                             f"run fl-server init --dir {paths.root} --address HOST:PORT first")
-    try:
-        data = json.loads(paths.federation.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ProvisionError(f"{paths.federation} is unreadable ({err}): restore it from a backup") from err
-    missing = [k for k in ("federation", "address") if not isinstance(data.get(k), str)]
-    if missing:
-        raise ProvisionError(f"{paths.federation} lacks {', '.join(missing)}: restore it from a backup")
-    return data
-
-
-def _load_ca(paths: FederationPaths) -> tuple[x509.Certificate, Any]:
-    for p in (paths.ca_cert, paths.ca_key, paths.crl):
-        if not p.is_file():
-            raise ProvisionError(f"{p} is missing: restore {PKI_DIR}/ from a backup (or start over with fl-server init --force)")
-    ca = x509.load_pem_x509_certificate(paths.ca_cert.read_bytes())
-    ca_key = serialization.load_pem_private_key(paths.ca_key.read_bytes(), password=None)
-    return ca, ca_key
-
-
-def _load_crl(paths: FederationPaths, ca: x509.Certificate) -> x509.CertificateRevocationList:
-    crl = x509.load_pem_x509_crl(paths.crl.read_bytes())
-    if not crl.is_signature_valid(ca.public_key()):  # type: ignore[arg-type]
-        raise ProvisionError(f"{paths.crl} is not signed by {paths.ca_cert}: restore it from a backup")
-    return crl
-
-
-def _read_record(paths: FederationPaths, site: str) -> dict[str, Any] | None:
-    record = paths.site(site) / SITE_RECORD_FILE
-    return json.loads(record.read_text()) if record.is_file() else None
 
 
 # ---------------------------------------------------------------- the CRL's life

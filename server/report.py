@@ -127,19 +127,54 @@ def _fmt(v: Any, digits: int = 3) -> str:
 
 def _auc_with_ci(record: dict[str, Any]) -> str:
     """AUC with a 95% interval (Hanley & McNeil 1982 standard error from the pooled counts)."""
-    import math
-
     auc = record.get("pooled_auc")
     sites = record.get("sites", {}).values()
     n_pos = sum(float(s.get("val_positive") or 0) for s in sites)
     n_neg = sum(float(s.get("val_examples") or 0) for s in sites) - n_pos
-    if auc is None or auc != auc or n_pos < 1 or n_neg < 1:
+    ci = hanley_mcneil_ci(auc, n_pos, n_neg)
+    if ci is None:
         return _fmt(auc)
+    return (f"{auc:.3f} (95% CI {ci[0]:.3f}-{ci[1]:.3f}, Hanley-McNeil, from about "
+            f"{n_pos:.0f} positive and {n_neg:.0f} negative validation images; counts are noised at the sites)")
+
+
+def hanley_mcneil_ci(auc: float | None, n_pos: float, n_neg: float) -> tuple[float, float] | None:
+    """95% interval of an AUC from its positive and negative counts (Hanley & McNeil 1982); None when undefined."""
+    if auc is None or auc != auc or n_pos < 1 or n_neg < 1:
+        return None
     q1, q2 = auc / (2 - auc), 2 * auc * auc / (1 + auc)
     var = (auc * (1 - auc) + (n_pos - 1) * (q1 - auc * auc) + (n_neg - 1) * (q2 - auc * auc)) / (n_pos * n_neg)
     half = 1.96 * math.sqrt(max(var, 0.0))
-    return (f"{auc:.3f} (95% CI {max(0.0, auc - half):.3f}-{min(1.0, auc + half):.3f}, Hanley-McNeil, from about "
-            f"{n_pos:.0f} positive and {n_neg:.0f} negative validation images; counts are noised at the sites)")
+    return max(0.0, auc - half), min(1.0, auc + half)
+
+
+#: A finding or class with fewer pooled validation positives than this has an AUC too uncertain to rely on.
+MIN_VALIDATION_POSITIVES = 10
+
+
+def label_lines(record: dict[str, Any], task: str) -> list[str]:
+    """Model-card lines per class / finding of a round (multiclass, multilabel): AUC with 95% CI, threshold."""
+    figures = record.get("labels") or {}
+    if not figures:
+        return []
+    lines = ["", f"Per {'finding' if task == 'multilabel' else 'class'} (one-vs-rest, pooled over the sites' validation "
+             "data; counts are noised at the sites):", "",
+             "| label | AUC (95% CI) | threshold | sensitivity | specificity | positives | negatives |",
+             "|---|---|---|---|---|---|---|"]
+    few = []
+    for label, f in figures.items():
+        ci = hanley_mcneil_ci(f.get("auc"), f.get("positives") or 0, f.get("negatives") or 0)
+        auc = _fmt(f.get("auc")) + (f" ({ci[0]:.3f}-{ci[1]:.3f})" if ci else "")
+        lines.append(f"| {label} | {auc} | "
+                     f"{_fmt(f.get('threshold'))} | {_fmt(f.get('sensitivity'))} | {_fmt(f.get('specificity'))} | "
+                     f"{_fmt(f.get('positives'), 0)} | {_fmt(f.get('negatives'), 0)} |")
+        if (f.get("positives") or 0) < MIN_VALIDATION_POSITIVES:
+            few.append(label)
+    lines.append("")
+    if few:
+        lines.append(f"- **WARNING**: too few validation positives (< {MIN_VALIDATION_POSITIVES}) to rely on the AUC "
+                     f"of {', '.join(few)}")
+    return lines
 
 
 def _local_epochs(run_config: dict[str, Any]) -> str:
@@ -180,6 +215,7 @@ def write_model_card(run_dir: Path, *, run_name: str, run_config: dict[str, Any]
         "## Fitness for use",
         *([f"- **WARNING**: {w}" for w in problems] or ["- no warning: see the figures and limits below before any use"]),
         f"- pooled validation AUC of the exported round: {_auc_with_ci(chosen)}",
+        *label_lines(chosen, str(run_config.get("task"))),
         "",
         "## Model",
         f"- architecture: {model_info.get('name')}: {model_info.get('architecture', '')}; "
@@ -189,17 +225,26 @@ def write_model_card(run_dir: Path, *, run_name: str, run_config: dict[str, Any]
         f"- task: {run_config.get('task')}; labels: {run_config.get('labels')}; input: 1 x "
         f"{run_config.get('image-size')} x {run_config.get('image-size')} grey, values in [0, 1] "
         "(presentation-correct, bone bright), whole image resized bilinear",
-        f"- decision threshold: {threshold:.3f} (maximises sensitivity + specificity on pooled validation data)",
+        f"- decision threshold: {threshold:.3f} (maximises sensitivity + specificity on pooled validation data)"
+        if run_config.get("task") == "binary" else
+        "- decision: " + ("the most likely class (softmax)" if run_config.get("task") == "multiclass" else
+                          "per finding, at its own threshold (table above; ONNX metadata fedxray.thresholds)"),
         *([f"- exported weights: round {export['round']} of {len(rounds)}, the round with the best pooled validation AUC "
            f"({_fmt(export.get('pooled_auc'))}); chosen on the same validation data this card reports, so that figure "
            "is slightly optimistic: measure on data the federation never saw (`fl-client evaluate`)"]
-          if export and export.get("round") is not None else []),
+          if export and export.get("round") is not None and run_config.get("export-round") == "best" else []),
+        *([f"- exported weights: round {export['round']} of {len(rounds)}, the last round (run setting export-round = last)"]
+          if export and export.get("round") is not None and run_config.get("export-round", "last") != "best" else []),
     ]
     if export:
         n_ref = int(export.get("parity_images", 0))
         on = f"{n_ref} reference radiographs and 3 random images" if n_ref else "3 random images only (no parity-data set)"
         lines.append(f"- ONNX: `model.onnx`, onnxruntime parity max abs diff {export.get('max_abs_diff', float('nan')):.2e} "
                      f"on {on}")
+        if ts := export.get("torchscript"):  # the TorchScript twin (common/torchscript_export.py)
+            lines.append(f"- TorchScript: `model.pt`, same metadata, parity with torch max abs diff {ts['max_abs_diff']:.2e} "
+                         "on the same images"
+                         if ts.get("path") else f"- TorchScript: `model.pt` **not written**: {ts.get('error')}")
     lines += [
         "",
         "## Data (per site; counts only)",

@@ -48,15 +48,17 @@ def round_record(strategy: Any, r: int, seconds: float) -> dict[str, Any]:
                 train_n.append(int(m.get("num-examples", 0)))
         for site, m in entry.evaluate.items():
             sites.setdefault(site, {}).update(
-                val_examples=int(m.get("num-examples", 0)), val_positive=int(round(m.get("num-positive", 0))),
+                val_examples=int(m.get("num-examples", 0)), val_positive=int(round(m["num-positive"])) if "num-positive" in m else None,
                 auc=m.get("auc"), eval_noise=m.get("eval-noise"), hist_pos=m.get("hist-pos"), hist_neg=m.get("hist-neg"),
             )
             image_counts = {k.removeprefix("ref-"): v for k, v in m.items() if k.startswith("ref-")}
             if image_counts:
                 sites[site]["reference_counts"] = image_counts
+    labels = tuple(getattr(getattr(strategy, "run", None), "labels", ()))
     return {
         "round": r,
         "pooled_auc": pooled.get("pooled-auc", math.nan),
+        **({"labels": per_label(pooled, labels)} if f"pooled-auc-{0}" in pooled else {}),
         "train_loss": weighted_mean(train_losses, train_n) if train_n else None,
         "eval_loss": pooled.get("eval-loss", math.nan),
         "sensitivity": pooled.get("sensitivity", math.nan),
@@ -70,6 +72,17 @@ def round_record(strategy: Any, r: int, seconds: float) -> dict[str, Any]:
     }
 
 
+def per_label(pooled: dict[str, Any], labels: tuple[str, ...]) -> dict[str, dict[str, float]]:
+    """{class or finding name: pooled AUC, threshold (multilabel), sensitivity, specificity, positives, negatives}."""
+    out: dict[str, dict[str, float]] = {}
+    for c, name in enumerate(labels):
+        figures = {field: pooled[f"{key}-{c}"] for field, key in (
+            ("auc", "pooled-auc"), ("threshold", "threshold"), ("sensitivity", "sensitivity"),
+            ("specificity", "specificity"), ("positives", "positives"), ("negatives", "negatives"))
+            if f"{key}-{c}" in pooled}
+        if figures:
+            out[name] = figures
+    return out
 
 
 class RoundKeeper:

@@ -1,7 +1,7 @@
 """Runs on the coordinator: launch (``fl-server run``), resume and stop them, each recorded in the audit log.
 
 A run is a Flower run of the fedxray app bundle on the local SuperLink, launched through its
-Control API with the ``flwr`` CLI (server/coordinator.py holds the connection). Each launch is
+Control API with the ``flwr`` CLI (server/control_api.py holds the connection). Each launch is
 appended to ``state/runs.jsonl`` (Flower run id, name, bundle hash, settings file), which
 ``resume`` and ``stop-run`` read back, and recorded in ``audit.log`` (server/audit.py): the
 bundle's first run as ``bundle-published`` (the hash sites are asked to approve), then
@@ -18,21 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from common.bundle import BundleError, build_bundle, stage_app
-from common.config import to_toml
+from common.config import ConfigError, RunConfig, to_toml
 from common.processes import offline_env
-from server.audit import bundle_published_before, settings_for_audit
-from server.coordinator import (
-    CONNECTION,
-    CoordinatorError,
-    Layout,
-    _audit,
-    _json_out,
-    _one_line,
-    _project_root,
-    flwr,
-    require_running,
-    run_dirs,
-)
+from server.audit import bundle_published_before, record_or_warn, settings_for_audit
+from server.control_api import CONNECTION, flwr, json_out, one_line
+from server.layout import CoordinatorError, Layout, require_running, run_dirs, source_root
 
 
 def launch(root: Path, *, config_file: Path | None = None, overrides: dict[str, Any] | None = None,
@@ -43,8 +33,6 @@ def launch(root: Path, *, config_file: Path | None = None, overrides: dict[str, 
     ``bundle-published`` the first time this app bundle runs. With ``follow`` the event is recorded
     before the run's log is streamed (the command returns only when the run ends).
     """
-    from common.config import ConfigError, RunConfig
-
     layout = Layout(Path(root).resolve())
     require_running(layout)
     values: dict[str, Any] = {}
@@ -56,7 +44,7 @@ def launch(root: Path, *, config_file: Path | None = None, overrides: dict[str, 
     values.update(overrides or {})
     values.setdefault("run-name", time.strftime("run-%Y%m%d-%H%M%S"))
     values["runs-dir"] = str(layout.runs)
-    defaults = tomllib.loads((_project_root() / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    defaults = tomllib.loads((source_root() / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
     unknown = sorted(set(values) - set(defaults))
     if unknown:
         raise CoordinatorError(f"unknown run setting(s) {', '.join(unknown)}; known: {', '.join(sorted(defaults))}")
@@ -80,13 +68,13 @@ def launch(root: Path, *, config_file: Path | None = None, overrides: dict[str, 
 
     def audit_launch(run_id: int | None) -> None:
         if not bundle_published_before(layout.root, fab_hash):
-            _audit(layout, "bundle-published", bundle_sha256=fab_hash, run=str(values["run-name"]))
-        _audit(layout, audit_event, run=str(values["run-name"]), flower_run_id=run_id, bundle_sha256=fab_hash,
-               follow=follow, settings=settings_for_audit(values))
+            record_or_warn(layout.root, "bundle-published", bundle_sha256=fab_hash, run=str(values["run-name"]))
+        record_or_warn(layout.root, audit_event, run=str(values["run-name"]), flower_run_id=run_id,
+                       bundle_sha256=fab_hash, follow=follow, settings=settings_for_audit(values))
 
     if not follow:
         proc = flwr(layout, *args, "--format", "json")
-        out = _json_out(proc)
+        out = json_out(proc)
         if not out.get("success"):
             raise CoordinatorError(f"the SuperLink refused the run: {out.get('error-message', out)}")
         run_id = out.get("run-id")
@@ -133,11 +121,11 @@ def stop_run(root: Path, run_name: str) -> dict[str, Any]:
                                f"launched with --follow have none: stop those with Ctrl-C); runs here: "
                                f"{', '.join(known) or 'none'}")
     record = launches[-1]
-    out = _json_out(flwr(layout, "stop", str(record["run_id"]), CONNECTION, "--format", "json"))
+    out = json_out(flwr(layout, "stop", str(record["run_id"]), CONNECTION, "--format", "json"))
     if not out.get("success"):
         raise CoordinatorError(f"the SuperLink did not stop run {run_name} (Flower run {record['run_id']}): "
-                               f"{_one_line(out.get('error-message', out))}; it may have ended already (fl-server status)")
-    _audit(layout, "run-stopped", run=run_name, flower_run_id=record["run_id"], bundle_sha256=record.get("bundle"))
+                               f"{one_line(out.get('error-message', out))}; it may have ended already (fl-server status)")
+    record_or_warn(layout.root, "run-stopped", run=run_name, flower_run_id=record["run_id"], bundle_sha256=record.get("bundle"))
     return record
 
 

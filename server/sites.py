@@ -33,11 +33,8 @@ from common.site_request import (
     request_check_code,
     signed_payload,
 )
-from server.pki import (  # the CA, its files and helpers
-    _BINDING_DOMAIN,
-    _BINDING_FIELDS,
+from server.federation_files import (  # the federation folder: its files, lock and readers
     CA_CERT_FILE,
-    CLIENT_DAYS,
     KIT_COORDINATOR_FILE,
     SITE_AUTH_PUB_FILE,
     SITE_CERT_FILE,
@@ -45,17 +42,22 @@ from server.pki import (  # the CA, its files and helpers
     FederationPaths,
     _cert_pem,
     _iso,
-    _leaf_builder,
     _load_ca,
     _load_crl,
     _locked,
     _now,
     _read_record,
-    _renew_crl_locked,
-    _write_crl,
     _write_json,
     federation_paths,
     load_federation,
+)
+from server.pki import (  # the CA: certificates, binding and the CRL
+    _BINDING_DOMAIN,
+    _BINDING_FIELDS,
+    CLIENT_DAYS,
+    _leaf_builder,
+    _renew_crl_locked,
+    _write_crl,
     site_uri,
     ssh_fingerprint,
 )

@@ -285,16 +285,36 @@ class FedxrayMixin:
             out["sensitivity"], out["specificity"] = metrics.histogram_rates(hists, self.threshold, metrics.EVAL_EDGES)
             out["eval-loss"] = metrics.histogram_loss(hists, metrics.EVAL_EDGES)
         elif any(per_class):
-            # Multiclass / multilabel: the macro AUC over classes, each pooled over the sites (one-vs-rest).
-            classes = sorted({c for p in per_class for c in p})
-            aucs = [metrics.pooled_auc_from_histograms([p[c] for p in per_class if c in p]) for c in classes]
+            # Multiclass / multilabel: each class pooled over the sites (one-vs-rest), then the macro AUC.
+            classes = sorted({c for p in per_class for c in p}, key=lambda c: (len(c), c))
+            for c in classes:
+                out.update(class_metrics(c, [p[c] for p in per_class if c in p], multilabel=self.run.task == "multilabel"))
+            aucs = [out[f"pooled-auc-{c}"] for c in classes]
             out["pooled-auc"] = float(np.nanmean(aucs)) if any(a == a for a in aucs) else math.nan
-            for c, auc in zip(classes, aucs):
-                out[f"pooled-auc-{c}"] = auc
+            if self.run.task == "multilabel":
+                out["eval-loss"] = float(np.nanmean([out[f"eval-loss-{c}"] for c in classes]))
         else:
             out["pooled-auc"] = out["site-auc-mean"]
         out["threshold"] = float(self.threshold)
         return MetricRecord(out)
+
+
+def class_metrics(c: str, hists: list[dict[str, list[float]]], *, multilabel: bool) -> dict[str, float]:
+    """Pooled one-vs-rest figures of class / finding ``c`` (its output index) from the sites' noised histograms.
+
+    Multilabel: the finding's own threshold (Youden's J on the pooled histograms) with its sensitivity
+    and specificity. Multiclass decides by the most likely class, so no threshold is chosen.
+    """
+    pos = np.clip(np.sum([np.asarray(h["pos"], float) for h in hists], axis=0), 0.0, None)
+    neg = np.clip(np.sum([np.asarray(h["neg"], float) for h in hists], axis=0), 0.0, None)
+    out = {f"pooled-auc-{c}": metrics.pooled_auc_from_histograms(hists),
+           f"positives-{c}": float(pos.sum()), f"negatives-{c}": float(neg.sum())}
+    if multilabel:
+        threshold = metrics.histogram_threshold(hists, metrics.EVAL_EDGES)
+        out[f"threshold-{c}"] = threshold
+        out[f"sensitivity-{c}"], out[f"specificity-{c}"] = metrics.histogram_rates(hists, threshold, metrics.EVAL_EDGES)
+        out[f"eval-loss-{c}"] = metrics.histogram_loss(hists, metrics.EVAL_EDGES)
+    return out
 
 
 def _class_histograms(values: dict[str, Any]) -> dict[str, dict[str, list[float]]]:

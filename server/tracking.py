@@ -10,7 +10,7 @@ simulated (``fl-sim``) or deployed (``fl-server run``), is one MLflow run in the
   ``sensitivity``, ``specificity``, ``threshold``, ``seconds``, ``epsilon/<site>`` (cumulative over
   all runs, as the sites report it), ``epsilon_max``, ``auc/<site>``, ``sites_answered``,
   ``sites_rejected``, ``sites_failed``;
-- artefacts: ``model/model.onnx``, ``model_card.md``, ``metrics.json``, ``plots/*.png``;
+- artefacts: ``model/model.onnx`` (and ``model/model.pt``), ``model_card.md``, ``metrics.json``, ``plots/*.png``;
 - the registered model ``fedxray-<task>-<labels>``, one version per exported run, tagged with its
   lineage: fedxray run name and id, rounds trained, exported round, sites, per-site epsilon,
   per-site data counts, app bundle sha256, fedxray version, the ONNX file's sha256 (so
@@ -21,6 +21,7 @@ folders, ``<runs-dir>/mlflow.db`` with artefacts in ``<runs-dir>/mlartifacts/``,
 ``mlflow ui`` shows every run of a coordinator (or of an ``fl-sim`` folder) side by side; ``off``
 turns tracking off; anything else is an MLflow tracking URI (``http://mlflow.internal:5000``,
 ``sqlite:////abs/path.db``). MLflow's own file store (``./mlruns``) is refused by MLflow 3.
+This module opens the store; what a run logs there is server/tracking_run.py.
 
 No network unless a server is configured: the SQLite store is a local file, and MLflow's usage
 telemetry is switched off before MLflow is imported (``MLFLOW_DISABLE_TELEMETRY``).
@@ -36,42 +37,41 @@ and the registration (a 30 MB model: 0.4 s). See docs/operations.md, "Experiment
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import logging
-import math
-import numbers
 import os
 import re
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from common.audit import current_user
-from common.cache import atomic_write_bytes, file_sha256
+from common.cache import file_sha256
+from common.cli import fedxray_version
+from server.tracking_run import (  # noqa: F401 - STATE_FILE is part of this module's API
+    EXPERIMENT,
+    MLFLOW_RELEASE,
+    STATE_FILE,
+    Tracker,
+    load_state,
+    one_line,
+    save_state,
+    ui_command,
+)
 
 log = logging.getLogger("fedxray.tracking")
 
 #: The run setting naming the tracking backend ("" = local SQLite store beside the runs, "off" = none).
 TRACKING_KEY = "tracking-uri"
 OFF_VALUES = frozenset({"off", "none", "false", "no", "0"})
-EXPERIMENT = "fedxray"
 STORE_FILE = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
-#: In each run folder: which tracking run it is, so a resumed run continues the same one.
-STATE_FILE = "tracking.json"
-#: The MLflow release of the pinned client; `mlflow ui` of the same release reads the store as written.
-MLFLOW_RELEASE = "3.17.2"
 
-_KEY_CHARS = re.compile(r"[^A-Za-z0-9_\-./ ]")
 _NAME_CHARS = re.compile(r"[^A-Za-z0-9_.-]+")
-_TAG_MAX = 5000
 _PARAM_MAX = 500
 _NOT_RECORDED = "(a path: not recorded)"
-
-T = TypeVar("T")
 
 
 def _offline_mlflow_env() -> None:
@@ -103,30 +103,10 @@ def resolve_tracking_uri(setting: str, run_dir: str | os.PathLike[str]) -> str |
     return value
 
 
-def ui_command(tracking_uri: str) -> str:
-    """What to run (or open) to browse the runs: one line for the operator."""
-    if tracking_uri.startswith("sqlite:"):
-        return (f"MLFLOW_DISABLE_TELEMETRY=true mlflow ui --backend-store-uri {tracking_uri} --port 5000, then open "
-                f"http://127.0.0.1:5000 (the UI is in the full package: pip install mlflow=={MLFLOW_RELEASE})")
-    return f"open {tracking_uri} (experiment {EXPERIMENT})"
-
-
 def model_name(run_config: dict[str, Any]) -> str:
     """The registered model's name: one per task and label set, each exported run a new version."""
     labels = str(run_config.get("labels", "")).replace(",", "-")
     return _NAME_CHARS.sub("-", f"fedxray-{run_config.get('task', 'model')}-{labels}").strip("-")
-
-
-def _metric_key(*parts: str) -> str:
-    return "/".join(_KEY_CHARS.sub("_", p) for p in parts)
-
-
-def _number(value: Any) -> float | None:
-    """A finite float, or None (not measured: no point is drawn rather than a NaN)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):  # numpy scalars are Real too
-        return None
-    value = float(value)
-    return value if math.isfinite(value) else None
 
 
 def _param_value(value: Any) -> str:
@@ -134,25 +114,6 @@ def _param_value(value: Any) -> str:
         return _NOT_RECORDED
     text = value if isinstance(value, str) else json.dumps(value)
     return text[:_PARAM_MAX]
-
-
-def _tag(value: Any) -> str:
-    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
-    return text[:_TAG_MAX]
-
-
-def _one_line(err: BaseException, limit: int = 240) -> str:
-    text = " ".join(str(err).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _fedxray_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("fedxray")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 @contextlib.contextmanager
@@ -167,172 +128,6 @@ def _quiet(*names: str) -> Iterator[None]:
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
-
-
-def _never_fails(method: Callable[..., T]) -> Callable[..., T | None]:
-    """Tracking must not fail the run: the first error is one warning, then this tracker stays quiet."""
-
-    @functools.wraps(method)
-    def wrapper(self: Tracker, *args: Any, **kwargs: Any) -> T | None:
-        if self.disabled:
-            return None
-        try:
-            return method(self, *args, **kwargs)
-        except Exception as err:  # noqa: BLE001 - MLflow, SQLAlchemy and HTTP errors alike; the run goes on
-            self.disabled = True
-            log.warning("tracking off for the rest of run %s: %s failed (%s: %s); the run's own files are complete",
-                        self.run_name, method.__name__, type(err).__name__, _one_line(err))
-            return None
-
-    return wrapper
-
-
-class Tracker:
-    """One MLflow run for one fedxray run; every method is safe to call (errors turn tracking off, not the run)."""
-
-    def __init__(self, client: Any, *, run_id: str, tracking_uri: str, run_name: str, run_dir: Path,
-                 registered_model: str) -> None:
-        self.client = client
-        self.run_id = run_id
-        self.tracking_uri = tracking_uri
-        self.run_name = run_name
-        self.run_dir = run_dir
-        self.registered_model = registered_model
-        self.disabled = False
-        self.model_version: str | None = None
-
-    def where(self) -> str:
-        """One line: the MLflow run and how to browse it."""
-        return f"MLflow run {self.run_id} (experiment {EXPERIMENT}) in {self.tracking_uri}; browse: {ui_command(self.tracking_uri)}"
-
-    @_never_fails
-    def log_round(self, record: dict[str, Any]) -> None:
-        """Log one round's record (the metrics.json entry, contract 4) at step = its round number."""
-        from mlflow.entities import Metric
-
-        step = int(record["round"])
-        now = int(time.time() * 1000)
-        values: dict[str, float | None] = {
-            key: _number(record.get(key))
-            for key in ("pooled_auc", "eval_loss", "train_loss", "sensitivity", "specificity", "threshold", "seconds")
-        }
-        epsilon = record.get("epsilon") or {}
-        for site, eps in epsilon.items():
-            values[_metric_key("epsilon", site)] = _number(eps)
-        finite = [v for v in (_number(e) for e in epsilon.values()) if v is not None]
-        values["epsilon_max"] = max(finite) if finite else None
-        sites = record.get("sites") or {}
-        for site, m in sites.items():
-            values[_metric_key("auc", site)] = _number((m or {}).get("auc"))
-        values["sites_answered"] = float(len(sites))
-        values["sites_rejected"] = float(len(record.get("rejected") or {}))
-        values["sites_failed"] = float(len(record.get("failures") or []))
-        metrics = [Metric(key, value, now, step) for key, value in values.items() if value is not None]
-        self.client.log_batch(self.run_id, metrics=metrics)
-
-    @_never_fails
-    def finish(self, run_dir: str | os.PathLike[str], export: dict[str, Any] | None = None) -> str | None:
-        """Log the run's artefacts, register the exported model with its lineage, end the MLflow run.
-
-        ``export``: metrics.json's ``export`` entry (round, pooled_auc, version, bundle_sha256,
-        warnings, data_source, ...), read from ``run_dir/metrics.json`` when not given, as are the
-        rounds, sites, epsilon and data counts. Returns "name version N" of the registered model
-        (None when the run exported no model).
-        """
-        run_dir = Path(run_dir)
-        doc = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").is_file() else {}
-        export = export if export is not None else (doc.get("export") or {})
-        rounds = doc.get("rounds") or []
-        last = rounds[-1] if rounds else {}
-        chosen = next((r for r in rounds if r.get("round") == export.get("round")), last)
-        for name in ("model_card.md", "metrics.json"):
-            if (run_dir / name).is_file():
-                self.client.log_artifact(self.run_id, str(run_dir / name))
-        for plot in sorted(run_dir.glob("*.png")):
-            self.client.log_artifact(self.run_id, str(plot), "plots")
-        onnx = run_dir / "model.onnx"
-        warnings = list(export.get("warnings") or [])
-        lineage: dict[str, Any] = {
-            "run_name": self.run_name,
-            "run_id": _read_text(run_dir / "run-id"),
-            "rounds": last.get("round"),
-            "export_round": export.get("round"),
-            "pooled_auc": _number(export.get("pooled_auc")),
-            "sites": sorted({site for r in rounds for site in (r.get("sites") or {})}),
-            "epsilon": last.get("epsilon") or {},
-            "data": {site: {k: m.get(k) for k in ("num_examples", "val_examples", "val_positive") if m.get(k) is not None}
-                     for site, m in sorted((chosen.get("sites") or {}).items())},
-            "data_source": export.get("data_source") or "",
-            "bundle_sha256": export.get("bundle_sha256") or "",
-            "version": export.get("version") or _fedxray_version(),
-            "warnings": warnings or "none",  # fitness_warnings: why the model is not fit for use, if it is not
-        }
-        if onnx.is_file():
-            lineage["onnx_sha256"] = file_sha256(onnx)
-        tags = {f"fedxray.{key}": _tag(value) for key, value in lineage.items() if value not in (None, "", [], {})}
-        self.client.log_batch(self.run_id, tags=_tags(tags))
-        result = None
-        if onnx.is_file():
-            self.client.log_artifact(self.run_id, str(onnx), "model")
-            result = self._register(tags, lineage)
-        self.client.set_terminated(self.run_id, "FINISHED")
-        _save_state(run_dir, {"tracking_uri": self.tracking_uri, "mlflow_run_id": self.run_id,
-                              "registered_model": result})
-        log.info("tracking: %s%s", self.where(), f"; model {result}" if result else "")
-        return result
-
-    def _register(self, tags: dict[str, str], lineage: dict[str, Any]) -> str:
-        from mlflow.exceptions import MlflowException
-
-        try:
-            self.client.get_registered_model(self.registered_model)
-        except MlflowException:
-            self.client.create_registered_model(
-                self.registered_model, description="fedxray global models: one version per exported federated run")
-        source = f"{self.client.get_run(self.run_id).info.artifact_uri}/model"
-        eps = ", ".join(f"{site} {value:.2f}" for site, value in sorted(lineage["epsilon"].items()))
-        auc = lineage["pooled_auc"]
-        description = (f"Run {self.run_name}: round {lineage['export_round']} of {lineage['rounds']} exported "
-                       f"(pooled validation AUC {'n/a' if auc is None else f'{auc:.3f}'}); sites "
-                       f"{', '.join(lineage['sites']) or '-'}; epsilon {eps or 'no DP'}; app bundle sha256 "
-                       f"{lineage['bundle_sha256'] or 'unknown'}; fedxray {lineage['version']}"
-                       + (f"; NOT FIT FOR USE: {'; '.join(lineage['warnings'])}." if lineage["warnings"] != "none" else "."))
-        version = self.client.create_model_version(self.registered_model, source=source, run_id=self.run_id, tags=tags,
-                                                   description=description)
-        self.model_version = f"{self.registered_model} version {version.version}"
-        return self.model_version
-
-    @_never_fails
-    def abort(self, reason: str) -> None:
-        """End the MLflow run as FAILED (the run stopped with an error); ``reason`` is one short line, no paths."""
-        from mlflow.entities import RunTag
-
-        self.client.log_batch(self.run_id, tags=[RunTag("fedxray.failure", reason[:_TAG_MAX])])
-        self.client.set_terminated(self.run_id, "FAILED")
-
-
-def _tags(tags: dict[str, str]) -> list[Any]:
-    from mlflow.entities import RunTag
-
-    return [RunTag(key, value) for key, value in tags.items()]
-
-
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text().strip()
-    except OSError:
-        return ""
-
-
-def _load_state(run_dir: Path) -> dict[str, Any]:
-    try:
-        return json.loads((run_dir / STATE_FILE).read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def _save_state(run_dir: Path, state: dict[str, Any]) -> None:
-    atomic_write_bytes(run_dir / STATE_FILE, json.dumps(state, indent=2).encode())
 
 
 def start_tracking(run_dir: str | os.PathLike[str], run_name: str, run_config: dict[str, Any]) -> Tracker | None:
@@ -353,7 +148,7 @@ def start_tracking(run_dir: str | os.PathLike[str], run_name: str, run_config: d
     started = time.monotonic()
     try:
         _offline_mlflow_env()
-        from mlflow import MlflowClient
+        from mlflow import MlflowClient  # deferred (as every MLflow import): 1.5 s, and the environment first
     except ImportError as err:
         log.warning("tracking off: MLflow is not installed (%s): pip install mlflow-skinny==%s, or set %s = \"off\"",
                     err, MLFLOW_RELEASE, TRACKING_KEY)
@@ -373,7 +168,7 @@ def start_tracking(run_dir: str | os.PathLike[str], run_name: str, run_config: d
         else:
             location = (Path(uri[len("sqlite:///"):]).parent / ARTIFACTS_DIR).as_uri() if local else None
             experiment_id = client.create_experiment(EXPERIMENT, artifact_location=location)
-        state = _load_state(run_dir)
+        state = load_state(run_dir)
         run_id = None
         if state.get("tracking_uri") == uri and state.get("mlflow_run_id"):
             try:
@@ -388,18 +183,18 @@ def start_tracking(run_dir: str | os.PathLike[str], run_name: str, run_config: d
             tags = {"mlflow.runName": display, "mlflow.user": current_user(), "mlflow.source.name": "fedxray",
                     "mlflow.source.type": "JOB", "fedxray.run_name": run_name,
                     "fedxray.mode": "simulation" if run_config.get("sim-root") else "deployment",
-                    "fedxray.version": _fedxray_version()}
+                    "fedxray.version": fedxray_version()}
             run = client.create_run(experiment_id, run_name=display, tags=tags)
             run_id = run.info.run_id
-            from mlflow.entities import Param
+            from mlflow.entities import Param  # deferred: MLflow (see start_tracking)
 
             params = [Param(str(k), _param_value(v)) for k, v in sorted(run_config.items())]
             for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
                 client.log_batch(run_id, params=params[i:i + 100])
-        _save_state(run_dir, {"tracking_uri": uri, "mlflow_run_id": run_id})
+        save_state(run_dir, {"tracking_uri": uri, "mlflow_run_id": run_id})
     except Exception as err:  # noqa: BLE001 - an unreachable server or a broken store must not stop the run
         log.warning("tracking off for run %s: cannot open the MLflow store %s (%s: %s); check %s or set it to \"off\"",
-                    run_name, uri, type(err).__name__, _one_line(err), TRACKING_KEY)
+                    run_name, uri, type(err).__name__, one_line(err), TRACKING_KEY)
         return None
     tracker = Tracker(client, run_id=run_id, tracking_uri=uri, run_name=run_name, run_dir=run_dir,
                       registered_model=model_name(run_config))
@@ -409,7 +204,7 @@ def start_tracking(run_dir: str | os.PathLike[str], run_name: str, run_config: d
 
 def tracking_hint(run_dir: str | os.PathLike[str]) -> str | None:
     """For ``fl-sim`` and ``fl-server status``: where this run is tracked and how to browse it (None if untracked)."""
-    state = _load_state(Path(run_dir))
+    state = load_state(Path(run_dir))
     uri = state.get("tracking_uri")
     if not uri:
         return None
@@ -425,7 +220,7 @@ def find_model(onnx_path: str | os.PathLike[str], tracking_uri: str) -> dict[str
     laptop) finds its record.
     """
     _offline_mlflow_env()
-    from mlflow import MlflowClient
+    from mlflow import MlflowClient  # deferred: MLflow takes 1.5 s to import, and the environment first
 
     digest = file_sha256(onnx_path)
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)

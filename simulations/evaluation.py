@@ -31,8 +31,10 @@ def exact_validation_auc(sim_root: Path, run_dir: Path) -> dict[str, Any]:
     if ckpt is None:
         return {}
     run = RunConfig.from_mapping(ckpt.run_config)
+    if run.task != "binary":
+        return {}  # per-class figures come from the coordinator's pooled histograms (metrics.json)
     models = {"last": (ckpt.round, ckpt.weights)}
-    best = load_best(run_dir)
+    best = load_best(run_dir) if run.export_round == "best" else None
     if best is not None:
         models["exported"] = (best[0], best[1])
     scores: dict[str, list[np.ndarray]] = {name: [] for name in models}

@@ -22,29 +22,20 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from common.bundle import stage_app
+from tqdm.auto import tqdm
+
+from client.site import SITES_FILE
+from common.bundle import BundleError, stage_app
 from common.config import to_toml
 from common.processes import free_port, offline_env, stop_process, wait_http
 
 log = logging.getLogger(__name__)
 
-SITES_FILE = "sites.json"
 CONNECTION = "fedxray-sim"
 
 
 class SimulationRunError(RuntimeError):
     """The simulated federation could not run; the message says where the logs are."""
-
-
-def project_root() -> Path:
-    """The folder holding fedxray's pyproject.toml: the Flower app that `flwr run` builds."""
-    root = Path(__file__).resolve().parents[1]
-    if not (root / "pyproject.toml").is_file():
-        raise SimulationRunError(
-            f"no pyproject.toml next to the fedxray packages ({root}); run fl-sim from a source checkout "
-            "installed with `pip install -e .` (see README)"
-        )
-    return root
 
 
 def write_sites(sim_root: Path, sites: Sequence[dict[str, Any]]) -> Path:
@@ -106,14 +97,15 @@ def run_app(sim_root: Path, run_config: dict[str, Any], *, num_supernodes: int, 
                               gpus_per_site=gpus_per_site, total_cpus=total) as env:
         federation = (f"num-supernodes={num_supernodes} client-resources-num-cpus={max(1, int(cpus_per_site))} "
                       f"client-resources-num-gpus={gpus_per_site} init-args-num-cpus={total}")
-        app = stage_app(sim_root, project_root())  # only the app files: `flwr run` walks all of its folder
+        try:
+            app = stage_app(sim_root)  # only the app files: `flwr run` walks all of its folder
+        except BundleError as err:
+            raise SimulationRunError(f"{err}; fl-sim runs from a source checkout (see README)") from None
         cmd = ["flwr", "run", str(app), CONNECTION, "--run-config", str(overrides),
                "--federation-config", federation, "--stream"]
         bar = None
         rounds = int(run_config.get("num-server-rounds", 0))
         if progress and rounds:
-            from tqdm.auto import tqdm
-
             bar = tqdm(total=rounds, desc="federated rounds", unit="round")
         started = time.monotonic()
         with open(run_log, "w") as fh:

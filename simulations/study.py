@@ -34,14 +34,9 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from simulations.study_arms import (
-    Arm,
-    load_trained,
-    pretrain_info,
-    pretrain_on_nih,
-    train_centralised,
-    train_federated,
-)
+from common.cache import atomic_write_bytes
+from server.report import json_safe
+from simulations.study_arms import Arm, load_trained, pretrain_info, pretrain_on_nih, train_centralised
 from simulations.study_data import (
     Say,
     StudyData,
@@ -53,6 +48,7 @@ from simulations.study_data import (
     read_sites,
 )
 from simulations.study_eval import EVAL_VERSION, evaluate_arm, validation_summary
+from simulations.study_federated import train_federated
 from simulations.study_report import (
     goals,
     loho_summary,
@@ -194,11 +190,9 @@ class _Timings:
 def run_study(data_dir: str | Path, out: str | Path, settings: StudySettings, *, arms: Sequence[str] | None = None,
               nih_dir: str | Path | None = None, say: Say | None = None) -> dict[str, Any]:
     """Run (or resume) the study; returns the results document (also written to out/results.json)."""
-    import torch
+    import torch  # deferred, with common.models below: torch takes seconds to import (fl-sim --help imports this module)
 
-    from common.cache import atomic_write_bytes
     from common.models import build_model, split_features
-    from server.report import json_safe
 
     say = say or (lambda m: print(m, flush=True))
     data_dir, out = Path(data_dir).resolve(), Path(out).resolve()
@@ -273,9 +267,6 @@ def run_study(data_dir: str | Path, out: str | Path, settings: StudySettings, *,
 
 def _cached(arm: Arm, done: Path, s: StudySettings, data: StudyData) -> dict[str, Any]:
     """A finished arm's result; scored again (not retrained) if an earlier version of the study scored it."""
-    from common.cache import atomic_write_bytes
-    from server.report import json_safe
-
     r = json.loads(done.read_text())
     if r.get("eval_version") != EVAL_VERSION:
         t0 = time.monotonic()

@@ -16,6 +16,10 @@ validation AUC).
   sites' privacy ledgers) on the hospital folders.
 * The warm start pretrains the same model on the NIH images without DP (the same recipe, best round
   by NIH validation AUC) and hands the weights to the federated run as ``init-weights``.
+
+The federated arms are in simulations/study_federated.py. torch, and everything that imports it
+(client.train, client.round, common.models, common.privacy, common.onnx_export, server.checkpoint),
+is imported inside the functions that train: importing the study for ``fl-sim --help`` stays quick.
 """
 
 from __future__ import annotations
@@ -23,7 +27,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -32,7 +35,9 @@ from typing import Any
 
 import numpy as np
 
-from simulations.study_data import Say, StudyData, StudyError, arm_state, as_input, federation_folder
+from common.config import RunConfig, recommended_settings
+from common.metrics import MetricsError, choose_threshold, roc_auc
+from simulations.study_data import Say, StudyData, StudyError, as_input
 
 PRETRAIN_DIR = "pretrain"
 NIH_LABEL = "ABNORMAL"
@@ -70,8 +75,6 @@ class Trained:
 
 def arm_run_config(s: Any, arm: Arm, positive: str, *, dp: bool | None = None, recipe: dict[str, Any] | None = None) -> Any:
     """The RunConfig a federated run of this arm would use (defaults + the model's recommended settings + ``recipe``)."""
-    from common.config import RunConfig, recommended_settings
-
     raw = {**recommended_settings(arm.model), "model": arm.model, "image-size": s.image_size, "task": "binary",
            "labels": positive, "num-server-rounds": s.rounds, "seed": s.seed, "delta": s.delta,
            "dp": arm.dp if dp is None else dp, "train-part": arm.train_part, **(recipe or {})}
@@ -94,7 +97,7 @@ def no_dp_candidates(s: Any, model: str) -> list[dict[str, Any]]:
 
 
 def _dataset(x: np.ndarray, y: np.ndarray, run: Any, *, features: bool, train: bool):
-    import torch
+    import torch  # deferred: see the module docstring
     from torch.utils.data import TensorDataset
 
     from common.augment import identity, train_transform
@@ -114,11 +117,10 @@ def train_rounds(run: Any, template: Any, train_set: Any, val_set: Any, val_y: n
     Each round is one ``train_one_round`` call with the round's settings from the run config (a new
     optimiser per round, as at a site); under DP every round takes the plan's steps at its noise.
     """
-    import torch
+    import torch  # deferred: see the module docstring
 
     from client.round import train_settings
     from client.train import predict, train_one_round
-    from common.metrics import roc_auc
 
     n = len(train_set)
     state = {k: v.detach().clone() for k, v in template.state_dict().items()}
@@ -199,7 +201,7 @@ def train_centralised(arm: Arm, s: Any, data: StudyData, arm_dir: Path, say: Say
 
 
 def _save_weights(model: Any, path: Path) -> None:
-    import torch
+    import torch  # deferred: see the module docstring
 
     tmp = path.with_suffix(".tmp")
     torch.save(model.state_dict(), tmp)
@@ -208,14 +210,14 @@ def _save_weights(model: Any, path: Path) -> None:
 
 def load_trained(result: dict[str, Any], s: Any, positive: str) -> Trained:
     """A finished arm's model again, from its folder (to score it again without training it again)."""
-    import torch
+    import torch  # deferred: see the module docstring
 
     from common.models import build_model
 
     arm = Arm(result["arm"], result["kind"], model=result["model"], dp=result["dp"], epsilon=result.get("target_epsilon"),
               train_part=result.get("train_part", "all"))
     if result["kind"] == "federated":
-        model = _exported_weights(Path(result["run_dir"]), arm, s, positive)
+        model = exported_weights(Path(result["run_dir"]), arm, s, positive)
     else:
         path = Path(result["onnx"]).with_name("model.pt")
         if not path.is_file():
@@ -232,7 +234,7 @@ def load_trained(result: dict[str, Any], s: Any, positive: str) -> Trained:
 def export(model: Any, path: Path, run: Any, data: StudyData, *, rounds: int, export_round: int, sites: Sequence[str],
            epsilon: dict[str, float], val: tuple[np.ndarray, np.ndarray]) -> None:
     """The centralised arm's model as contract-3 ONNX (parity checked on real test radiographs)."""
-    import torch
+    import torch  # deferred: see the module docstring
 
     from common.models import split_features
     from common.onnx_export import export_onnx
@@ -249,97 +251,15 @@ def export(model: Any, path: Path, run: Any, data: StudyData, *, rounds: int, ex
 
 def youden(y: np.ndarray, scores: np.ndarray) -> float:
     """The Youden threshold on validation scores; 0.5 when the validation data has one class only."""
-    from common.metrics import MetricsError, choose_threshold
-
     try:
         return float(choose_threshold(y, scores, method="youden"))
     except MetricsError:
         return 0.5
 
 
-# --------------------------------------------------------------------------- federated
-
-
-def train_federated(arm: Arm, s: Any, data: StudyData, out: Path, arm_dir: Path, say: Say, *,
-                    init_weights: Path | None = None, recipe: dict[str, Any] | None = None) -> Trained:
-    """The arm through `fl-sim run` itself (resumed from its checkpoints if it was interrupted).
-
-    ``recipe``: run-config keys on top of the model's defaults (the non-DP arms' chosen optimiser).
-    """
-    folder = federation_folder(out, arm.left_out)
-    names = [n for n in data.sites if n != arm.left_out]
-    sim_root = arm_dir / "fl"
-    run_dir = sim_root / "run"
-    checkpoints = run_dir / "checkpoints"
-    resume = checkpoints.is_dir() and any(checkpoints.iterdir()) and not (run_dir / "model.onnx").is_file()
-    if not resume:
-        for stale in (sim_root, arm_dir / "state"):
-            if stale.exists():
-                shutil.rmtree(stale)
-    state_root = arm_state(out, arm_dir, names)
-    if resume:
-        say(f"  {arm.name}: resuming the interrupted federated run {sim_root}")
-        code = _fl_sim(["resume", str(sim_root)])
-    else:
-        argv = ["run", "--data", str(folder), "--out", str(arm_dir), "--name", "fl", "--state-dir", str(state_root),
-                "--sites", str(len(names)), "--rounds", str(s.rounds), "--model", arm.model,
-                "--image-size", str(s.image_size), "--seed", str(s.seed), "--set", f"labels={data.positive}",
-                "--set", f"delta={s.delta}"]
-        if arm.dp:
-            argv += ["--target-epsilon", f"{arm.epsilon:g}", "--max-epsilon", f"{max(10.0, 1.05 * float(arm.epsilon or 0)):g}"]
-        else:
-            argv += ["--no-dp"]
-        if init_weights is not None:
-            argv += ["--set", f"init-weights={init_weights}"]
-        if arm.train_part != "all":
-            argv += ["--set", f"train-part={arm.train_part}"]
-        for key, value in (recipe or {}).items():
-            argv += ["--set", f"{key}={value}"]
-        say(f"  {arm.name}: fl-sim {' '.join(argv)}")
-        code = _fl_sim(argv)
-    if code != 0 or not (run_dir / "model.onnx").is_file():
-        raise StudyError(f"arm {arm.name}: the federated run failed (exit {code}); see {sim_root / 'run.log'}")
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    failed = [f"round {r['round']}: {f[:160]}" for r in metrics["rounds"] for f in r.get("failures", [])]
-    if failed:  # e.g. a simulated site killed for memory: not the arm as designed, so it is not cached
-        raise StudyError(f"arm {arm.name}: {len(failed)} site repl(ies) failed ({failed[0]} ...); see {sim_root / 'run.log'}. "
-                         "Run the study again to retrain this arm (with fewer other jobs on the machine)")
-    rounds = metrics["rounds"]
-    curve = [{"round": r["round"], "val_auc": r.get("pooled_auc"), "train_loss": r.get("train_loss"),
-              "seconds": r.get("seconds")} for r in rounds]
-    export_info = metrics.get("export") or {}
-    holdout_path = sim_root / "holdout.json"
-    rejected = [f"round {r['round']}: {site}: {why}" for r in rounds for site, why in (r.get("rejected") or {}).items()]
-    config = metrics.get("config") or {}
-    extra = {"run_dir": str(run_dir), "run_threshold": metrics.get("threshold"), "export_round": export_info.get("round"),
-             "sites": names, "fl_sim_holdout": _holdout_auc(holdout_path), "rejected_updates": rejected,
-             "recipe": {k: v for k, v in config.items() if k in RECIPE_KEYS}}
-    if rejected:
-        say(f"  {arm.name}: the coordinator rejected {len(rejected)} update(s), e.g. {rejected[0]}")
-    return Trained(_exported_weights(run_dir, arm, s, data.positive), run_dir / "model.onnx", names,
-                   dict(rounds[-1].get("epsilon", {})) if rounds else {}, curve, extra)
-
-
-def _fl_sim(argv: list[str]) -> int:
-    """`fl-sim ARGV` in its own process, as a user runs it; its output goes to this process' output."""
-    import subprocess
-    import sys
-
-    sys.stdout.flush()
-    return subprocess.run([sys.executable, "-m", "simulations.cli", *argv], check=False).returncode
-
-
-def _holdout_auc(path: Path) -> float | None:
-    """The AUC `fl-sim run` printed for the hold-out (a cross-check of the study's own scoring)."""
-    try:
-        return float(json.loads(path.read_text())["auc"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def _exported_weights(run_dir: Path, arm: Arm, s: Any, positive: str) -> Any:
+def exported_weights(run_dir: Path, arm: Arm, s: Any, positive: str) -> Any:
     """The torch model with the weights the coordinator exported (the best round, else the last)."""
-    import torch
+    import torch  # deferred: see the module docstring
 
     from common.models import build_model
     from server.checkpoint import latest_checkpoint, load_best
@@ -368,7 +288,7 @@ def pretrain_on_nih(model_name: str, s: Any, data: StudyData, out: Path, say: Sa
     round kept are the best by AUC on NIH's validation patients. Nothing from Kermany is used. A
     ScatterNet's file holds only its head (all its state_dict has); a CNN's holds the whole network.
     """
-    import torch
+    import torch  # deferred: see the module docstring
 
     from common.models import build_model, split_features
 

@@ -65,3 +65,26 @@ def test_wrong_path_one_clear_line(tmp_path, capsys):
     assert main(["check", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "does not exist" in err[0]
+
+
+def test_multilabel_check_counts_findings_from_an_nih_style_table(tmp_path, capsys):
+    """finding_labels, not the binary `label` column, for a multilabel task; per finding counts; too few named."""
+    from PIL import Image
+
+    rows = ["path,label,finding_labels,patient_id"]
+    findings = ["Effusion|Infiltration", "No Finding", "Effusion", "Pleural effusion", "No Finding", "Atelectasis"]
+    for i in range(24):
+        Image.fromarray(np.full((16, 16), 10 * i, np.uint8)).save(tmp_path / f"{i}.png")
+        f = findings[i % len(findings)]
+        rows.append(f"{i}.png,{int(f != 'No Finding')},{f},p{i // 2}")
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    assert main(["check", str(tmp_path), "--task", "multilabel", "--labels", "Effusion,Infiltration,Nodule",
+                 "--label-map", "Pleural effusion=Effusion", "--json"]) == 0
+    split = json.loads(capsys.readouterr().out)["split"]
+    per = split["per_label"]
+    assert per["Effusion"]["images"] == 12 and per["Infiltration"]["images"] == 4 and per["Nodule"]["images"] == 0
+    assert per["Effusion"]["train_images"] + per["Effusion"]["val_images"] == 12
+    assert "finding_labels" in split["label_source"] and "Nodule" in split["too_few_to_validate"]
+    assert main(["check", str(tmp_path), "--task", "multilabel", "--labels", "Effusion,Infiltration,Nodule"]) == 0
+    out = capsys.readouterr().out
+    assert "per finding (labels from labels.csv column 'finding_labels'" in out and "too few positives to validate" in out

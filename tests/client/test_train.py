@@ -94,3 +94,20 @@ def test_other_tasks_train_and_evaluate(task, n_out):
     assert np.isfinite(stats.loss)
     ev = evaluate(model, ds, task=task, threshold=0.5, device=CPU)
     assert 0.0 <= ev.auc <= 1.0
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_multilabel_with_masked_findings_under_dp(mode):
+    """NaN targets (uncertain / unlabelled findings) train under DP-SGD and are left out of the histograms."""
+    rng = np.random.default_rng(2)
+    x = torch.from_numpy(rng.normal(size=(24, 6)).astype(np.float32))
+    y = (rng.random((24, 3)) > 0.5).astype(np.float32)
+    y[::3, 1] = np.nan
+    y[:, 2] = np.nan  # a finding this site does not label
+    ds = torch.utils.data.TensorDataset(x, torch.from_numpy(y))
+    model = torch.nn.Linear(6, 3)
+    weights, stats = train_one_round(model, ds, _settings(task="multilabel", grad_sample_mode=mode), device=CPU)
+    assert stats.steps == 3 and all(torch.isfinite(v).all() for v in weights.values())
+    ev = evaluate(model, ds, task="multilabel", threshold=0.5, device=CPU)
+    assert sum(ev.histograms["pos-1"]) + sum(ev.histograms["neg-1"]) == 16
+    assert sum(ev.histograms["pos-2"]) + sum(ev.histograms["neg-2"]) == 0 and np.isfinite(ev.loss)

@@ -43,6 +43,26 @@ class TestLinearHead:
         assert 0.01 < probs[0] < 0.99  # not saturated: the logit is known precisely
         assert attribution.sum(dtype=np.float64) + head.bias[0] == pytest.approx(logit, abs=1e-4)
 
+    def test_calibrated_export_keeps_the_exact_map(self, tmp_path) -> None:
+        """The export's Platt step (a * logit + b before the sigmoid) folds into the head's weight and bias."""
+        from common.calibration import Calibrated
+
+        torch.manual_seed(0)
+        model = build_model("scatternet", num_outputs=1)
+        with torch.no_grad():
+            model.head.classifier.weight.normal_(0.0, 0.01)
+        path = tmp_path / "calibrated.onnx"
+        export_onnx(Calibrated(model, 0.5, -0.3), path, task="binary", labels=["opacity"], input_size=(64, 64),
+                    threshold=0.5, metadata={"model": "scatternet", "rounds": "1", "sites": "[]", "epsilon": "{}"})
+        head = find_linear_head(onnx.load(path))
+        assert head is not None
+        np.testing.assert_allclose(head.bias, model.head.classifier.bias.detach().numpy() * 0.5 - 0.3, atol=1e-6)
+        explainer = Explainer(path.read_bytes(), "binary")
+        assert explainer.method == "linear-head"
+        probs, attribution = explainer.explain(_input(), 0)
+        logit = np.log(probs[0]) - np.log1p(-probs[0])
+        assert attribution.sum(dtype=np.float64) + head.bias[0] == pytest.approx(logit, abs=1e-4)
+
     def test_evidence_stays_where_the_weights_look(self, tmp_path) -> None:
         path = export_scatternet(tmp_path / "ul.onnx", weight=_upper_left_only)
         explainer = Explainer(path.read_bytes(), "binary")

@@ -159,3 +159,30 @@ def test_simulated_hospital_radiographs_get_a_valid_sr(scorer, tmp_path) -> None
         written = write_outputs(outputs, tmp_path / "out")
         run = subprocess.run(["dsrdump", written["sr"]], capture_output=True, text=True, timeout=60)
         assert run.returncode == 0 and not run.stderr.strip(), run.stderr
+
+
+def test_multilabel_sr_lists_every_finding_at_its_own_threshold(patient_dicom, tmp_path) -> None:
+    """A multilabel model's fedxray.thresholds decide each finding; the SR has one group per finding with its threshold."""
+    import json
+
+    import torch
+
+    from common.models import build_model
+    from common.onnx_export import export_onnx
+
+    labels, thresholds = ["Effusion", "Infiltration", "Atelectasis"], {"Effusion": 0.0, "Infiltration": 1.0}
+    torch.manual_seed(0)
+    export_onnx(build_model("scatternet", num_outputs=3), tmp_path / "ml.onnx", task="multilabel", labels=labels,
+                input_size=(64, 64), threshold=0.5,
+                metadata={"model": "scatternet", "rounds": "1", "sites": "[]", "epsilon": "{}",
+                          "thresholds": json.dumps(thresholds)})
+    scorer = Scorer(tmp_path / "ml.onnx", heatmaps=False)
+    assert scorer.identity.label_thresholds == {"Effusion": 0.0, "Infiltration": 1.0, "Atelectasis": 0.5}
+    source = read_source(patient_dicom)
+    scored = scorer.score(source.pixels)
+    assert list(scored.probabilities) == labels
+    assert "Effusion" in scored.positive and "Infiltration" not in scored.positive  # p >= 0 always, p >= 1 never
+    sr = build_outputs(source, scored, scorer).sr
+    nums = [(_text(i), float(i.MeasuredValueSequence[0].NumericValue)) for i in _items(sr) if i.ValueType == "NUM"]
+    assert [v for name, v in nums if name == "Threshold Value"] == [0.0, 1.0, 0.5]
+    assert len([name for name, _ in nums if name == "Probability"]) == 3

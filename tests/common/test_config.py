@@ -61,3 +61,14 @@ class TestSiteConfig:
             )
         msg = str(info.value)
         assert "data-dir" in msg and "site-name" in msg and "max-epsilon" in msg
+
+    def test_label_policy_joins_the_runs_and_the_sites_settings(self, tmp_path):
+        site = SiteConfig.from_mapping({"data-dir": str(tmp_path), "state-dir": str(tmp_path / "s"), "site-name": "h1",
+                                        "label-map": "Pleural effusion=Effusion"})
+        policy = site.label_policy(RunConfig(label_column="subtype", uncertain="positive", blank="ignore"))
+        assert policy.label_column == "subtype" and policy.uncertain == "positive" and policy.blank == "ignore"
+        assert policy.federation_name("PLEURAL_EFFUSION") == "Effusion"
+        with pytest.raises(ConfigError, match="uncertain.*expected one of ignore, positive, negative"):
+            RunConfig.from_mapping({"uncertain": "maybe"})
+        with pytest.raises(ConfigError, match="label-map"):
+            SiteConfig.from_mapping({"data-dir": str(tmp_path), "state-dir": "s", "site-name": "h1", "label-map": "a=;b"})

@@ -29,6 +29,7 @@ from pydicom.uid import (
 )
 
 import common.dicom as dicom
+import common.dicom_decode as dicom_decode
 from common.dicom import DEFAULT_SALT, DicomError, Radiograph, read_radiograph, salted_hash
 
 SIIM = "siim_1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"
@@ -416,7 +417,7 @@ class TestFramesAndSyntaxes:
             is_available = False
             missing_dependencies = ["pylibjpeg - requires pylibjpeg and pylibjpeg-openjpeg"]
 
-        monkeypatch.setattr(dicom, "get_decoder", lambda uid: NoPlugin())
+        monkeypatch.setattr(dicom_decode, "get_decoder", lambda uid: NoPlugin())
         path = _write(_dataset(RAMP, bits_stored=12), tmp_path / "x.dcm")
         with pytest.raises(DicomError, match="pylibjpeg-openjpeg") as info:
             read_radiograph(path)

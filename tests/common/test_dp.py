@@ -157,3 +157,35 @@ class TestConvSamplers:
                 norms[conv.weight][i], weight_grad.norm(), rtol=1e-4, atol=1e-5
             )
             torch.testing.assert_close(norms[conv.bias][i], bias_grad.norm(), rtol=1e-4, atol=1e-5)
+
+
+class TestPhysicalBatches:
+    """A Poisson batch larger than one pass holds goes through in chunks: same step, one noise draw."""
+
+    @staticmethod
+    def _linear_step(physical: int, *, noise: float) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        model = nn.Linear(6, 1)
+        x, y = torch.randn(10, 6), torch.randint(0, 2, (10, 1)).float()
+        pt = make_private(model, torch.optim.SGD(model.parameters(), lr=0.5), DataLoader(TensorDataset(x, y), batch_size=10),
+                          noise_multiplier=noise, max_grad_norm=0.1, mode="hooks", criterion=nn.BCEWithLogitsLoss())
+        dp_step(pt, x, y, physical_batch=physical)
+        return unwrapped_state_dict(pt)
+
+    def test_chunked_step_equals_one_pass_without_noise(self) -> None:
+        whole = self._linear_step(10, noise=0.0)
+        chunked = self._linear_step(3, noise=0.0)  # 4 chunks of 3, 3, 2, 2
+        for k in whole:
+            torch.testing.assert_close(chunked[k], whole[k], rtol=0, atol=1e-6)
+
+    def test_chunked_step_is_accounted_once_and_noised(self) -> None:
+        torch.manual_seed(0)
+        model = nn.Linear(6, 1)
+        x, y = torch.randn(10, 6), torch.randint(0, 2, (10, 1)).float()
+        pt = make_private(model, torch.optim.SGD(model.parameters(), lr=0.5), DataLoader(TensorDataset(x, y), batch_size=10),
+                          noise_multiplier=1.0, max_grad_norm=0.1, mode="hooks", criterion=nn.BCEWithLogitsLoss())
+        dp_step(pt, x, y, physical_batch=4)
+        (noise, rate, steps), = pt.engine.accountant.history
+        assert steps == 1 and noise == 1.0
+        no_noise = self._linear_step(10, noise=0.0)
+        assert any(not torch.allclose(unwrapped_state_dict(pt)[k], no_noise[k]) for k in no_noise)

@@ -340,6 +340,13 @@ class TestEvaluationHistograms:
         assert 0.2 < t <= 0.7
         assert m.histogram_rates([{"pos": pos, "neg": neg}], t, np.linspace(0, 1, 11)) == (1.0, 1.0)
 
+    def test_noise_in_an_empty_extreme_bin_does_not_move_the_threshold(self):
+        """A rare finding: 20 positives, and DP noise of -15 in the lowest (empty) positive bin."""
+        neg, pos = [0.0] * 10, [0.0] * 10
+        neg[3], pos[6] = 200.0, 20.0
+        pos[0] = -15.0  # unclipped, sensitivity at the first edge would be 35/20 > 1
+        assert 0.3 < m.histogram_threshold([{"pos": pos, "neg": neg}]) <= 0.6
+
     def test_logit_edges_resolve_confident_scores(self):
         y = np.r_[np.zeros(200), np.ones(200)]
         s = np.r_[np.full(200, 0.9955), np.full(200, 0.9985)]  # both in the last of 200 equal-width bins
@@ -352,8 +359,25 @@ class TestEvaluationHistograms:
         noised = m.noised_histograms(hist, 10.0, rng)
         assert noised["pos"] != hist["pos"] and len(noised["pos"]) == len(m.EVAL_EDGES) - 1
         assert any(v < 0 for v in noised["neg"])
+        fpr, tpr = m.pooled_roc_from_histograms([noised])  # the ROC clips each count: rates stay monotone in [0, 1]
+        assert np.all(np.diff(fpr) >= 0) and np.all(np.diff(tpr) >= 0) and fpr[-1] == tpr[-1] == 1.0
         auc = m.pooled_auc_from_histograms([noised])
-        assert 0.0 <= auc <= 1.0
+        assert math.isnan(auc) or 0.0 <= auc <= 1.0  # 3 images under noise 10: a class total may come out <= 0
+
+    def test_pooled_auc_of_noised_histograms_is_nearly_unbiased(self):
+        """Three sites, 600 validation images, eval-noise 10: the estimate centres on the exact AUC."""
+        rng = np.random.default_rng(0)
+        exact, pooled, clipped = [], [], []
+        for _ in range(60):
+            y = np.r_[np.ones(300), np.zeros(300)]
+            s = 1 / (1 + np.exp(-np.r_[rng.normal(2.4, 1.5, 300), rng.normal(-2.4, 2.5, 300)]))
+            noised = [m.noised_histograms(m.score_histograms(y[i], s[i], edges=m.EVAL_EDGES), 10.0, rng)
+                      for i in np.array_split(rng.permutation(600), 3)]
+            exact.append(m.roc_auc(y, s))
+            pooled.append(m.pooled_auc_from_histograms(noised))
+            pos, neg = (np.clip(np.sum([h[k] for h in noised], axis=0), 0, None) for k in ("pos", "neg"))
+            clipped.append(float(m._auc_from_counts(pos, neg)))
+        assert abs(np.mean(pooled) - np.mean(exact)) < 0.04 < 0.1 < np.mean(exact) - np.mean(clipped)
 
     def test_histogram_loss_is_small_for_confident_correct_scores(self):
         y = np.r_[np.zeros(50), np.ones(50)]

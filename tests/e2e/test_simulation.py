@@ -63,6 +63,17 @@ def test_onnx_runs_in_onnxruntime(sim_run):
     assert model.meta["labels"] == ["opacity"] and model.meta["rounds"] == 2
 
 
+def test_torchscript_twin_beside_onnx(sim_run):
+    """model.pt: the same model and metadata as model.onnx (common/torchscript_export.py)."""
+    from common.torchscript_export import load_torchscript_model
+
+    _, root = sim_run
+    onnx_model, ts_model = load_onnx_model(root / "run" / "model.onnx"), load_torchscript_model(root / "run" / "model.pt")
+    assert ts_model.raw_meta == onnx_model.raw_meta
+    x = np.random.default_rng(1).random((3, 1, 32, 32), dtype=np.float32)
+    assert np.max(np.abs(ts_model.predict(x) - onnx_model.predict(x))) <= 1e-4
+
+
 def test_ledgers_metrics_card_agree(sim_run):
     _, root = sim_run
     last = json.loads((root / "run" / "metrics.json").read_text())["rounds"][-1]

@@ -6,15 +6,16 @@ import json
 import subprocess
 import time
 
-from server.coordinator import Layout, _alive, running_state
+from common.processes import process_alive
+from server.layout import Layout, running_state
 
 
 def test_killed_process_counts_as_gone_even_as_zombie():
     proc = subprocess.Popen(["sleep", "30"])
-    assert _alive(proc.pid)
+    assert process_alive(proc.pid)
     proc.kill()
     time.sleep(0.3)  # killed, not yet reaped: a zombie
-    assert not _alive(proc.pid)
+    assert not process_alive(proc.pid)
     proc.wait()
 
 
@@ -32,7 +33,7 @@ def test_make_private_tightens_an_older_federation(tmp_path):
     """Issue 10 row 9: superlink.db was 0644 and its folder world-readable."""
     import stat
 
-    from server.coordinator import make_private
+    from server.layout import make_private
 
     layout = Layout(tmp_path)
     layout.state_db.parent.mkdir(mode=0o755)

@@ -11,7 +11,7 @@ import pytest
 
 from client.provision import init_site
 from common.audit import read_entries, verify
-from server import coordinator, runs
+from server import control_api, coordinator, runs
 from server.audit import coordinator_log, federation_of, record_run_event, record_run_finished, settings_for_audit
 from server.cli import main as server_main
 
@@ -101,7 +101,7 @@ def test_stop_run_is_recorded(fed, monkeypatch, capsys):
     monkeypatch.setattr(runs, "require_running", lambda layout: {})
     monkeypatch.setattr(runs, "flwr", fake_flwr)
     assert server_main(["stop-run", "lungs", "--dir", str(fed)]) == 0
-    assert calls == [("stop", "42", coordinator.CONNECTION, "--format", "json")]
+    assert calls == [("stop", "42", control_api.CONNECTION, "--format", "json")]
     assert "fl-server resume lungs" in capsys.readouterr().out
     last = read_entries(coordinator_log(fed))[-1]
     assert last["event"] == "run-stopped" and last["details"]["flower_run_id"] == 42

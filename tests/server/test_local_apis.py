@@ -31,19 +31,18 @@ from common.processes import free_port, offline_env, process_alive, stop_process
 from server import pki
 from server import sites as site_table
 from server.cli import main as server_main
-from server.coordinator import (
+from server.control_api import (
     CONNECTION,
-    CoordinatorError,
-    Layout,
     flwr,
     list_nodes,
     prepare_local_auth,
     register_pending,
-    status,
     superlink_command,
     unregister,
     unregister_revoked,
 )
+from server.coordinator import status
+from server.layout import CoordinatorError, Layout
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]

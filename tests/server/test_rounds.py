@@ -67,3 +67,23 @@ def test_early_stop_after_patience_rounds_without_gain(tmp_path):
     _log_round(strategy, 3, 0.3)
     with pytest.raises(EarlyStop):
         keeper.after_round(3, {"w": np.zeros(1, np.float32)})
+
+
+def test_multilabel_round_has_per_finding_auc_and_threshold(tmp_path):
+    """Pooled one-vs-rest AUC per finding from the sites' histograms, named by finding, with its own threshold."""
+    from server.rounds import round_record
+
+    strategy = make_strategy(RunConfig(task="multilabel", labels=("Effusion", "Nodule")))
+    rng = np.random.default_rng(0)
+    y = np.r_[np.zeros(60), np.ones(40)]
+    site = {"num-examples": 100.0}
+    for c, separation in enumerate((0.6, 0.0)):  # Effusion separable, Nodule not
+        h = score_histograms(y, np.clip(0.3 + separation * y + rng.normal(0, 0.1, 100), 0, 1), edges=EVAL_EDGES)
+        site[f"hist-pos-{c}"], site[f"hist-neg-{c}"] = h["pos"], h["neg"]
+    strategy.logs[1] = RoundLog(evaluate={"a": dict(site), "b": dict(site)})
+    rec = round_record(strategy, 1, 1.0)
+    eff, nod = rec["labels"]["Effusion"], rec["labels"]["Nodule"]
+    assert eff["auc"] > 0.95 and 0.3 < nod["auc"] < 0.7
+    assert rec["pooled_auc"] == pytest.approx((eff["auc"] + nod["auc"]) / 2)
+    assert 0.3 < eff["threshold"] < 0.9 and eff["positives"] == 80 and eff["negatives"] == 120
+    assert eff["sensitivity"] > 0.9 and eff["specificity"] > 0.9

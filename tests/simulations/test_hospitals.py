@@ -7,6 +7,7 @@ writer and a reader that disagree about the presentation chain fail here.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -15,16 +16,13 @@ import numpy as np
 import pydicom
 import pytest
 from PIL import Image
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.encaps import encapsulate
-from pydicom.uid import RLELossless
+from pydicom.uid import ExplicitVRLittleEndian, RLELossless
 
 from common.dicom import DicomError, read_radiograph
 from simulations.acquisition import (
     CORRUPT_KINDS,
     AcquisitionProfile,
     ProfileError,
-    rle_encode_frame,
     site_profiles,
     write_corrupt_file,
     write_radiograph,
@@ -150,29 +148,20 @@ class TestWriteRadiograph:
         assert (tmp_path / "a.dcm").read_bytes() == (tmp_path / "b.dcm").read_bytes()
 
 
-class TestRleEncodeFrame:
-    @pytest.mark.parametrize(
-        "arr",
-        [
-            np.random.default_rng(0).integers(0, 4096, (17, 37)).astype(np.uint16),
-            np.zeros((4, 300), np.uint8),
-            np.full((3, 129), 7, np.uint16),
-            np.full((2, 257), 200, np.uint8),
-            np.full((3, 1), 9, np.uint8),
-            np.repeat(np.random.default_rng(1).integers(0, 2, (9, 40)), 7, axis=1).astype(np.uint16),
-        ],
-        ids=["noise16", "zeros8", "run129", "run257", "one-column", "mixed-runs"],
-    )
-    def test_pydicom_decodes_what_we_encode(self, arr: np.ndarray) -> None:
-        ds = Dataset()
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.TransferSyntaxUID = RLELossless
-        ds.Rows, ds.Columns = arr.shape
-        ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PixelRepresentation = 1, "MONOCHROME2", 0
-        ds.BitsAllocated = ds.BitsStored = arr.dtype.itemsize * 8
-        ds.HighBit = ds.BitsStored - 1
-        ds.PixelData = encapsulate([rle_encode_frame(arr)])
-        assert np.array_equal(ds.pixel_array, arr)
+class TestRleProfile:
+    @pytest.mark.parametrize("matrix", [(17, 37), (4, 300), (3, 129), (96, 80)])
+    def test_rle_file_holds_the_same_stored_values_as_an_uncompressed_one(
+        self, tmp_path: Path, matrix: tuple[int, int]
+    ) -> None:
+        rle = next(p for p in site_profiles(6, 0) if p.transfer_syntax == RLELossless)
+        plain = dataclasses.replace(rle, transfer_syntax=ExplicitVRLittleEndian)
+        image = np.random.default_rng(0).random(matrix).astype(np.float32)
+        image[:, : matrix[1] // 2] = 0.5  # long runs as well as noise
+        _write(tmp_path / "rle.dcm", image, rle, seed=2)
+        _write(tmp_path / "plain.dcm", image, plain, seed=2)
+        ds = pydicom.dcmread(tmp_path / "rle.dcm")
+        assert ds.file_meta.TransferSyntaxUID == RLELossless
+        assert np.array_equal(ds.pixel_array, pydicom.dcmread(tmp_path / "plain.dcm").pixel_array)
 
 
 class TestCorruptFiles:
@@ -257,7 +246,7 @@ class TestSyntheticHospitals:
         assert [s.patients_per_class for s in manifest.sites] == [{"normal": 3, "opacity": 1}, {"normal": 5, "opacity": 5}]
 
     def test_partition_schemes_change_sizes(self) -> None:
-        from simulations.hospitals import _synthetic_plan
+        from simulations.synthetic_hospitals import _synthetic_plan
 
         iid = _synthetic_plan(4, 40, 0.4, "iid", 0.5, 0, (1, 3), 2)
         skew = _synthetic_plan(4, 40, 0.4, "quantity-skew", 0.5, 0, (1, 3), 2)

@@ -69,7 +69,7 @@ class TestArms:
 class TestRecipes:
     def test_dp_arms_use_the_product_defaults(self):
         run = arm_run_config(StudySettings(), Arm("x", "federated", dp=True, epsilon=3.0), "PNEUMONIA")
-        assert (run.optimizer, run.learning_rate, run.max_grad_norm, run.sample_rate) == ("sgd", 1.0, 0.1, 0.2)
+        assert (run.optimizer, run.learning_rate, run.max_grad_norm, run.sample_rate) == ("sgd", 1.0, 0.1, 1.0)
         assert run.target_epsilon == 3.0 and run.num_server_rounds == StudySettings().rounds
 
     def test_no_dp_scatternet_chooses_among_adam_rates(self):

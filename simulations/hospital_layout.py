@@ -1,0 +1,140 @@
+"""The layout every simulated hospital folder shares, and its manifest.
+
+Both builders (simulations/synthetic_hospitals.py, simulations/image_hospitals.py) write::
+
+    <out>/manifest.json                      sites, class counts, profiles, seed (no identifiers)
+    <out>/<site>/labels.csv                  file (relative to the site folder), label (class name)
+    <out>/<site>/<patient>/<study>/<n>.dcm   the radiographs; the label is never in the path
+    <out>/holdout/...                        optional common test set, same layout
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from simulations.acquisition import AcquisitionProfile
+
+SYNTHETIC_CLASSES = ("normal", "opacity")
+LABELS_FILE = "labels.csv"
+MANIFEST_FILE = "manifest.json"
+HOLDOUT_SITE = "holdout"
+
+
+class SimulationError(ValueError):
+    """Arguments or an input image set that cannot make hospitals; the message says what to change."""
+
+
+@dataclass
+class SiteSummary:
+    """What one simulated site holds (counts only: no identifiers, no file names)."""
+
+    name: str
+    n_patients: int
+    n_images: int
+    images_per_class: dict[str, int]
+    patients_per_class: dict[str, int]
+    n_corrupt: int
+    profile: dict[str, Any]
+
+
+@dataclass
+class HospitalsManifest:
+    """``<out>/manifest.json``: how the hospitals were made; safe to share."""
+
+    source: str  # "synthetic" or "images:<folder name>"
+    seed: int
+    partition: str
+    alpha: float
+    classes: list[str]
+    sites: list[SiteSummary]
+    holdout: SiteSummary | None = None
+    image_size: int | None = None
+    version: int = 1
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def site_names(self) -> list[str]:
+        return [s.name for s in self.sites]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> HospitalsManifest:
+        data = json.loads(Path(path).read_text())
+        data["sites"] = [SiteSummary(**s) for s in data["sites"]]
+        data["holdout"] = SiteSummary(**data["holdout"]) if data.get("holdout") else None
+        return cls(**data)
+
+
+def site_name(index: int) -> str:
+    """``hospital-a``, ``hospital-b``, ... (``hospital-27`` and up past z)."""
+    return f"hospital-{site_code(index).lower()}"
+
+
+def site_code(index: int) -> str:
+    """``A``..``Z``, then the site's number: the letter in patient ids and institution names."""
+    return chr(ord("A") + index) if index < 26 else str(index + 1)
+
+
+def derive_seed(seed: int, *parts: str) -> int:
+    """A per-file seed from the run's seed and names (stable across runs and machines)."""
+    return int(hashlib.sha256("\x00".join([str(seed), *parts]).encode()).hexdigest()[:15], 16)
+
+
+def prepare_out(out: Path) -> None:
+    """Create ``out``; refuse one that already holds files."""
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out}: output folder is not empty; pass a new folder or delete it first")
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def write_labels(root: Path, rows: list[tuple[str, str]]) -> None:
+    """``labels.csv`` of a site: file (relative to the site folder), label; sorted by file."""
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / LABELS_FILE, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh, lineterminator="\n")
+        writer.writerow(["file", "label"])
+        writer.writerows(sorted(rows))
+
+
+def site_summary(name: str, rows: list[tuple[str, str]], patients: Counter, n_corrupt: int, profile: AcquisitionProfile) -> SiteSummary:
+    return SiteSummary(
+        name=name,
+        n_patients=sum(patients.values()),
+        n_images=len(rows),
+        images_per_class=dict(sorted(Counter(label for _, label in rows).items())),
+        patients_per_class=dict(sorted(patients.items())),
+        n_corrupt=n_corrupt,
+        profile=json.loads(json.dumps(profile.to_dict())),  # lists, as the saved manifest has
+    )
+
+
+def progress_bar(total: int, enabled: bool, desc: str) -> Any:
+    """A tqdm bar on a terminal, None otherwise."""
+    if not enabled:
+        return None
+    return tqdm(total=total, desc=desc, unit="img")
+
+
+def read_labels(site_dir: Path) -> dict[str, str]:
+    """``labels.csv`` of a written site as {relative file: label} (for tests and the CLI)."""
+    with open(Path(site_dir) / LABELS_FILE, newline="", encoding="utf-8") as fh:
+        return {row["file"]: row["label"] for row in csv.DictReader(fh)}
+
+
+def iter_dicom_files(site_dir: Path) -> Iterator[Path]:
+    """Every ``*.dcm`` under a site folder, sorted."""
+    return iter(sorted(Path(site_dir).rglob("*.dcm")))
