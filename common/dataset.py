@@ -9,16 +9,16 @@ Unreadable files are skipped and reported with a reason, never the end of a run.
 Everything here stays at the site. ``ImageRecord.path`` is a local path and is never logged;
 patients are known only by a salted hash, used to keep every patient's images on one side of the
 train/validation split.
+
+Reading labels.csv is common/site_labels.py; the site salt, the pseudonyms and the patient-level
+split are common/site_split.py. Their public names are importable from here as before.
 """
 
 from __future__ import annotations
 
-import csv
-import hashlib
 import logging
 import os
-import secrets
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,15 +30,19 @@ from common.cache import SiteCache, file_sha256
 from common.images import ImageError, is_image_file, read_image, resize_image, to_uint8
 from common.labels import (  # noqa: F401 - NEGATIVE_NAMES, POSITIVE_FLAGS: re-exported for callers
     NEGATIVE_NAMES,
-    NON_LABEL_COLUMNS,
     POSITIVE_FLAGS,
     LabelError,
     LabelPolicy,
     encode,
-    finding_columns,
-    list_column,
 )
-from common.labels import key as label_key
+from common.site_labels import DatasetError as DatasetError  # re-exported: raised here, defined with labels.csv
+from common.site_labels import _Labels, _read_labels_csv
+from common.site_split import Split as Split
+from common.site_split import Targets as Targets
+from common.site_split import _hash
+from common.site_split import patient_strata as patient_strata
+from common.site_split import site_salt as site_salt
+from common.site_split import split_patients as split_patients
 
 log = logging.getLogger(__name__)
 
@@ -47,13 +51,6 @@ LABELS_FILE = "labels.csv"
 NON_IMAGE_SUFFIXES = frozenset(
     {".csv", ".txt", ".md", ".json", ".xml", ".html", ".pdf", ".log", ".ini", ".yaml", ".yml", ".toml", ".npy", ".zip"}
 )
-# labels.csv columns an ImageRecord never carries (identifiers and file names stay in the table).
-_PRIVATE_COLUMNS = frozenset({"file", "path", "patient id", "patient id coarse", "patient", "sha256", "study", "study id",
-                              "dicom id", "subject id"})
-
-
-class DatasetError(ValueError):
-    """The site folder cannot be used (nothing readable, bad labels.csv, labels do not fit the run)."""
 
 
 @dataclass(frozen=True)
@@ -94,134 +91,6 @@ class SiteIndex:
     @property
     def content_hashes(self) -> list[str]:
         return [r.content_hash for r in self.records]
-
-
-@dataclass(frozen=True)
-class Targets:
-    """Training targets for a run's task: binary/multilabel float [N, C], multiclass int64 [N]."""
-
-    y: np.ndarray
-    task: str
-    labels: tuple[str, ...]
-    keep: np.ndarray  # indices of index.records that have a target under this task
-    dropped: dict[str, int]  # reason -> count for records with no target under this task
-    source: str = ""  # which labels.csv column(s) (or class folders) the targets came from
-    not_labelled: tuple[str, ...] = ()  # run labels this site does not label: masked (NaN) for every image
-    uncertain: dict[str, int] = field(default_factory=dict)  # run label -> -1 cells (per the uncertain policy)
-    blank: dict[str, int] = field(default_factory=dict)  # run label -> blank cells (per the blank policy)
-
-
-# --------------------------------------------------------------------------- site salt
-
-
-def site_salt(state_dir: str | os.PathLike) -> bytes:
-    """The site's secret salt for patient hashes, created once (0600) in the state dir.
-
-    A salt kept at the site means the hashes cannot be reversed by trying likely PatientIDs
-    elsewhere; it never leaves the site.
-    """
-    path = Path(state_dir) / "salt"
-    if path.exists():
-        return path.read_bytes()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    value = secrets.token_hex(32).encode()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(value)
-    return value
-
-
-def _hash(value: str, salt: bytes | str) -> str:
-    """The same keyed hash the DICOM reader uses for PatientID, so both kinds of file agree."""
-    from common.dicom import salted_hash
-
-    return salted_hash(value, salt)
-
-
-# --------------------------------------------------------------------------- labels
-
-
-@dataclass
-class _Labels:
-    source: str
-    kind: str
-    by_file: dict[str, tuple[str, ...]]  # normalised relative path -> classes
-    patients: dict[str, str]  # normalised relative path -> patient id from labels.csv (if any)
-    names: tuple[str, ...]
-    rows: dict[str, dict[str, str]] = field(default_factory=dict)  # relative path -> label cells (no identifiers)
-    columns: tuple[str, ...] = ()  # the label-bearing columns of rows
-
-
-def _norm(rel: str) -> str:
-    return Path(rel.strip().replace("\\", "/")).as_posix().lstrip("./") if rel.strip() else ""
-
-
-def _read_labels_csv(path: Path) -> _Labels:
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as fh:
-            rows = list(csv.DictReader(fh))
-            columns = [c.strip() for c in (rows[0].keys() if rows else [])]
-    except (OSError, UnicodeDecodeError, csv.Error) as err:
-        raise DatasetError(f"{path}: cannot read labels.csv ({err}); save it as UTF-8 CSV") from err
-    if not rows:
-        raise DatasetError(f"{path}: labels.csv has no rows; add one row per image (columns file,label)")
-    lower = {c.lower(): c for c in columns}
-    file_col = lower.get("file") or lower.get("path")
-    if file_col is None:
-        raise DatasetError(
-            f"{path}: labels.csv has no `file` column (columns: {', '.join(columns)}); "
-            "add `file` with each image's path relative to the data folder"
-        )
-    # A coarser patient key wins when a table has one (Kermany: one child as person12_bacteria and
-    # person12_virus): the same person under two ids would otherwise straddle the split.
-    patient_col = lower.get("patient_id_coarse") or lower.get("patient_id") or lower.get("patient")
-    by_file: dict[str, tuple[str, ...]] = {}
-    patients: dict[str, str] = {}
-    label_columns = tuple(c for c in columns if label_key(c) not in _PRIVATE_COLUMNS)
-    label_rows = {_norm(r.get(file_col) or ""): {c: (r.get(c) or "").strip() for c in label_columns} for r in rows}
-    label_rows.pop("", None)
-    findings = finding_columns(rows, columns)
-    listed = list_column(columns)
-    if "label" in lower:
-        label_col = lower["label"]
-        name_col = lower.get("class_name")
-        kind, source = "single", "labels.csv (label column)"
-        for row in rows:
-            value = (row.get(label_col) or "").strip()
-            if name_col and (row.get(name_col) or "").strip():
-                value = row[name_col].strip()
-            rel = _norm(row.get(file_col) or "")
-            if rel and value:
-                by_file[rel] = (value,)
-            if rel and patient_col and (row.get(patient_col) or "").strip():
-                patients[rel] = row[patient_col].strip()
-    else:
-        finding_cols = [c for c in findings if c.lower() not in NON_LABEL_COLUMNS]
-        if not finding_cols and listed is None:
-            raise DatasetError(
-                f"{path}: labels.csv has no `label` column, no 1/0/-1 finding columns and no `finding_labels` column "
-                f"(columns: {', '.join(columns)}); add `label` (class name), one column per finding, or "
-                "`finding_labels` ('|'-separated findings)"
-            )
-        kind = "multi"
-        source = "labels.csv (finding columns)" if finding_cols else f"labels.csv ({listed} column)"
-        names: set[str] = set()
-        for row in rows:
-            rel = _norm(row.get(file_col) or "")
-            if not rel:
-                continue
-            if finding_cols:
-                by_file[rel] = tuple(c for c in finding_cols if (row.get(c) or "").strip() in ("1", "1.0"))
-            else:
-                by_file[rel] = tuple(f.strip() for f in (row.get(listed) or "").split("|")
-                                     if f.strip() and label_key(f) != "no finding")
-            names.update(by_file[rel])
-            if patient_col and (row.get(patient_col) or "").strip():
-                patients[rel] = row[patient_col].strip()
-        all_names = tuple(sorted(finding_cols)) if finding_cols else tuple(sorted(names))
-        return _Labels(source, kind, by_file, patients, all_names, label_rows, label_columns)
-    names_single = tuple(sorted({v[0] for v in by_file.values()}))
-    return _Labels(source, kind, by_file, patients, names_single, label_rows, label_columns)
 
 
 # --------------------------------------------------------------------------- scanning
@@ -450,65 +319,3 @@ def encode_targets(index: SiteIndex, task: str, labels: Sequence[str], policy: L
                    enc.not_labelled, enc.uncertain, enc.blank)
 
 
-# --------------------------------------------------------------------------- split
-
-
-@dataclass(frozen=True)
-class Split:
-    """Positions (into Targets.keep order) of the train and validation images."""
-
-    train: np.ndarray
-    val: np.ndarray
-    train_patients: int
-    val_patients: int
-    stratified: bool
-
-
-def split_patients(patients: Sequence[str], strata: Sequence[int], *, val_fraction: float) -> Split:
-    """Patient-level split owned by the site: every image of a patient falls on the same side.
-
-    Which side a patient falls on depends only on the patient's salted hash (keyed by the site's
-    secret salt, so nobody else can predict it) and the site's own ``val_fraction`` (node config),
-    never on anything the coordinator sets (seed, labels, task): patients are ordered within their
-    stratum by sha256 of their pseudonym and the first ``val_fraction`` of each stratum validate.
-    Stratified by each patient's stratum (e.g. positive if any of their images is), so a small site
-    still validates on both classes; a stratum with a single patient trains.
-    """
-    by_patient: dict[str, list[int]] = defaultdict(list)
-    patient_stratum: dict[str, int] = {}
-    for i, (p, s) in enumerate(zip(patients, strata, strict=True)):
-        by_patient[p].append(i)
-        patient_stratum[p] = max(patient_stratum.get(p, s), s)
-    val_patients: set[str] = set()
-    groups: dict[int, list[str]] = defaultdict(list)
-    for p in by_patient:
-        groups[patient_stratum[p]].append(p)
-    stratified = len(groups) > 1
-    for _, members in sorted(groups.items()):
-        order = sorted(members, key=_split_rank)
-        n_val = int(round(val_fraction * len(order)))
-        if len(order) >= 2:
-            n_val = min(max(n_val, 1), len(order) - 1)
-        else:
-            n_val = 0
-        val_patients.update(order[:n_val])
-    train = [i for p in sorted(by_patient) if p not in val_patients for i in by_patient[p]]
-    val = [i for p in sorted(by_patient) if p in val_patients for i in by_patient[p]]
-    return Split(
-        np.asarray(sorted(train), dtype=np.int64),
-        np.asarray(sorted(val), dtype=np.int64),
-        len(by_patient) - len(val_patients),
-        len(val_patients),
-        stratified,
-    )
-
-
-def _split_rank(patient: str) -> str:
-    return hashlib.sha256(b"fedxray-split\n" + patient.encode()).hexdigest()
-
-
-def patient_strata(targets: Targets) -> np.ndarray:
-    """A stratum per image for splitting: the class (multiclass), positive/negative otherwise."""
-    if targets.task == "multiclass":
-        return targets.y.astype(np.int64)
-    return (np.nan_to_num(targets.y, nan=0.0).max(axis=1) > 0.5).astype(np.int64)

@@ -41,9 +41,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-import pickle
-from collections.abc import Callable, Mapping
-from pathlib import Path
+from collections.abc import Callable
 from typing import cast
 
 import torch
@@ -51,7 +49,16 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision import models as tvm
 
-from common.scattering import Scattering2D, ScatteringError, group_count
+from common.model_errors import ModelError as ModelError
+from common.model_errors import WeightsError as WeightsError
+from common.model_weights import _FIRST_CONV_KEY as _FIRST_CONV_KEY
+from common.model_weights import _few as _few
+from common.model_weights import _strip_wrapper_prefix as _strip_wrapper_prefix
+from common.model_weights import load_weights as load_weights
+from common.scatter_net import ScatterHead as ScatterHead
+from common.scatter_net import ScatterNet as ScatterNet
+from common.scatter_net import split_features as split_features
+from common.scattering import ScatteringError
 
 log = logging.getLogger(__name__)
 
@@ -73,22 +80,9 @@ _GRAD_SAMPLE_MODE: dict[str, str] = {
     "densenet121": "hooks",
     "mobilenet_v2": "hooks",
 }
-
-# Key of the first convolution's weight (the one that takes the image) per architecture.
-_FIRST_CONV_KEY: dict[str, str] = {
-    "densenet121": "features.conv0.weight",
-    "mobilenet_v2": "features.0.0.weight",
-}
-
 _MAX_GROUPS = 32  # GroupNorm paper's default (Wu & He, 2018)
 
 
-class ModelError(ValueError):
-    """A model was asked for with an unknown name or bad arguments."""
-
-
-class WeightsError(ValueError):
-    """A weights file could not be read or does not fit the requested architecture."""
 
 
 class DPConv2d(nn.Conv2d):
@@ -154,76 +148,6 @@ def group_norm_groups(num_channels: int) -> int:
     return math.gcd(_MAX_GROUPS, num_channels)
 
 
-class ScatterHead(nn.Module):
-    """What a ScatterNet trains: per-sample GroupNorm of the scattering coefficients, then a head.
-
-    The GroupNorm has no affine parameters: it normalises each image's coefficients by groups of
-    channels with that image's own statistics, so it needs no data set statistics (which would
-    cost privacy) and behaves the same in training, evaluation and export.
-    """
-
-    def __init__(self, channels: int, size: tuple[int, int], num_outputs: int, kind: str) -> None:
-        super().__init__()
-        self.kind = kind
-        self.norm = nn.GroupNorm(group_count(channels), channels, affine=False)
-        if kind == "linear":
-            self.conv = None
-            self.classifier = nn.Linear(channels * size[0] * size[1], num_outputs)
-            # Logistic regression from zero: every site and seed starts at p = 0.5 exactly.
-            nn.init.zeros_(self.classifier.weight)
-            nn.init.zeros_(self.classifier.bias)
-        else:
-            self.conv = nn.Sequential(
-                nn.Conv2d(channels, 32, 3, padding=1), nn.GroupNorm(8, 32), nn.Tanh(), nn.MaxPool2d(2),
-                nn.Conv2d(32, 64, 3, padding=1), nn.GroupNorm(8, 64), nn.Tanh(), nn.MaxPool2d(2),
-            )
-            self.classifier = nn.Linear(64, num_outputs)
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """Scattering coefficients [N, K, h, w] -> logits [N, num_outputs]."""
-        x = self.norm(features)
-        if self.conv is not None:
-            x = F.adaptive_avg_pool2d(self.conv(x), 1)
-        return self.classifier(torch.flatten(x, 1))
-
-
-class ScatterNet(nn.Module):
-    """Fixed scattering front end + :class:`ScatterHead`: images [N, 1, S, S] in [0, 1] -> logits.
-
-    The front end is built for one image size (its filters are defined on the padded grid), so
-    ``image_size`` is part of the architecture, like ``J`` and the head.
-    """
-
-    def __init__(self, *, image_size: int, num_outputs: int, J: int = 2, L: int = 8, head: str = "linear") -> None:
-        super().__init__()
-        self.image_size = int(image_size)
-        self.scattering = Scattering2D(J, (self.image_size, self.image_size), L)
-        self.head = ScatterHead(self.scattering.out_channels, self.scattering.out_size, num_outputs, head)
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Images [N, 1, S, S] -> scattering coefficients [N, K, h, w] (what the site caches)."""
-        if torch.jit.is_tracing():  # exporting: the shape is fixed by the example input
-            return self.scattering(x)
-        if x.dim() != 4 or x.shape[1] != 1 or tuple(x.shape[2:]) != (self.image_size, self.image_size):
-            raise ModelError(
-                f"model input has shape {tuple(x.shape)}; expected [N, 1, {self.image_size}, {self.image_size}] "
-                f"grey images in [0, 1] resized to the model's image size"
-            )
-        return self.scattering(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
-
-
-def split_features(model: nn.Module) -> tuple[nn.Module | None, nn.Module, str]:
-    """(fixed front end or None, trainable module, state_dict prefix of the trainable module).
-
-    For a ScatterNet the sites compute the front end once per image and train the head on the
-    cached features; its weights travel under ``head.``. Other models train whole.
-    """
-    if isinstance(model, ScatterNet):
-        return model.scattering, model.head, "head."
-    return None, model, ""
 
 
 def build_model(
@@ -367,75 +291,6 @@ def _replace_modules(
             _replace_modules(child, match, make)
 
 
-def load_weights(model: nn.Module, name: str, weights_path: str | os.PathLike[str]) -> None:
-    """Load what fits from a local weights file into ``model`` (built by :func:`build_model`).
-
-    Tensors are matched by key and shape; a 3-channel first conv is summed over its input
-    channels. Everything skipped is logged in one line. Never downloads anything.
-    """
-    path = Path(weights_path)
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError) as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise WeightsError(
-            f"cannot read weights file {path} for model {name!r}: {reason}; expected a "
-            "torch.save'd state_dict of tensors (arbitrary pickles are never loaded)"
-        ) from err
-    if isinstance(loaded, Mapping) and isinstance(loaded.get("state_dict"), Mapping):
-        loaded = loaded["state_dict"]
-    if not isinstance(loaded, Mapping):
-        raise WeightsError(
-            f"weights file {path} holds a {type(loaded).__name__}, expected a state_dict "
-            f"(dict of name -> tensor) for model {name!r}"
-        )
-    source = {_strip_wrapper_prefix(str(k)): v for k, v in loaded.items()}
-    target = model.state_dict()
-    first_conv = _FIRST_CONV_KEY.get(name, "")
-
-    fitting: dict[str, torch.Tensor] = {}
-    skipped: list[str] = []
-    for key, tensor in source.items():
-        if not isinstance(tensor, torch.Tensor) or key not in target:
-            skipped.append(key)
-            continue
-        want = target[key].shape
-        if key == first_conv and tensor.dim() == 4 and tensor.shape[1] == 3 and want[1] == 1:
-            tensor = tensor.sum(dim=1, keepdim=True)  # RGB filters -> one grey filter
-        if tensor.shape != want:
-            skipped.append(f"{key} {tuple(tensor.shape)}!={tuple(want)}")
-            continue
-        fitting[key] = tensor
-    if not fitting:
-        raise WeightsError(
-            f"nothing in weights file {path} fits model {name!r} "
-            f"(first keys there: {', '.join(list(source)[:3]) or 'none'}); expected a "
-            f"state_dict of {name} as built by common.models.build_model or torchvision"
-        )
-    missing = [k for k in target if k not in fitting]
-    model.load_state_dict(fitting, strict=False)
-    if skipped or missing:
-        log.warning(
-            "weights %s -> %s: loaded %d of %d tensors; skipped %d from the file (%s); "
-            "left at initial values %d (%s)",
-            path.name, name, len(fitting), len(target), len(skipped), _few(skipped),
-            len(missing), _few(missing),
-        )
-    else:
-        log.info("weights %s -> %s: loaded all %d tensors", path.name, name, len(fitting))
-
-
-def _strip_wrapper_prefix(key: str) -> str:
-    """Drop Opacus' ``_module.`` and DDP's ``module.`` prefixes."""
-    for prefix in ("_module.", "module."):
-        while key.startswith(prefix):
-            key = key[len(prefix):]
-    return key
-
-
-def _few(keys: list[str], limit: int = 4) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown + (f", ... {len(keys) - limit} more" if len(keys) > limit else "") or "none"
 
 
 def grad_sample_mode(name: str) -> str:

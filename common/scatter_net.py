@@ -1,0 +1,87 @@
+"""The ScatterNet: the fixed scattering front end (common/scattering.py) + a small trained head.
+
+Moved out of common/models.py (which re-exports every name; :func:`common.models.build_model`
+builds it as ``scatternet``). Its state_dict holds the head only (``head.*``), and the sites train
+the head on cached features (:func:`split_features`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from common.model_errors import ModelError
+from common.scattering import Scattering2D, group_count
+
+
+class ScatterHead(nn.Module):
+    """What a ScatterNet trains: per-sample GroupNorm of the scattering coefficients, then a head.
+
+    The GroupNorm has no affine parameters: it normalises each image's coefficients by groups of
+    channels with that image's own statistics, so it needs no data set statistics (which would
+    cost privacy) and behaves the same in training, evaluation and export.
+    """
+
+    def __init__(self, channels: int, size: tuple[int, int], num_outputs: int, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.norm = nn.GroupNorm(group_count(channels), channels, affine=False)
+        if kind == "linear":
+            self.conv = None
+            self.classifier = nn.Linear(channels * size[0] * size[1], num_outputs)
+            # Logistic regression from zero: every site and seed starts at p = 0.5 exactly.
+            nn.init.zeros_(self.classifier.weight)
+            nn.init.zeros_(self.classifier.bias)
+        else:
+            self.conv = nn.Sequential(
+                nn.Conv2d(channels, 32, 3, padding=1), nn.GroupNorm(8, 32), nn.Tanh(), nn.MaxPool2d(2),
+                nn.Conv2d(32, 64, 3, padding=1), nn.GroupNorm(8, 64), nn.Tanh(), nn.MaxPool2d(2),
+            )
+            self.classifier = nn.Linear(64, num_outputs)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Scattering coefficients [N, K, h, w] -> logits [N, num_outputs]."""
+        x = self.norm(features)
+        if self.conv is not None:
+            x = F.adaptive_avg_pool2d(self.conv(x), 1)
+        return self.classifier(torch.flatten(x, 1))
+
+
+class ScatterNet(nn.Module):
+    """Fixed scattering front end + :class:`ScatterHead`: images [N, 1, S, S] in [0, 1] -> logits.
+
+    The front end is built for one image size (its filters are defined on the padded grid), so
+    ``image_size`` is part of the architecture, like ``J`` and the head.
+    """
+
+    def __init__(self, *, image_size: int, num_outputs: int, J: int = 2, L: int = 8, head: str = "linear") -> None:
+        super().__init__()
+        self.image_size = int(image_size)
+        self.scattering = Scattering2D(J, (self.image_size, self.image_size), L)
+        self.head = ScatterHead(self.scattering.out_channels, self.scattering.out_size, num_outputs, head)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Images [N, 1, S, S] -> scattering coefficients [N, K, h, w] (what the site caches)."""
+        if torch.jit.is_tracing():  # exporting: the shape is fixed by the example input
+            return self.scattering(x)
+        if x.dim() != 4 or x.shape[1] != 1 or tuple(x.shape[2:]) != (self.image_size, self.image_size):
+            raise ModelError(
+                f"model input has shape {tuple(x.shape)}; expected [N, 1, {self.image_size}, {self.image_size}] "
+                f"grey images in [0, 1] resized to the model's image size"
+            )
+        return self.scattering(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def split_features(model: nn.Module) -> tuple[nn.Module | None, nn.Module, str]:
+    """(fixed front end or None, trainable module, state_dict prefix of the trainable module).
+
+    For a ScatterNet the sites compute the front end once per image and train the head on the
+    cached features; its weights travel under ``head.``. Other models train whole.
+    """
+    if isinstance(model, ScatterNet):
+        return model.scattering, model.head, "head."
+    return None, model, ""
