@@ -258,14 +258,14 @@ def youden(y: np.ndarray, scores: np.ndarray) -> float:
 
 
 def exported_weights(run_dir: Path, arm: Arm, s: Any, positive: str) -> Any:
-    """The torch model with the weights the coordinator exported (the best round, else the last)."""
+    """The torch model with the weights the coordinator exported (run setting export-round: the last round by default)."""
     import torch  # deferred: see the module docstring
 
     from common.models import build_model
     from server.checkpoint import latest_checkpoint, load_best
 
     run = arm_run_config(s, arm, positive)
-    best = load_best(run_dir)
+    best = load_best(run_dir) if run.export_round == "best" else None
     if best is not None:
         weights = best[1]
     else:

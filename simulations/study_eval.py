@@ -24,7 +24,7 @@ from simulations.study_arms import Arm, Trained, youden
 from simulations.study_data import HOLDOUT, StudyData
 
 #: Version of the scoring below; a cached arm scored by another version is scored again.
-EVAL_VERSION = 2
+EVAL_VERSION = 3  # 3: the exported weights follow export-round (the last round by default)
 
 
 def _logits(module: Any, x: np.ndarray, batch: int = 256) -> np.ndarray:
@@ -86,9 +86,10 @@ def evaluate_arm(arm: Arm, trained: Trained, data: StudyData, s: Any, arm_dir: P
 def validation_summary(result: dict[str, Any], data: StudyData, s: Any) -> dict[str, Any]:
     """Exact (noise-free) validation AUC of the exported round and of the last round, and which round was exported.
 
-    A federated coordinator chooses the exported round by the pooled validation AUC it can see: score
-    histograms to which each site added Gaussian noise (its eval-noise). This says on the same
-    validation patients, without that noise, what the choice gave against keeping the last round.
+    With export-round = best a federated coordinator chooses the exported round by the pooled
+    validation AUC it can see: score histograms to which each site added Gaussian noise (its
+    eval-noise). This says on the same validation patients, without that noise, what the choice gave
+    against keeping the last round (the default, export-round = last: then both are the last round).
     Validation data only: nothing here looks at the test set.
     """
     from common.metrics import roc_auc
@@ -110,7 +111,8 @@ def validation_summary(result: dict[str, Any], data: StudyData, s: Any) -> dict[
               train_part=result.get("train_part", "all"))
     run = arm_run_config(s, arm, data.positive)
     out: dict[str, Any] = {}
-    for label, found in (("exported", load_best(run_dir)), ("last", latest_checkpoint(run_dir))):
+    last = latest_checkpoint(run_dir)
+    for label, found in (("exported", load_best(run_dir) if run.export_round == "best" else last), ("last", last)):
         if found is None:
             continue
         r, weights = (found[0], found[1]) if isinstance(found, tuple) else (found.round, found.weights)
