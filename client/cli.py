@@ -15,6 +15,7 @@ import os
 import sys
 from pathlib import Path
 
+from common.cli import fedxray_version
 from common.dataset import NEGATIVE_NAMES, DatasetError, scan_site
 
 log = logging.getLogger("fedxray.client")
@@ -241,15 +242,6 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("fedxray")
-    except PackageNotFoundError:
-        return "unknown"
-
-
 def _fraction(text: str) -> float:
     value = float(text)
     if not 0.0 < value <= 0.9:
@@ -260,7 +252,7 @@ def _fraction(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fl-client", description="fedxray hospital client")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    parser.add_argument("--version", action="version", version=f"fl-client (fedxray) {_version()}")
+    parser.add_argument("--version", action="version", version=f"fl-client (fedxray) {fedxray_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("check", help="summarise a site data folder before joining (reads only)")

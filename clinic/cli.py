@@ -36,6 +36,7 @@ from clinic.drift import (
 from clinic.model import Scorer
 from clinic.outputs import build_outputs, write_outputs
 from clinic.predict import Skipped, iter_inputs, read_source, record, summary_line
+from common.cli import fedxray_version
 from common.onnx_export import OnnxModelError
 from common.reference import ReferenceError, parse_reference
 
@@ -213,21 +214,12 @@ def quantize_main(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- parsers and helpers
 
 
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("fedxray")
-    except PackageNotFoundError:
-        return "unknown"
-
 def _parsers() -> dict[str, argparse.ArgumentParser]:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--model", required=True, help="fedxray model: model.onnx (fp32 or int8) or its TorchScript twin model.pt")
     common.add_argument("--threads", type=int, default=None, help="onnxruntime (or torch, for model.pt) threads (default: all cores)")
     common.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO) on stderr")
-    common.add_argument("--version", action="version", version=f"fl-predict (fedxray) {_version()}")
+    common.add_argument("--version", action="version", version=f"fl-predict (fedxray) {fedxray_version()}")
 
     predict = argparse.ArgumentParser(prog="fl-predict", parents=[common], description=__doc__.split("\n\n")[0],
                                       epilog="Subcommands: fl-predict serve|drift|quantize --help")

@@ -19,6 +19,8 @@ import logging
 import os
 import sys
 
+from common.cli import fedxray_version
+
 DEFAULT_DIR = "fedxray-coordinator"
 
 
@@ -278,19 +280,10 @@ def cmd_sites(args: argparse.Namespace) -> int:
     return 0
 
 
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("fedxray")
-    except PackageNotFoundError:
-        return "unknown"
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fl-server", description="fedxray coordinator")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    parser.add_argument("--version", action="version", version=f"fl-server (fedxray) {_version()}")
+    parser.add_argument("--version", action="version", version=f"fl-server (fedxray) {fedxray_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("init", help="create the federation: CA, server certificate, CRL")
