@@ -77,6 +77,8 @@ class OnnxClassifier:
     ``raw_meta`` keeps every metadata prop exactly as stored.
     """
 
+    _error: type[OnnxModelError] = OnnxModelError  # what predict raises on bad input (a subclass per format)
+
     def __init__(self, session: ort.InferenceSession, raw_meta: dict[str, str], where: str) -> None:
         self.session = session
         self.raw_meta = raw_meta
@@ -99,11 +101,11 @@ class OnnxClassifier:
         x = np.asarray(images, dtype=np.float32)
         h, w = self.input_size
         if x.ndim != 4 or x.shape[1:] != (1, h, w):
-            raise OnnxModelError(
+            raise self._error(
                 f"{self._where} expects images [N,1,{h},{w}] (grey, resized whole image, bilinear); got shape {list(x.shape)}"
             )
         if x.size and (float(x.min()) < -1e-6 or float(x.max()) > 1 + 1e-6):
-            raise OnnxModelError(
+            raise self._error(
                 f"{self._where} expects pixel values in [0,1] as read_radiograph gives them; got "
                 f"range [{float(x.min()):.4g}, {float(x.max()):.4g}] (8-bit images: divide by 255)"
             )

@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-from numpy.typing import ArrayLike, NDArray
+from numpy.typing import NDArray
 from torch import nn
 
 from common.onnx_export import (
@@ -47,6 +47,7 @@ from common.onnx_export import (
     OUTPUT_NAME,
     PREFIX,
     ExportError,
+    OnnxClassifier,
     OnnxModelError,
     _parity_batches,
     _parse_meta,
@@ -190,12 +191,14 @@ class _Session:
         return [out.numpy().astype(np.float32, copy=False)]
 
 
-class TorchScriptClassifier:
+class TorchScriptClassifier(OnnxClassifier):
     """A fedxray TorchScript model: the interface of :class:`common.onnx_export.OnnxClassifier`.
 
     ``meta`` / ``raw_meta`` as there (parsed from :data:`METADATA_FILE`); ``session.run`` as
     onnxruntime's, so code written for the ONNX session (occlusion maps) runs on it unchanged.
     """
+
+    _error = TorchScriptModelError
 
     def __init__(self, module: torch.jit.ScriptModule, raw_meta: dict[str, str], where: str) -> None:
         self.session = _Session(module)
@@ -205,29 +208,6 @@ class TorchScriptClassifier:
         except OnnxModelError as err:
             raise TorchScriptModelError(str(err)) from err
         self._where = where
-
-    @property
-    def labels(self) -> list[str]:
-        return list(self.meta["labels"])
-
-    @property
-    def input_size(self) -> tuple[int, int]:
-        return tuple(self.meta["input_size"])  # type: ignore[return-value]
-
-    def predict(self, images: ArrayLike, *, batch_size: int = 32) -> NDArray[np.float32]:
-        """Probabilities [N,C] for images float32 [N,1,H,W] in [0,1] at the model's input size (chunks of ``batch_size``)."""
-        x = np.asarray(images, dtype=np.float32)
-        h, w = self.input_size
-        if x.ndim != 4 or x.shape[1:] != (1, h, w):
-            raise TorchScriptModelError(f"{self._where} expects images [N,1,{h},{w}] (grey, resized whole image, bilinear); "
-                                        f"got shape {list(x.shape)}")
-        if x.size and (float(x.min()) < -1e-6 or float(x.max()) > 1 + 1e-6):
-            raise TorchScriptModelError(f"{self._where} expects pixel values in [0,1] as read_radiograph gives them; got "
-                                        f"range [{float(x.min()):.4g}, {float(x.max()):.4g}] (8-bit images: divide by 255)")
-        chunks = [self.session.run([OUTPUT_NAME], {INPUT_NAME: x[i : i + batch_size]})[0] for i in range(0, x.shape[0], batch_size)]
-        if not chunks:
-            return np.zeros((0, len(self.labels)), dtype=np.float32)
-        return np.concatenate(chunks)
 
 
 def load_torchscript_model(path: str | os.PathLike[str]) -> TorchScriptClassifier:
