@@ -56,7 +56,7 @@ from client.ledger_records import (  # noqa: F401 - re-exported: callers import 
     empty_document,
 )
 from client.ledger_store import LedgerFile
-from common.privacy import ACCOUNTANTS, epsilon_for
+from common.privacy import ACCOUNTANTS, accountant_cache, epsilon_for
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +99,7 @@ class PrivacyLedger:
         self.state_dir = self.file.state_dir
         self.path = self.file.path
         self.backup_path = self.file.backup_path
+        self._accountant_cache = accountant_cache(self.state_dir)  # RDP curves kept across processes
         # Fail fast on a damaged ledger, before anyone plans a round against it.
         with self.file.locked(exclusive=False):
             doc = self.file.read(self._empty())
@@ -279,7 +280,7 @@ class PrivacyLedger:
     # ----------------------------------------------------------------- internals
 
     def _epsilon(self, history: list[Any]) -> float:
-        return epsilon_for(history, self.delta, self.accountant)
+        return epsilon_for(history, self.delta, self.accountant, cache=self._accountant_cache)
 
     @staticmethod
     def _history(doc: dict[str, Any], fingerprint: str) -> list[Contribution]:

@@ -57,7 +57,7 @@ from common.audit import audit_path, try_record
 from common.config import RunConfig, SiteConfig
 from common.loaders import SiteData, load_site
 from common.models import build_model, grad_sample_mode, split_features
-from common.privacy import plan_dp
+from common.privacy import accountant_cache, plan_dp
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ def train_settings(run: RunConfig, n_train: int, server_round: int, proximal_mu:
         task=run.task, local_epochs=run.epochs_per_round(rate), batch_size=batch, learning_rate=run.learning_rate,
         optimizer=run.optimizer, momentum=run.momentum, proximal_mu=proximal_mu, dp=run.dp,
         max_grad_norm=run.max_grad_norm, grad_sample_mode=grad_sample_mode(run.model),
-        seed=run.seed * 1000 + server_round,
+        seed=run.seed * 1000 + server_round, pos_weight=run.pos_weights,
     )
 
 
@@ -180,7 +180,8 @@ def _charge(run: RunConfig, site: SiteConfig, data: SiteData, settings: TrainSet
         plan = plan_dp(n_train=data.n_train, batch_size=settings.batch_size, local_epochs=settings.local_epochs,
                        rounds=run.num_server_rounds, delta=delta, max_grad_norm=run.max_grad_norm,
                        noise_multiplier=run.noise_multiplier or None,
-                       target_epsilon=None if run.noise_multiplier else run.target_epsilon)
+                       target_epsilon=None if run.noise_multiplier else run.target_epsilon,
+                       cache=accountant_cache(site.state_dir))
     except ValueError as err:
         raise RoundRefused(ERR_CONFIG, f"site {site.site_name}: {err}") from err
     ledger = _ledger(site)
@@ -233,7 +234,7 @@ def _train_round(run: RunConfig, site: SiteConfig, request: RoundRequest, *, pro
             settings, eps_round, eps_total = _charge(run, site, data, settings, request, digest)
         frontend, trainable, prefix = split_features(model)
         if frontend is not None:
-            train_set, _ = data.feature_datasets(frontend, progress=progress)
+            train_set = data.feature_dataset(frontend, "train", progress=progress)
         else:
             train_set = data.train_dataset(augment=run.augment)
         trained, stats = train_one_round(trainable, train_set, settings, device=resolve_device(site.device),
@@ -297,7 +298,7 @@ def _evaluate_round(run: RunConfig, site: SiteConfig, request: RoundRequest) -> 
         frontend, head, _ = split_features(model)
         device = resolve_device(site.device)
         if frontend is not None:
-            _, val_set = data.feature_datasets(frontend)
+            val_set = data.feature_dataset(frontend, "val")
             stats = evaluate(head, val_set, task=run.task, threshold=request.threshold, device=device)
         else:
             stats = evaluate(model, data.val_dataset(), task=run.task, threshold=request.threshold, device=device)

@@ -21,6 +21,7 @@ import torch
 
 from common.cache import atomic_write_bytes
 from common.config import ConfigError, SiteConfig
+from common.devices import torch_device
 
 SITES_FILE = "sites.json"
 
@@ -44,10 +45,8 @@ def site_config(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -
 
 
 def resolve_device(name: str) -> torch.device:
-    """auto: CUDA when present, else CPU."""
-    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda")
-    return torch.device("cpu")
+    """auto: CUDA when present, else CPU; cuda without a GPU: the CPU and one warning (common/devices.py)."""
+    return torch_device(name)
 
 
 def weights_digest(state: Mapping[str, torch.Tensor]) -> str:

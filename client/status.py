@@ -13,8 +13,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-from client.ledger import LEDGER_FILENAME, PrivacyLedger
-
 
 class StatusError(ValueError):
     """The state dir has no readable ledger; the message says where it looked."""
@@ -23,9 +21,11 @@ class StatusError(ValueError):
 def ledger_status(state_dir: str | Path) -> dict[str, Any]:
     """The status document: spent_epsilon, max_epsilon, delta, groups, runs, entries, refusals."""
     state = Path(state_dir)
-    path = state / LEDGER_FILENAME
     if not state.is_dir():
         raise StatusError(f"{state} is not a folder: give the site's state dir (fl-client start --state-dir)")
+    from client.ledger import LEDGER_FILENAME, PrivacyLedger  # deferred: opacus; a wrong folder answers at once
+
+    path = state / LEDGER_FILENAME
     if not path.exists():
         return {"state_dir": str(state), "ledger": None, "spent_epsilon": 0.0, "max_epsilon": None, "delta": None,
                 "accountant": "rdp", "groups": [], "runs": [], "entries": [], "refusals": []}

@@ -40,6 +40,7 @@ class TrainSettings:
     steps: int | None = None  # DP: exact number of Poisson-sampled steps (the ledger's count)
     grad_sample_mode: str = "hooks"
     seed: int = 0  # non-DP runs only: data order (DP sampling and noise come from the site's OS randomness)
+    pos_weight: tuple[float, ...] = ()  # binary/multilabel: loss weight of each output's positives (run config pos-weight)
 
 
 @dataclass(frozen=True)
@@ -63,9 +64,9 @@ class EvalStats:
     num_positive: int
 
 
-def criterion_for(task: str) -> nn.Module:
+def criterion_for(task: str, pos_weight: tuple[float, ...] = ()) -> nn.Module:
     """Cross-entropy for multiclass (softmax); masked BCE on logits for binary/multilabel (common/losses.py)."""
-    return losses.criterion_for(task)
+    return losses.criterion_for(task, pos_weight)
 
 
 def _optimizer(model: nn.Module, s: TrainSettings) -> torch.optim.Optimizer:
@@ -114,7 +115,7 @@ def train_one_round(
     optimizer = _optimizer(model, settings)
     generator = torch.Generator().manual_seed(settings.seed)
     loader = DataLoader(dataset, batch_size=settings.batch_size, shuffle=True, generator=generator)
-    crit = criterion_for(settings.task)
+    crit = criterion_for(settings.task, settings.pos_weight)
     losses: list[float] = []
     seen = 0
     start = time.perf_counter()

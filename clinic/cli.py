@@ -20,25 +20,15 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from clinic.drift import (
-    REFERENCE_FILE,
-    REPORT_FILE,
-    Observation,
-    Window,
-    compare,
-    find_reference,
-    log_line,
-    plot,
-    reference_from_observations,
-    report,
-)
-from clinic.model import Scorer
-from clinic.outputs import build_outputs, write_outputs
-from clinic.predict import Skipped, iter_inputs, read_source, record, summary_line
 from common.cli import fedxray_version
-from common.onnx_export import OnnxModelError
-from common.reference import ReferenceError, parse_reference
+
+if TYPE_CHECKING:
+    from clinic.model import Scorer
+
+# torch, onnxruntime, pydicom and highdicom load only on the code paths that use them (clinic.* and
+# common.onnx_* import them): `fl-predict --help` and a usage error answer in well under a second.
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +48,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parsers()[command]
     args = parser.parse_args(rest)
     _setup_logging(args.verbose)
+    if not Path(args.model).is_file():  # before the heavy imports: a wrong path answers at once
+        _err(f"cannot use the model: {args.model} not found; give the model.onnx (or model.pt) of a fedxray run")
+        return EXIT_USAGE
+    from common.onnx_export import OnnxModelError
+
     try:
         if command == "serve":
             from clinic.serve import serve_main  # deferred: pynetdicom is only needed by the listener
@@ -74,9 +69,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def predict_main(args: argparse.Namespace) -> int:
     """Score every image under ``args.paths``; returns the exit status."""
+    from clinic.drift import Observation, Window
+    from clinic.model import Scorer
+    from clinic.outputs import build_outputs, write_outputs
+    from clinic.predict import Skipped, iter_inputs, read_source, record, summary_line
+
     out = Path(args.out) if args.out else None
     state = Path(args.state) if args.state else out
-    scorer = Scorer(args.model, heatmaps=bool(out) and not args.no_heatmap, threads=args.threads)
+    scorer = Scorer(args.model, heatmaps=bool(out) and not args.no_heatmap, threads=args.threads, device=args.device)
+    logger.info("scoring on %s", scorer.device)
     window = Window(state, scorer.identity.sha256) if state is not None else None
     observations: list[Observation] = []
     scored_count = skipped = 0
@@ -91,7 +92,7 @@ def predict_main(args: argparse.Namespace) -> int:
             _err(f"skipped {_one_line(str(err))}")
             skipped += 1
             continue
-        written: dict[str, str | None] = {"sr": None, "heatmap_png": None, "heatmap_dcm": None}
+        written: dict[str, Any] = {"sr": None, "heatmap_png": None, "heatmap_dcm": None, "heatmaps": {}}
         try:
             scored = scorer.score(source.pixels)
             if out is not None:
@@ -125,9 +126,13 @@ def predict_main(args: argparse.Namespace) -> int:
 
 def drift_main(args: argparse.Namespace) -> int:
     """Compare the rolling window under ``--state``/``--out`` with the reference; report and plot."""
+    from clinic.drift import REFERENCE_FILE, REPORT_FILE, Window, compare, find_reference, log_line, plot, report
+    from clinic.model import Scorer
+    from common.reference import ReferenceError
+
     state = Path(args.state or args.out)
     out = Path(args.out)
-    scorer = Scorer(args.model, heatmaps=False, threads=args.threads)
+    scorer = Scorer(args.model, heatmaps=False, threads=args.threads, device=args.device)
     if args.reference:
         reference = _reference_from_folder(scorer, Path(args.reference), state)
         if reference is None:
@@ -160,6 +165,10 @@ def drift_main(args: argparse.Namespace) -> int:
 
 def _reference_from_folder(scorer: Scorer, folder: Path, state: Path):  # -> Reference | None
     """Score the trusted images in ``folder``, save the reference to ``state``, return it parsed."""
+    from clinic.drift import REFERENCE_FILE, Observation, reference_from_observations
+    from clinic.predict import Skipped, iter_inputs, read_source
+    from common.reference import parse_reference
+
     observations = []
     for item in iter_inputs([folder]):
         if isinstance(item, Skipped):
@@ -187,6 +196,8 @@ def _reference_from_folder(scorer: Scorer, folder: Path, state: Path):  # -> Ref
 
 def quantize_main(args: argparse.Namespace) -> int:
     """Write an int8 copy of the model (clinic.quantize)."""
+    from clinic.model import Scorer
+    from clinic.predict import Skipped, iter_inputs
     from clinic.quantize import QuantizeError, quantize_model  # deferred: onnxruntime.quantization is slow to import
     from common.preprocess import load_pixels, to_model_input
 
@@ -218,6 +229,9 @@ def _parsers() -> dict[str, argparse.ArgumentParser]:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--model", required=True, help="fedxray model: model.onnx (fp32 or int8) or its TorchScript twin model.pt")
     common.add_argument("--threads", type=int, default=None, help="onnxruntime (or torch, for model.pt) threads (default: all cores)")
+    common.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                        help="auto: a GPU when onnxruntime-gpu sees one, else the CPU; cuda without one falls back to "
+                             "the CPU with a warning (default: auto)")
     common.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO) on stderr")
     common.add_argument("--version", action="version", version=f"fl-predict (fedxray) {fedxray_version()}")
 

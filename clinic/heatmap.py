@@ -70,7 +70,8 @@ class Explainer:
     computes the probabilities in every case, so the map and the score come from the same graph.
     """
 
-    def __init__(self, model_bytes: bytes, task: str, *, threads: int | None = None, attribution: bool = True) -> None:
+    def __init__(self, model_bytes: bytes, task: str, *, threads: int | None = None, attribution: bool = True,
+                 providers: list[str] | None = None) -> None:
         self.task = task
         options = ort.SessionOptions()
         if threads is not None:
@@ -85,7 +86,7 @@ class Explainer:
         if self.head is not None:
             proto.graph.output.append(onnx.helper.make_tensor_value_info(self.head.tensor, onnx.TensorProto.FLOAT, None))
             model_bytes = proto.SerializeToString()
-        self.session = ort.InferenceSession(model_bytes, sess_options=options, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(model_bytes, sess_options=options, providers=providers or ["CPUExecutionProvider"])
         if self.head is not None:
             error = self._check_decomposition()
             if error <= _CHECK_TOLERANCE:
@@ -192,7 +193,7 @@ def find_linear_head(proto: onnx.ModelProto) -> LinearHead | None:
     link = producer.get(OUTPUT_NAME)
     if link is None or link.op_type not in ("Sigmoid", "Softmax"):
         return None
-    node, scale, shift = _calibration(producer.get(link.input[0]), producer, consts)
+    node, scale, shift = calibration_nodes(producer.get(link.input[0]), producer, consts)
     linear = _linear_layer(node, producer, consts)
     if linear is None:
         return None
@@ -219,7 +220,7 @@ def _scalar(name: str, consts: dict[str, np.ndarray]) -> float | None:
     return float(value.reshape(-1)[0]) if value is not None and value.size == 1 else None
 
 
-def _calibration(
+def calibration_nodes(
     node: onnx.NodeProto | None, producer: dict[str, onnx.NodeProto], consts: dict[str, np.ndarray]
 ) -> tuple[onnx.NodeProto | None, float, float]:
     """Peel the export's calibration ``Add(Mul(logits, a), b)`` (common/calibration.py): (logit node, a, b).

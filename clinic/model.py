@@ -22,6 +22,7 @@ from numpy.typing import NDArray
 
 from clinic.heatmap import Explainer
 from clinic.torchscript import TorchScriptExplainer, open_model
+from common.devices import describe_providers, onnx_providers
 from common.onnx_export import OnnxClassifier
 from common.preprocess import to_model_input
 from common.torchscript_export import TorchScriptClassifier
@@ -29,6 +30,10 @@ from common.torchscript_export import TorchScriptClassifier
 logger = logging.getLogger(__name__)
 
 _UID_NAMESPACE = uuid.UUID("3c5c2a8e-1f4d-5b9a-8c0e-fedc11a1c000")
+
+
+#: heatmaps per image at most (multilabel: the top finding, then the other findings called positive)
+MAX_HEATMAPS = 3
 
 
 @dataclass(frozen=True)
@@ -90,6 +95,8 @@ class Scored:
     explained_label: str  # the label the attribution map is for
     attribution: NDArray[np.float32] | None  # [h, w] in logit units, None without heatmaps
     model_input: NDArray[np.float32]  # [1, 1, H, W]: what the model saw (drift statistics use it)
+    # multilabel: maps for the other findings called positive, most likely first (MAX_HEATMAPS in all)
+    more_attributions: dict[str, NDArray[np.float32]] = field(default_factory=dict)
 
 
 class Scorer:
@@ -99,10 +106,11 @@ class Scorer:
     ``heatmaps=False``, the attribution map.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, heatmaps: bool = True, threads: int | None = None) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, heatmaps: bool = True, threads: int | None = None,
+                 device: str = "cpu") -> None:
         self.path = Path(path)
         # model.onnx (fp32 or int8) or its TorchScript twin model.pt (clinic/torchscript.py): same metadata, same interface.
-        self.classifier: OnnxClassifier | TorchScriptClassifier = open_model(self.path, threads=threads)
+        self.classifier: OnnxClassifier | TorchScriptClassifier = open_model(self.path, threads=threads, device=device)
         data = self.path.read_bytes()
         meta = self.classifier.meta
         known = {"task", "labels", "input_size", "threshold", "model", "rounds", "sites", "epsilon", "created", "export_round"}
@@ -124,12 +132,19 @@ class Scorer:
         if isinstance(self.classifier, TorchScriptClassifier):
             self.explainer: Explainer = TorchScriptExplainer(self.classifier, self.identity.task, attribution=heatmaps)
         else:
-            self.explainer = Explainer(data, self.identity.task, threads=threads, attribution=heatmaps)
+            self.explainer = Explainer(data, self.identity.task, threads=threads, attribution=heatmaps,
+                                       providers=onnx_providers(device))
         self.heatmaps = heatmaps
 
     @property
     def input_size(self) -> tuple[int, int]:
         return self.classifier.input_size
+
+    @property
+    def device(self) -> str:
+        """Where scoring actually runs, 'cuda' or 'cpu' (a ``cuda`` request without a GPU fell back, with a warning)."""
+        session = self.explainer.session
+        return describe_providers(session) if hasattr(session, "get_providers") else "cpu"
 
     @property
     def heatmap_method(self) -> str | None:
@@ -142,12 +157,19 @@ class Scorer:
         batch_probs, maps = self.explainer.run(image)
         probs = batch_probs[0]
         explained = self._explained_label(probs)
-        index = ident.labels.index(explained)
-        attribution = None
-        if self.heatmaps:
-            attribution = maps[0, index] if maps is not None else self.explainer.occlusion(image, probs, index)
         probabilities = {label: float(p) for label, p in zip(ident.labels, probs)}
-        return Scored(probabilities, self.decide(probabilities), explained, attribution, image)
+        positive = self.decide(probabilities)
+        attribution, more = None, {}
+        if self.heatmaps:
+            def explain(label: str) -> NDArray[np.float32]:
+                index = ident.labels.index(label)
+                return maps[0, index] if maps is not None else self.explainer.occlusion(image, probs, index)
+
+            attribution = explain(explained)
+            if ident.task == "multilabel":  # a reader wants the evidence for every finding called, not only the top one
+                others = sorted((label for label in positive if label != explained), key=lambda k: -probabilities[k])
+                more = {label: explain(label) for label in others[: MAX_HEATMAPS - 1]}
+        return Scored(probabilities, positive, explained, attribution, image, more)
 
     def decide(self, probabilities: dict[str, float]) -> list[str]:
         """Labels called positive: ``p >= threshold`` of that label (as common.metrics); multiclass: the argmax."""

@@ -2,7 +2,8 @@
 
 ``DIR/<key>.sr.dcm`` (the SR), ``DIR/<key>.heatmap.png`` (the overlay) and
 ``DIR/<key>.heatmap.dcm`` (the overlay as a Secondary Capture), where ``<key>`` is the source's
-SOP Instance UID (a PNG/JPEG input: its file stem; it gets the PNG only, since an SR and a
+SOP Instance UID; a multilabel model adds ``DIR/<key>.<finding>.heatmap.png|dcm`` for the other
+findings called positive (a PNG/JPEG input: its file stem; it gets the PNG only, since an SR and a
 Secondary Capture must reference a DICOM study). Files appear atomically (temp file + rename),
 so a PACS import job watching the folder never picks up half a file. ``serve`` uses the same
 objects to send them by C-STORE.
@@ -15,6 +16,7 @@ import logging
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -40,22 +42,23 @@ class Outputs:
     overlay: NDArray[np.uint8] | None = None
     secondary_capture: Dataset | None = None
     problems: list[str] = field(default_factory=list)  # why something was not made (one line each)
+    label: str = ""  # the finding of ``overlay``
+    more_overlays: dict[str, NDArray[np.uint8]] = field(default_factory=dict)  # other findings' maps (multilabel)
+    more_captures: dict[str, Dataset] = field(default_factory=dict)
 
     def datasets(self) -> list[Dataset]:
-        """The DICOM objects to send to a PACS: SR first, then the heatmap."""
-        return [ds for ds in (self.sr, self.secondary_capture) if ds is not None]
+        """The DICOM objects to send to a PACS: SR first, then the heatmaps."""
+        return [ds for ds in (self.sr, self.secondary_capture, *self.more_captures.values()) if ds is not None]
 
 
 def build_outputs(source: Source, scored: Scored, scorer: Scorer, *, dicom: bool = True) -> Outputs:
     """Build the outputs of one image. ``dicom=False`` skips the SR and Secondary Capture."""
     out = Outputs(key=source.key)
-    ident = scorer.identity
     if scored.attribution is not None:
-        p = scored.probabilities[scored.explained_label]
-        threshold = ident.label_thresholds.get(scored.explained_label, ident.threshold)
-        caption = (f"fedxray {ident.name}: {scored.explained_label} p={p:.3f} (threshold {threshold:.3g}) "
-                   f"- decision support, not a diagnosis")
-        out.overlay = overlay(source.pixels, scored.attribution, caption)
+        out.label = scored.explained_label
+        out.overlay = overlay(source.pixels, scored.attribution, _caption(scorer, scored, scored.explained_label))
+        out.more_overlays = {label: overlay(source.pixels, attribution, _caption(scorer, scored, label))
+                             for label, attribution in scored.more_attributions.items()}
     if not dicom or source.header is None:
         return out
     with warnings.catch_warnings(record=True) as caught:
@@ -66,6 +69,13 @@ def build_outputs(source: Source, scored: Scored, scorer: Scorer, *, dicom: bool
     if caught:
         logger.debug("%d highdicom warning(s) about the source header (not shown: they may quote patient data)", len(caught))
     return out
+
+
+def _caption(scorer: Scorer, scored: Scored, label: str) -> str:
+    ident = scorer.identity
+    threshold = ident.label_thresholds.get(label, ident.threshold)
+    return (f"fedxray {ident.name}: {label} p={scored.probabilities[label]:.3f} (threshold {threshold:.3g}) "
+            f"- decision support, not a diagnosis")
 
 
 def _build_dicom(out: Outputs, source: Source, scored: Scored, scorer: Scorer) -> None:
@@ -86,6 +96,10 @@ def _build_dicom(out: Outputs, source: Source, scored: Scored, scorer: Scorer) -
             out.secondary_capture = build_secondary_capture(
                 header, out.overlay, scorer.identity, method=scorer.heatmap_method or "", label=scored.explained_label
             )
+            out.more_captures = {
+                label: build_secondary_capture(header, rgb, scorer.identity, method=scorer.heatmap_method or "", label=label, top=False)
+                for label, rgb in out.more_overlays.items()
+            }
         except Exception as err:
             out.problems.append(f"no heatmap Secondary Capture: the image header does not allow one ({_safe_reason(err)})")
 
@@ -97,19 +111,39 @@ def _safe_reason(err: Exception) -> str:
     return type(err).__name__
 
 
-def write_outputs(outputs: Outputs, folder: Path) -> dict[str, str | None]:
-    """Write what was built under ``folder``; returns {"sr", "heatmap_png", "heatmap_dcm"} -> path or None."""
+def write_outputs(outputs: Outputs, folder: Path) -> dict[str, Any]:
+    """Write what was built under ``folder``.
+
+    Returns {"sr", "heatmap_png", "heatmap_dcm"} -> path or None (the top finding's heatmap), and
+    "heatmaps": {finding: PNG path} for every heatmap written (multilabel: more than one).
+    """
     folder.mkdir(parents=True, exist_ok=True)
-    written: dict[str, str | None] = {"sr": None, "heatmap_png": None, "heatmap_dcm": None}
+    written: dict[str, Any] = {"sr": None, "heatmap_png": None, "heatmap_dcm": None, "heatmaps": {}}
     if outputs.sr is not None:
         written["sr"] = _write(folder / f"{outputs.key}.sr.dcm", dicom_bytes(outputs.sr))
     if outputs.overlay is not None:
-        buf = io.BytesIO()
-        Image.fromarray(outputs.overlay, mode="RGB").save(buf, format="PNG")
-        written["heatmap_png"] = _write(folder / f"{outputs.key}.heatmap.png", buf.getvalue())
+        written["heatmap_png"] = _write(folder / f"{outputs.key}.heatmap.png", _png(outputs.overlay))
+        written["heatmaps"][outputs.label] = written["heatmap_png"]
     if outputs.secondary_capture is not None:
         written["heatmap_dcm"] = _write(folder / f"{outputs.key}.heatmap.dcm", dicom_bytes(outputs.secondary_capture))
+    for label, rgb in outputs.more_overlays.items():
+        # <key>.<finding>.heatmap.png: still ends with .heatmap.png, so fl-predict never scores its own outputs
+        stem = f"{outputs.key}.{_slug(label)}.heatmap"
+        written["heatmaps"][label] = _write(folder / f"{stem}.png", _png(rgb))
+        if label in outputs.more_captures:
+            _write(folder / f"{stem}.dcm", dicom_bytes(outputs.more_captures[label]))
     return written
+
+
+def _png(rgb: NDArray[np.uint8]) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rgb, mode="RGB").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _slug(label: str) -> str:
+    """A finding's name as a file-name part: letters, digits, '-' and '_' only."""
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in label) or "finding"
 
 
 def dicom_bytes(ds: Dataset) -> bytes:

@@ -35,7 +35,7 @@ from onnx import numpy_helper
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from clinic.heatmap import find_linear_head
+from clinic.heatmap import calibration_nodes, find_linear_head
 from common.onnx_export import INPUT_NAME, OUTPUT_NAME, load_onnx_model
 
 METHODS = ("dynamic", "static")
@@ -144,8 +144,13 @@ def _final_linear_nodes(proto: onnx.ModelProto) -> list[str]:
         return []
     producer = {out: node for node in proto.graph.node for out in node.output}
     link = producer[OUTPUT_NAME]  # sigmoid / softmax: quantised, the probabilities would have 1/255 steps
+    names = [link.name]
     node = producer[link.input[0]]
-    names = [link.name, node.name]
+    logits, _, _ = calibration_nodes(node, producer, _constants(proto))
+    if logits is not node:  # the export's calibration Add(Mul(logits, a), b): two float scalars, kept
+        names += [node.name, *(producer[i].name for i in node.input if i in producer)]
+        node = logits
+    names.append(node.name)
     if node.op_type == "Gemm":
         names.append(node.name + "_MatMul")
         features = node.input[0]
@@ -159,6 +164,14 @@ def _final_linear_nodes(proto: onnx.ModelProto) -> list[str]:
     if pool is not None and pool.op_type in ("GlobalAveragePool", "ReduceMean"):
         names.append(pool.name)
     return [n for n in names if n]
+
+
+def _constants(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
+    consts = {init.name: numpy_helper.to_array(init) for init in proto.graph.initializer}
+    for node in proto.graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            consts[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    return consts
 
 
 def _sha256(path: Path) -> str:

@@ -26,11 +26,13 @@ SC_SERIES_NUMBER = 9902
 _ORIENTATION_DEFAULT = ("L", "F")  # PA chest: rows run to the patient's left, columns to the feet
 
 
-def build_secondary_capture(source: Dataset, rgb: NDArray[np.uint8], model: ModelIdentity, *, method: str, label: str) -> hd.sc.SCImage:
+def build_secondary_capture(source: Dataset, rgb: NDArray[np.uint8], model: ModelIdentity, *, method: str, label: str,
+                            top: bool = True) -> hd.sc.SCImage:
     """An RGB Secondary Capture of the overlay ``rgb`` [H, W, 3] in ``source``'s study.
 
     ``method`` and ``label`` go into the Derivation Description (how the map was made and for
     which finding). Patient and study attributes are copied from ``source`` by highdicom.
+    ``top=False``: the map of another finding of the same image (multilabel), with its own UID.
     """
     orientation = _orientation(source)
     sc = hd.sc.SCImage.from_ref_dataset(
@@ -41,7 +43,7 @@ def build_secondary_capture(source: Dataset, rgb: NDArray[np.uint8], model: Mode
         coordinate_system="PATIENT",
         series_instance_uid=model.uid("heatmap-series", source.StudyInstanceUID),
         series_number=SC_SERIES_NUMBER,
-        sop_instance_uid=model.uid("heatmap", source.SOPInstanceUID),
+        sop_instance_uid=model.uid("heatmap", source.SOPInstanceUID, *(() if top else (label,))),
         instance_number=int(source.get("InstanceNumber") or 1),
         manufacturer="fedxray",
         patient_orientation=orientation,

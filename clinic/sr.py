@@ -147,6 +147,8 @@ def build_sr(source: Dataset, scored: Scored, model: ModelIdentity, *, heatmap_m
             f" A heatmap (Secondary Capture, series 'fedxray heatmap') shows where the model found evidence for "
             f"{scored.explained_label} ({heatmap_method})."
         )
+        if scored.more_attributions:
+            statement += f" Further heatmaps in that series: {', '.join(scored.more_attributions)}."
     report[0].ContentSequence.append(
         hd.sr.TextContentItem(name=codes.DCM.Comment, value=statement, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
     )

@@ -12,22 +12,32 @@ model). Use ``model.onnx`` where heatmaps matter (docs/clinic.md).
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
 
 from clinic.heatmap import Explainer
+from common.devices import onnx_providers
 from common.onnx_export import OnnxClassifier, load_onnx_model
 from common.torchscript_export import TorchScriptClassifier, is_torchscript, load_torchscript_model
 
+logger = logging.getLogger(__name__)
 
-def open_model(path: str | os.PathLike[str], *, threads: int | None = None) -> OnnxClassifier | TorchScriptClassifier:
-    """The fedxray model in ``path``, ONNX (fp32 or int8) or TorchScript; raises OnnxModelError (or its subclass)."""
+def open_model(path: str | os.PathLike[str], *, threads: int | None = None,
+               device: str = "cpu") -> OnnxClassifier | TorchScriptClassifier:
+    """The fedxray model in ``path``, ONNX (fp32 or int8) or TorchScript; raises OnnxModelError (or its subclass).
+
+    ``device`` (common/devices.py) picks onnxruntime's execution providers; ``model.pt`` is scored
+    on the CPU (a ``cuda`` request says so once): the ONNX model is the one to run on a GPU.
+    """
     if is_torchscript(path):
+        if device == "cuda":
+            logger.warning("fl-predict scores model.pt on the CPU; for a GPU use model.onnx with onnxruntime-gpu")
         if threads is not None:  # --threads: torch's intra-op threads are per process (fl-predict is one model per process)
             torch.set_num_threads(threads)
         return load_torchscript_model(path)
-    return load_onnx_model(path, threads=threads)
+    return load_onnx_model(path, threads=threads, providers=onnx_providers(device))
 
 
 class TorchScriptExplainer(Explainer):

@@ -16,13 +16,14 @@ an operator fixes a configuration in one pass instead of one error per restart.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.labels import BLANK_CHOICES, UNCERTAIN_CHOICES, LabelError, LabelPolicy, parse_label_map
+from common.labels import BLANK_CHOICES, UNCERTAIN_CHOICES, LabelError, LabelPolicy, parse_label_map, parse_pos_weight
 
 MODEL_CHOICES = ("scatternet", "mobilenet_v2", "densenet121")
 HEAD_CHOICES = ("linear", "cnn")
@@ -41,8 +42,7 @@ DEVICE_CHOICES = ("auto", "cpu", "cuda")
 #: sets none of them. The RunConfig defaults are the scatternet ones.
 RECOMMENDED: dict[str, dict[str, Any]] = {
     "scatternet": {"optimizer": "sgd", "learning-rate": 1.0, "momentum": 0.9, "max-grad-norm": 0.1, "sample-rate": 1.0},
-    # Without DP nothing clips the gradients: SGD at 1.0 diverges; Adam 1e-3 was best of 1e-2/1e-3/1e-4
-    # on pooled validation (docs/results.md).
+    # Without DP nothing clips gradients: SGD at 1.0 diverges; Adam 1e-3 was best of 1e-2/1e-3/1e-4 on pooled validation (docs/results.md).
     "scatternet-no-dp": {"optimizer": "adam", "learning-rate": 1e-3, "sample-rate": 0.2},
     "cnn": {"optimizer": "adam", "learning-rate": 1e-3, "max-grad-norm": 1.0, "sample-rate": 0.0, "batch-size": 32},
 }
@@ -80,6 +80,7 @@ class RunConfig:
     label_column: str = ""  # labels.csv column the targets come from (e.g. subtype); "": chosen from the table (docs/tasks.md)
     uncertain: str = "ignore"  # a finding column's -1: ignore (masked from loss and metrics) | positive | negative
     blank: str = "negative"  # an empty finding cell (not mentioned): negative | ignore (masked)
+    pos_weight: str = "none"  # binary/multilabel BCE weight of positives: none | w | w1,w2,... per label; never from site counts
     local_epochs: int = 0  # passes over the site's training split per round (expected, under DP); 0: enough for MIN_DP_STEPS
     sample_rate: float = 1.0  # share of a site's training images per step (Poisson under DP); 0: use batch-size
     batch_size: int = 32  # used when sample-rate is 0: expected batch; under DP, Poisson rate batch/n_train
@@ -125,6 +126,11 @@ class RunConfig:
     def num_outputs(self) -> int:
         """Model outputs: 1 for a binary task (the positive finding), else one per label."""
         return 1 if self.task == "binary" else len(self.labels)
+
+    @property
+    def pos_weights(self) -> tuple[float, ...]:
+        """Loss weight of each output's positives (common.labels.parse_pos_weight); () for none."""
+        return parse_pos_weight(self.pos_weight, self.num_outputs)
 
     def model_kwargs(self) -> dict[str, Any]:
         """What common.models.build_model needs besides the name, so every caller builds the same model."""
@@ -294,8 +300,7 @@ def _one_of(problems: list[str], key: str, value: str, choices: tuple[str, ...])
 
 
 def _range(problems: list[str], key: str, value: float, lo: float, hi: float, *, lo_open: bool = False) -> None:
-    bad = value < lo or value > hi or (lo_open and value == lo)
-    if bad:
+    if value < lo or value > hi or (lo_open and value == lo):
         left = "(" if lo_open else "["
         problems.append(f"`{key}` = {value}: expected a value in {left}{lo}, {hi}]")
 
@@ -347,6 +352,11 @@ def _check_run(c: RunConfig) -> list[str]:
         p.append(f"`labels` = {','.join(c.labels)}: a binary task names exactly one positive finding")
     elif c.task == "multiclass" and len(c.labels) < 2:
         p.append("`labels`: a multiclass task needs at least two class names")
+    try:
+        if c.pos_weights and c.task == "multiclass":
+            p.append("`pos-weight` weighs sigmoid outputs (binary, multilabel); set none for a multiclass task")
+    except LabelError as err:
+        p.append(str(err))
     if len({lab.lower() for lab in c.labels}) != len(c.labels):
         p.append(f"`labels` = {','.join(c.labels)}: names must be unique (case-insensitive)")
     if "/" in c.run_name or c.run_name.startswith("."):
@@ -380,8 +390,6 @@ def _check_site(c: SiteConfig) -> list[str]:
 
 def to_toml(values: Mapping[str, Any]) -> str:
     """Flat ``key = value`` TOML, as `flwr run --run-config FILE` and ``--node-config`` read it."""
-    import json
-
     def one(value: Any) -> str:
         if isinstance(value, bool):
             return "true" if value else "false"

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from common.cache import SiteCache, file_sha256
+from common.cache import CACHE_VERSION, SiteCache, file_sha256, pack_digest
 from common.images import ImageError, is_image_file, read_image, resize_image, to_uint8
 from common.labels import (  # noqa: F401 - NEGATIVE_NAMES, POSITIVE_FLAGS: re-exported for callers
     NEGATIVE_NAMES,
@@ -144,15 +144,16 @@ def _decode(path: Path, salt: bytes | str, image_size: int | None) -> tuple[dict
 
 
 def _read_one(
-    path: Path, salt: bytes | str, image_size: int | None, cache: SiteCache | None
+    path: Path, salt: bytes | str, image_size: int | None, cache: SiteCache | None, key: str | None = None
 ) -> tuple[str, dict[str, Any] | None, np.ndarray | None, str | None]:
     """(content hash, meta, pixels, skip reason) for one file, through the cache when there is one."""
     from common.dicom import DicomError
 
-    try:
-        key = file_sha256(path)
-    except OSError as err:
-        return "", None, None, f"cannot read file ({err.strerror or err})"
+    if key is None:
+        try:
+            key = file_sha256(path)
+        except OSError as err:
+            return "", None, None, f"cannot read file ({err.strerror or err})"
     if cache is not None:
         entry = cache.get_meta(key)
         if entry is not None and not entry.get("ok", False):
@@ -179,6 +180,66 @@ def _read_one(
         if pixels is not None and image_size:
             cache.put_pixels(key, image_size, pixels)
     return key, meta, pixels, None
+
+
+_Read = tuple[str, "dict[str, Any] | None", "np.ndarray | None", "str | None"]
+
+
+def _read_all(todo: list[tuple[Path, str, tuple[str, ...]]], salt: bytes | str, image_size: int | None,
+              cache: SiteCache | None, progress: bool) -> list[_Read]:
+    """_read_one for every file, or one earlier scan's pack when nothing changed.
+
+    With a cache, a file is hashed only when its stat changed since the last scan (FileIndex), and
+    when every content hash matches an earlier scan at this image size, its pack answers at once.
+    """
+    index = cache.file_index() if cache is not None else None
+    keys: list[str | None] = []
+    failed: dict[int, str] = {}
+    for i, (path, _, _) in enumerate(todo):
+        try:
+            keys.append(index.sha256(path) if index is not None else None)
+        except OSError as err:
+            keys.append("")
+            failed[i] = f"cannot read file ({err.strerror or err})"
+    if index is not None:
+        index.save()
+    packable = cache is not None and image_size is not None and not failed
+    digest = pack_digest(CACHE_VERSION, image_size, keys) if packable else ""
+    if packable:
+        pack = cache.get_scan_pack(image_size, digest)  # type: ignore[union-attr,arg-type]
+        if pack is not None and len(pack[0]) == len(keys):
+            entries, stacked = pack
+            out: list[_Read] = []
+            j = 0
+            for key, entry in zip(keys, entries, strict=True):
+                if entry.get("key") != key:
+                    break
+                if entry.get("ok"):
+                    out.append((key, entry["meta"], stacked[j], None))
+                    j += 1
+                else:
+                    out.append((key, None, None, str(entry.get("reason", "unreadable"))))
+            else:
+                return out
+    iterator: Iterable[int] = range(len(todo))
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(iterator, desc="reading images", unit="file", leave=False)
+    results: list[_Read] = []
+    for i in iterator:
+        if i in failed:
+            results.append(("", None, None, failed[i]))
+        else:
+            results.append(_read_one(todo[i][0], salt, image_size, cache, keys[i]))
+    if packable and all(r[1] is not None or (cache.get_meta(r[0]) or {}).get("ok") is False for r in results):  # type: ignore[union-attr]
+        entries = [{"key": k, "ok": True, "meta": m} if m is not None else {"key": k, "ok": False, "reason": why}
+                   for k, m, _, why in results]
+        stacked = [p for _, m, p, _ in results if m is not None]
+        if all(p is not None for p in stacked):
+            empty = np.zeros((0, image_size, image_size), np.uint8)  # type: ignore[arg-type]
+            cache.put_scan_pack(image_size, digest, entries, np.stack(stacked) if stacked else empty)  # type: ignore[union-attr,arg-type]
+    return results
 
 
 def scan_site(
@@ -224,12 +285,8 @@ def scan_site(
     skipped: list[Skipped] = []
     missing_patient = Counter()
     seen_rel: set[str] = set()
-    iterator: Iterable[Path] = files
-    if progress:
-        from tqdm.auto import tqdm
-
-        iterator = tqdm(files, desc="reading images", unit="file", leave=False)
-    for path in iterator:
+    todo: list[tuple[Path, str, tuple[str, ...]]] = []
+    for path in files:
         rel = path.relative_to(root).as_posix()
         if labels is not None:
             classes = labels.by_file.get(rel)
@@ -244,7 +301,9 @@ def scan_site(
                 continue
             classes = (path.relative_to(root).parts[0],)
         seen_rel.add(rel)
-        key, meta, pixels, reason = _read_one(path, salt, image_size, cache)
+        todo.append((path, rel, tuple(classes)))
+    results = _read_all(todo, salt, image_size, cache, progress)
+    for (path, rel, classes), (key, meta, pixels, reason) in zip(todo, results, strict=True):
         if reason is not None or meta is None:
             skipped.append(Skipped(path, reason or "unreadable"))
             continue

@@ -33,6 +33,7 @@ from opacus.utils.tensor_utils import unfold2d
 from torch import nn
 from torch.utils.data import DataLoader
 
+from common.dp_linear import closed_form_step, linear_parts
 from common.models import DPConv2d
 
 log = logging.getLogger(__name__)
@@ -186,9 +187,13 @@ class PerSampleLoss(nn.Module):
         self.base.reduction = "none"
         self.reduction = reduction
 
-    def forward(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def per_sample(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The loss of each sample, shape [N]."""
         per_element = self.base(output, target)
-        per_sample = per_element.flatten(1).mean(dim=1) if per_element.dim() > 1 else per_element
+        return per_element.flatten(1).mean(dim=1) if per_element.dim() > 1 else per_element
+
+    def forward(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        per_sample = self.per_sample(output, target)
         if self.reduction == "none":
             return per_sample
         if self.reduction == "sum":
@@ -304,7 +309,8 @@ def site_generator(device: torch.device | str = "cpu") -> torch.Generator:
 PHYSICAL_BATCH = 512
 
 
-def dp_step(pt: PrivateTraining, x: torch.Tensor, y: torch.Tensor, *, physical_batch: int = PHYSICAL_BATCH) -> float:
+def dp_step(pt: PrivateTraining, x: torch.Tensor, y: torch.Tensor, *, physical_batch: int = PHYSICAL_BATCH,
+            closed_form: bool = True) -> float:
     """One DP-SGD step on a batch: forward, loss, backward, clip+noise step; returns the loss.
 
     An empty batch (possible under Poisson sampling) still takes a step: the noise is added
@@ -312,8 +318,15 @@ def dp_step(pt: PrivateTraining, x: torch.Tensor, y: torch.Tensor, *, physical_b
     A batch over ``physical_batch`` images goes through in chunks (Opacus' skipped steps, as
     its BatchMemoryManager does): each chunk's per-sample gradients are clipped and summed,
     and only the last chunk adds the noise, scales by the expected batch and counts the step.
+    A linear head on fixed features (the ScatterNet default) takes :func:`closed_form_step`
+    instead of Opacus' hooks (``closed_form=False`` forces the hooks, e.g. to compare).
     """
     pt.model.train()
+    if closed_form and x.shape[0] > 0 and pt.mode != "ghost" and isinstance(pt.criterion, PerSampleLoss):
+        parts = linear_parts(getattr(pt.model, "_module", pt.model), pt.optimizer)
+        if parts is not None:
+            pt.optimizer.zero_grad(set_to_none=True)
+            return closed_form_step(pt.optimizer, parts, pt.criterion.per_sample, x, y)
     pt.optimizer.zero_grad()
     if x.shape[0] == 0 and pt.mode != "ghost":
         # functorch and ew cannot run a 0-sample forward; no samples means zero per-sample

@@ -73,6 +73,27 @@ class LabelPolicy:
         return self.label_map.get(key(site_name), site_name)
 
 
+def parse_pos_weight(text: str, n_outputs: int) -> tuple[float, ...]:
+    """Loss weight of each output's positives from the run config's ``pos-weight``; () means none.
+
+    "none" (or "") gives (); one number weighs every output's positives by it; comma-separated
+    numbers give one weight per output, in the order of the run's labels. The coordinator fixes
+    them: a site never derives them from its own label counts (under DP those are not accounted).
+    """
+    text = str(text).strip().strip("[]()").strip()
+    if text.lower() in ("", "none"):
+        return ()
+    try:
+        weights = tuple(float(v) for v in text.split(","))
+    except ValueError as err:
+        raise LabelError(f"`pos-weight` = {text!r}: give none, one number, or one number per label (e.g. 1,4,6)") from err
+    if len(weights) not in (1, n_outputs):
+        raise LabelError(f"`pos-weight` = {text!r}: {len(weights)} weights for {n_outputs} labels; give one, or one per label")
+    if not all(0.0 < w <= 1000.0 for w in weights):
+        raise LabelError(f"`pos-weight` = {text!r}: every weight must lie in (0, 1000]")
+    return weights * n_outputs if len(weights) == 1 else weights
+
+
 def parse_label_map(text: str) -> dict[str, str]:
     """A site's ``label-map``: inline ``site name=federation name`` pairs separated by ';', or a file
     with one pair per line (``=`` or ``,`` between the names; ``#`` starts a comment)."""

@@ -38,6 +38,7 @@ from common.pooled_metrics import histogram_threshold as histogram_threshold
 from common.pooled_metrics import noised_histograms as noised_histograms
 from common.pooled_metrics import pooled_auc_from_histograms as pooled_auc_from_histograms
 from common.pooled_metrics import pooled_roc_from_histograms as pooled_roc_from_histograms
+from common.pooled_metrics import robust_histogram_threshold as robust_histogram_threshold
 from common.pooled_metrics import score_histograms as score_histograms
 from common.roc import MetricsError as MetricsError
 from common.roc import ThresholdMethod as ThresholdMethod
@@ -70,6 +71,7 @@ __all__ = [
     "score_histograms",
     "noised_histograms",
     "histogram_threshold",
+    "robust_histogram_threshold",
     "histogram_rates",
     "histogram_loss",
     "EVAL_EDGES",

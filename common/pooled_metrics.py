@@ -160,3 +160,45 @@ def pooled_roc_from_histograms(
     tpr = tp / tp[-1] if tp[-1] else np.full(tp.shape, np.nan)
     fpr = fp / fp[-1] if fp[-1] else np.full(fp.shape, np.nan)
     return fpr, tpr
+
+
+# --------------------------------------------------------------------------- per-finding threshold rule
+
+#: How a finding's decision threshold was chosen (metrics.json ``threshold_rule``; docs/tasks.md).
+THRESHOLD_RULES = ("youden", "prevalence", "default")
+#: Fewer pooled validation positives than this (a noised count) and Youden's J is not trusted.
+MIN_THRESHOLD_POSITIVES = 10.0
+#: A Youden threshold in the outermost bins at either end (with EVAL_EDGES: below 7.9e-4 or above
+#: 0.9992, logit beyond +-7.1) is not trusted: that is where the noise in empty bins decides.
+EXTREME_BINS = 2
+#: Nor one whose sensitivity or specificity falls below this: it calls (almost) every image one way.
+MIN_RATE = 0.1
+
+
+def robust_histogram_threshold(hists: Sequence[Mapping[str, Sequence[float]]], edges: ArrayLike,
+                               *, min_positives: float = MIN_THRESHOLD_POSITIVES) -> tuple[float, str]:
+    """(threshold, rule) for one finding from pooled (noised) histograms; rule is one of :data:`THRESHOLD_RULES`.
+
+    ``youden``: :func:`histogram_threshold`, kept when the signed pooled positives reach
+    ``min_positives`` and the threshold is a real operating point: not in the :data:`EXTREME_BINS`
+    outermost bins at either end, sensitivity and specificity both at least :data:`MIN_RATE`.
+    Otherwise ``prevalence``: the bin edge at which the share of validation images called positive
+    is closest to the pooled prevalence P / (P + N), both from the signed noised counts (unbiased:
+    zero-mean noise, where clipping each count at zero adds mass to every empty bin). ``default``:
+    0.5 when a class's signed total is not positive. benchmarks/threshold_rules.py measures both
+    rules on simulated NIH-sized validation sets at eval-noise 10 (docs/tasks.md).
+    """
+    pos, neg = _sum_histograms(hists, clip=False)
+    if pos.sum() <= 0 or neg.sum() <= 0:
+        return 0.5, "default"
+    e = np.asarray(edges, dtype=np.float64)
+    threshold = histogram_threshold(hists, e)
+    sens, spec = histogram_rates(hists, threshold, e)
+    k = int(np.searchsorted(e, threshold, side="left"))
+    interior = EXTREME_BINS < k < pos.size - EXTREME_BINS
+    if pos.sum() >= min_positives and interior and min(sens, spec) >= MIN_RATE:
+        return threshold, "youden"
+    total = pos + neg
+    called = np.cumsum(total[::-1])[::-1] / total.sum()  # called[k]: share at or above edge k (signed counts)
+    k = 1 + int(np.argmin(np.abs(called[1:] - pos.sum() / total.sum())))  # edge 0 would call every image positive
+    return float(e[k]), "prevalence"

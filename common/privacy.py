@@ -19,12 +19,15 @@ import numbers
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 from opacus.accountants import RDPAccountant, create_accountant
 from opacus.accountants.analysis import rdp as rdp_analysis
 from opacus.accountants.utils import get_noise_multiplier
+
+from common.accountant_cache import AccountantCache
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +111,24 @@ def _rdp_of_one_step(noise_multiplier: float, sample_rate: float) -> tuple[float
     )
 
 
-def _epsilon(history: list[tuple[float, float, int]], delta: float, accountant: str) -> float:
+def _rdp_curve(noise_multiplier: float, sample_rate: float, cache: AccountantCache | None) -> tuple[float, ...]:
+    """:func:`_rdp_of_one_step`, through the site's accountant cache when one is given."""
+    if cache is None:
+        return _rdp_of_one_step(noise_multiplier, sample_rate)
+    curve = cache.rdp(noise_multiplier, sample_rate)
+    if curve is None:
+        curve = _rdp_of_one_step(noise_multiplier, sample_rate)
+        cache.put_rdp(noise_multiplier, sample_rate, curve)
+    return curve
+
+
+def accountant_cache(state_dir: str | Path) -> AccountantCache:
+    """The accountant cache of a site's state dir, for :func:`plan_dp` and :func:`epsilon_for`."""
+    return AccountantCache(state_dir, _RDP_ORDERS)
+
+
+def _epsilon(history: list[tuple[float, float, int]], delta: float, accountant: str,
+             cache: AccountantCache | None = None) -> float:
     """Epsilon of a composed history of (noise_multiplier, sample_rate, steps) entries.
 
     Each entry is self-composed ``steps`` times and the entries are composed with each other:
@@ -120,7 +140,7 @@ def _epsilon(history: list[tuple[float, float, int]], delta: float, accountant: 
     if accountant == "rdp":
         total = np.zeros(len(_RDP_ORDERS))
         for sigma, q, steps in history:
-            total += steps * np.asarray(_rdp_of_one_step(float(sigma), float(q)))
+            total += steps * np.asarray(_rdp_curve(float(sigma), float(q), cache))
         eps, _ = rdp_analysis.get_privacy_spent(orders=_RDP_ORDERS, rdp=total, delta=delta)
         return float(eps)
     acc = create_accountant(mechanism=accountant)
@@ -128,13 +148,14 @@ def _epsilon(history: list[tuple[float, float, int]], delta: float, accountant: 
     return float(acc.get_epsilon(delta=delta))
 
 
-def epsilon_for(history: Iterable[DpStep], delta: float, accountant: str = "rdp") -> float:
+def epsilon_for(history: Iterable[DpStep], delta: float, accountant: str = "rdp",
+                cache: AccountantCache | None = None) -> float:
     """Cumulative epsilon at ``delta`` of a list of contributions, composed in any order.
 
     Each contribution may have its own noise multiplier, sample rate and step count. Entries with
     the same (noise multiplier, sample rate) are merged first (adding their steps), which leaves
     the result unchanged for both accountants and keeps long ledgers cheap to evaluate.
-    An empty history has spent nothing (0.0).
+    An empty history has spent nothing (0.0). ``cache``: the site's accountant cache (RDP curves).
     """
     _check_accountant(accountant)
     if not 0.0 < delta < 1.0:
@@ -154,7 +175,10 @@ def epsilon_for(history: Iterable[DpStep], delta: float, accountant: str = "rdp"
         key = (float(item.noise_multiplier), float(item.sample_rate))
         merged[key] = merged.get(key, 0) + int(item.steps)
     entries = [(sigma, q, steps) for (sigma, q), steps in sorted(merged.items()) if steps > 0]
-    return _epsilon(entries, delta, accountant)
+    eps = _epsilon(entries, delta, accountant, cache)
+    if cache is not None:
+        cache.save()
+    return eps
 
 
 def _plan_problems(
@@ -244,12 +268,15 @@ def plan_dp(
     noise_multiplier: float | None = None,
     target_epsilon: float | None = None,
     accountant: str = "rdp",
+    cache: AccountantCache | None = None,
 ) -> DpPlan:
     """Plan one run's DP-SGD on a site's training split of ``n_train`` images.
 
     Give ``noise_multiplier`` to get the epsilon it costs, or ``target_epsilon`` to get the
     smallest noise (within 0.1 %) whose ``rounds`` rounds spend at most ``target_epsilon``.
-    Raises ``ValueError`` listing every bad input. Logs a warning when ``delta >= 1 / n_train``:
+    ``cache``: the site's accountant cache (common.accountant_cache): the noise found for these exact
+    inputs and the RDP curves, reused across processes; a cached noise is used only if it still
+    spends at most ``target_epsilon``. Raises ``ValueError`` listing every bad input. Logs a warning when ``delta >= 1 / n_train``:
     such a delta allows a mechanism that leaks one whole record outright.
     """
     problems = _plan_problems(
@@ -278,15 +305,31 @@ def plan_dp(
     steps_per_round = -(-local_epochs * n_train // batch_size)
     total_steps = rounds * steps_per_round
 
+    search = (float(target_epsilon), float(delta), sample_rate, total_steps, accountant,
+              EPSILON_REL_TOLERANCE) if target_epsilon is not None else None
+    cached = cache.noise(*search) if cache is not None and search is not None else None
     if noise_multiplier is not None:
         sigma = float(noise_multiplier)
+    elif cached is not None:
+        sigma = cached
     elif target_epsilon is not None:
         sigma = noise_for_target(target_epsilon, delta, sample_rate, total_steps, accountant)
     else:  # unreachable: _plan_problems demands exactly one of the two
         raise ValueError("give exactly one of noise_multiplier or target_epsilon")
 
-    per_round = _epsilon([(sigma, sample_rate, steps_per_round)], delta, accountant)
-    planned = _epsilon([(sigma, sample_rate, total_steps)], delta, accountant)
+    per_round = _epsilon([(sigma, sample_rate, steps_per_round)], delta, accountant, cache)
+    planned = _epsilon([(sigma, sample_rate, total_steps)], delta, accountant, cache)
+    if cached is not None and target_epsilon is not None and planned > target_epsilon:
+        # A cache entry must never weaken DP: one that overspends is ignored and searched again.
+        logger.warning("cached noise multiplier %.4f spends epsilon %.4f > target %g: searching again",
+                       sigma, planned, target_epsilon)
+        cached, sigma = None, noise_for_target(target_epsilon, delta, sample_rate, total_steps, accountant)
+        per_round = _epsilon([(sigma, sample_rate, steps_per_round)], delta, accountant, cache)
+        planned = _epsilon([(sigma, sample_rate, total_steps)], delta, accountant, cache)
+    if cache is not None:
+        if search is not None and cached is None:
+            cache.put_noise(*search, sigma)
+        cache.save()
     plan = DpPlan(
         noise_multiplier=sigma,
         sample_rate=sample_rate,

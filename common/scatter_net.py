@@ -40,6 +40,23 @@ class ScatterHead(nn.Module):
             )
             self.classifier = nn.Linear(64, num_outputs)
 
+    def linear_parts(self):  # -> tuple[Callable[[Tensor], tuple[Tensor, Tensor]], nn.Linear] | None
+        """(the fixed, parameter-free map before the classifier, the classifier) for the linear head, else None:
+        what lets DP-SGD compute its per-sample gradients in closed form (common.dp_linear)."""
+        return (self.normed, self.classifier) if self.conv is None else None
+
+    def normed(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(GroupNorm output, its squared L2 norm per sample), the norm from the GroupNorm's own statistics.
+
+        Each group of n values is scaled to variance var/(var+eps), so its squared norm is n (1 - eps rstd^2):
+        no second pass over the features (common.dp_linear needs these norms for clipping).
+        """
+        n, c = features.shape[:2]
+        groups, eps = self.norm.num_groups, self.norm.eps
+        out, _, rstd = torch.native_group_norm(features, None, None, n, c, features[0, 0].numel(), groups, eps)
+        per_group = (c // groups) * features[0, 0].numel()
+        return out, (1.0 - eps * rstd.square()).sum(dim=1) * per_group
+
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """Scattering coefficients [N, K, h, w] -> logits [N, num_outputs]."""
         x = self.norm(features)

@@ -26,6 +26,8 @@ removed ``scipy.special.sph_harm``).
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 from kymatio.scattering2d.filter_bank import filter_bank
@@ -60,6 +62,13 @@ def _dft_matrices(n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(np.cos(angle).astype(np.float32)), torch.from_numpy(np.sin(angle).astype(np.float32))
 
 
+@functools.lru_cache(maxsize=8)
+def _filter_bank(height: int, width: int, J: int, L: int) -> dict:
+    """kymatio's filter bank, memoised: a pure function of its arguments that takes ~0.5 s, and a site
+    builds the model for every message (simulation reuses the process). Callers copy what they keep."""
+    return filter_bank(height, width, J, L)
+
+
 class Scattering2D(nn.Module):
     """Second-order 2D scattering of [B, H, W] (or [B, 1, H, W]) real images -> [B, K, H', W'].
 
@@ -84,10 +93,10 @@ class Scattering2D(nn.Module):
         # [left, right, top, bottom] as torch's pad wants it; kymatio pads the extra pixel at the end.
         self._pad = (pn // 2, (pn + 1) // 2, pm // 2, (pm + 1) // 2)
 
-        bank = filter_bank(self.padded[0], self.padded[1], J, L)
+        bank = _filter_bank(self.padded[0], self.padded[1], J, L)
         # Low-pass phi at every resolution 0..J-1; wavelets psi[j][res] stacked over theta: [L, h, w].
         for res, phi in enumerate(bank["phi"]["levels"]):
-            self.register_buffer(f"phi_{res}", torch.from_numpy(np.asarray(phi, np.float32)), persistent=False)
+            self.register_buffer(f"phi_{res}", torch.from_numpy(np.array(phi, np.float32)), persistent=False)
         for j in range(J):
             by_theta = [p for p in bank["psi"] if p["j"] == j]
             for res in range(len(by_theta[0]["levels"])):

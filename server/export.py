@@ -134,7 +134,7 @@ def label_metadata(run: RunConfig, chosen: dict) -> dict[str, str]:
     figures = chosen.get("labels") or {}
     activation = "softmax" if run.task == "multiclass" else "sigmoid"
     outputs = [{"index": i, "label": label, "activation": activation, **{k: figures.get(label, {}).get(k)
-                                                                         for k in ("auc", "threshold")}}
+                                                                         for k in ("auc", "threshold", "threshold_rule")}}
                for i, label in enumerate(run.labels)]
     out = {"fedxray.outputs": json.dumps(json_safe(outputs))}
     thresholds = {label: f["threshold"] for label, f in figures.items() if f.get("threshold") is not None}

@@ -165,12 +165,17 @@ def label_lines(record: dict[str, Any], task: str) -> list[str]:
     for label, f in figures.items():
         ci = hanley_mcneil_ci(f.get("auc"), f.get("positives") or 0, f.get("negatives") or 0)
         auc = _fmt(f.get("auc")) + (f" ({ci[0]:.3f}-{ci[1]:.3f})" if ci else "")
+        rule = f" ({f['threshold_rule']})" if f.get("threshold_rule") else ""
         lines.append(f"| {label} | {auc} | "
-                     f"{_fmt(f.get('threshold'))} | {_fmt(f.get('sensitivity'))} | {_fmt(f.get('specificity'))} | "
+                     f"{_fmt(f.get('threshold'))}{rule} | {_fmt(f.get('sensitivity'))} | {_fmt(f.get('specificity'))} | "
                      f"{_fmt(f.get('positives'), 0)} | {_fmt(f.get('negatives'), 0)} |")
         if (f.get("positives") or 0) < MIN_VALIDATION_POSITIVES:
             few.append(label)
     lines.append("")
+    if any(f.get("threshold_rule") == "prevalence" for f in figures.values()):
+        lines.append("- threshold (prevalence): Youden's J was unreliable for that finding (too few validation positives, "
+                     "or a degenerate ROC calling almost every image one way); its threshold calls positive the pooled "
+                     "validation prevalence of images instead (docs/tasks.md)")
     if few:
         lines.append(f"- **WARNING**: too few validation positives (< {MIN_VALIDATION_POSITIVES}) to rely on the AUC "
                      f"of {', '.join(few)}")

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from common.metrics import weighted_mean
+from common.pooled_metrics import THRESHOLD_RULES
 from server.checkpoint import Checkpoint, load_best, save_best, save_checkpoint
 from server.report import write_metrics
 from server.strategy import strategy_state
@@ -73,13 +74,15 @@ def round_record(strategy: Any, r: int, seconds: float) -> dict[str, Any]:
 
 
 def per_label(pooled: dict[str, Any], labels: tuple[str, ...]) -> dict[str, dict[str, float]]:
-    """{class or finding name: pooled AUC, threshold (multilabel), sensitivity, specificity, positives, negatives}."""
+    """{class or finding name: pooled AUC, threshold and threshold_rule (multilabel), sensitivity, specificity, positives, negatives}."""
     out: dict[str, dict[str, float]] = {}
     for c, name in enumerate(labels):
         figures = {field: pooled[f"{key}-{c}"] for field, key in (
             ("auc", "pooled-auc"), ("threshold", "threshold"), ("sensitivity", "sensitivity"),
             ("specificity", "specificity"), ("positives", "positives"), ("negatives", "negatives"))
             if f"{key}-{c}" in pooled}
+        if f"threshold-rule-{c}" in pooled:  # how the threshold was chosen (common.pooled_metrics.THRESHOLD_RULES)
+            figures["threshold_rule"] = THRESHOLD_RULES[int(pooled[f"threshold-rule-{c}"])]
         if figures:
             out[name] = figures
     return out

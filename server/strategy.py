@@ -31,6 +31,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrim
 
 from common import metrics
 from common.config import RunConfig
+from common.pooled_metrics import THRESHOLD_RULES
 from common.privacy import noise_for_target
 
 log = logging.getLogger("flwr.fedxray.strategy")  # reaches the run log through Flower's handler
@@ -302,16 +303,19 @@ class FedxrayMixin:
 def class_metrics(c: str, hists: list[dict[str, list[float]]], *, multilabel: bool) -> dict[str, float]:
     """Pooled one-vs-rest figures of class / finding ``c`` (its output index) from the sites' noised histograms.
 
-    Multilabel: the finding's own threshold (Youden's J on the pooled histograms) with its sensitivity
-    and specificity. Multiclass decides by the most likely class, so no threshold is chosen.
+    Multilabel: the finding's own threshold (Youden's J on the pooled histograms, or the prevalence-matched
+    one where Youden's is unreliable: common.pooled_metrics.robust_histogram_threshold) with its sensitivity,
+    specificity and ``threshold-rule-<c>`` (the rule's index in THRESHOLD_RULES; a MetricRecord holds numbers).
+    Multiclass decides by the most likely class, so no threshold is chosen.
     """
     pos = np.clip(np.sum([np.asarray(h["pos"], float) for h in hists], axis=0), 0.0, None)
     neg = np.clip(np.sum([np.asarray(h["neg"], float) for h in hists], axis=0), 0.0, None)
     out = {f"pooled-auc-{c}": metrics.pooled_auc_from_histograms(hists),
            f"positives-{c}": float(pos.sum()), f"negatives-{c}": float(neg.sum())}
     if multilabel:
-        threshold = metrics.histogram_threshold(hists, metrics.EVAL_EDGES)
+        threshold, rule = metrics.robust_histogram_threshold(hists, metrics.EVAL_EDGES)
         out[f"threshold-{c}"] = threshold
+        out[f"threshold-rule-{c}"] = float(THRESHOLD_RULES.index(rule))
         out[f"sensitivity-{c}"], out[f"specificity-{c}"] = metrics.histogram_rates(hists, threshold, metrics.EVAL_EDGES)
         out[f"eval-loss-{c}"] = metrics.histogram_loss(hists, metrics.EVAL_EDGES)
     return out

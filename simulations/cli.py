@@ -24,7 +24,13 @@ from client.check import summarize
 from common.cli import fedxray_version
 from common.dataset import scan_site
 from common.dicom import DEFAULT_SALT
-from simulations.cli_run import SYNTHETIC_LOCAL_EPOCHS, cmd_resume, cmd_run
+from simulations.cli_run import (
+    SYNTHETIC_LOCAL_EPOCHS,
+    SYNTHETIC_PATIENTS_MIN,
+    SYNTHETIC_PATIENTS_TOTAL,
+    cmd_resume,
+    cmd_run,
+)
 from simulations.hospitals import SimulationError, make_hospitals_from_images, make_synthetic_hospitals
 from simulations.study import StudyError, render_goals, render_table, run_study, settings_from_args
 
@@ -41,9 +47,11 @@ def cmd_make_hospitals(args: argparse.Namespace) -> int:
                 image_size=args.image_size, progress=sys.stderr.isatty(),
             )
         else:
+            from simulations.federation import usable_cpus
+
             manifest = make_synthetic_hospitals(
                 out, args.sites, patients_per_site=args.patients, partition=args.partition, alpha=args.alpha,
-                seed=args.seed, progress=sys.stderr.isatty(),
+                seed=args.seed, progress=sys.stderr.isatty(), workers=usable_cpus(),
             )
     except (SimulationError, FileExistsError) as err:
         print(f"fl-sim make-hospitals: {err}", file=sys.stderr)
@@ -107,7 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image set: share of patients held out as a test set the federation never sees")
     p.add_argument("--data", help="hospital folders (one per site), or an image set with labels.csv to partition")
     p.add_argument("--max-images", type=int, help="image set: use at most this many images")
-    p.add_argument("--patients", type=int, default=500, help="synthetic: mean patients per hospital")
+    p.add_argument("--patients", type=int, default=None,
+                   help="synthetic: mean patients per hospital (default: 500, or fewer when there are many hospitals: "
+                   f"{SYNTHETIC_PATIENTS_TOTAL:,} patients in all, at least {SYNTHETIC_PATIENTS_MIN} per hospital)")
     p.add_argument("--init", metavar="PATH", help="start from local weights (a state_dict, or torchvision weights from your "
                    "own cache; with --set train-part=head for DP fine-tuning of a CNN)")
     p.add_argument("--no-dp", action="store_true", help="train without DP (the simulated sites allow it)")
@@ -127,12 +137,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpus-per-site", type=float, default=1.0, help="CPU cores each simulated site gets (Ray)")
     p.add_argument("--gpus-per-site", type=float, default=None,
                    help="GPU share per simulated site (default: the GPU split between the sites when there is one)")
+    p.add_argument("--ray-address", metavar="HOST:PORT",
+                   help="run the simulated sites on this existing Ray cluster (the head's address, as `ray start --head` "
+                   "prints it) instead of a private Ray on this machine; every node needs fedxray and the simulation "
+                   "folder at the same paths (docs/operations.md)")
     p.add_argument("--progress", action="store_true", help="progress bar even when not on a terminal")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("resume", help="continue a simulated run from its last checkpoint")
     p.add_argument("sim_dir", help="the fl-sim folder (runs/sim-...)")
     p.add_argument("--cpus-per-site", type=float, default=1.0, help="CPU cores each simulated site gets (Ray)")
+    p.add_argument("--ray-address", metavar="HOST:PORT", help="run on this existing Ray cluster (see `fl-sim run --help`)")
     p.set_defaults(func=cmd_resume)
 
     p = sub.add_parser("study", help="pooled vs alone vs federated, DP, leave-one-hospital-out, NIH transfer (docs/results.md)")

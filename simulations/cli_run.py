@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import time
 import tomllib
@@ -22,6 +23,7 @@ from common.config import ConfigError, RunConfig, recommended_settings
 from common.dataset import site_salt
 from server.tracking import tracking_hint
 from simulations.hospitals import MANIFEST_FILE, SimulationError, make_hospitals_from_images, make_synthetic_hospitals
+from simulations.progress import MAX_SITES_LISTED
 
 # The phantom's opacity is faint against the anatomy's variation; a linear head on its scattering
 # features needs about 500 DP steps to find it (docs/models.md, "the synthetic demo"), more than the
@@ -29,13 +31,34 @@ from simulations.hospitals import MANIFEST_FILE, SimulationError, make_hospitals
 # rate (480 steps) for hospitals it synthesises itself.
 SYNTHETIC_LOCAL_EPOCHS = 12
 SYNTHETIC_SAMPLE_RATE = 0.2
+# Synthetic hospitals made by `fl-sim run`: 500 patients each by default, but at most this many in
+# all (at least SYNTHETIC_PATIENTS_MIN each), so 100 or 1,000 hospitals stay a run of minutes on a
+# laptop rather than 100,000 DICOM files to write, decode and train on; --patients overrides it.
+SYNTHETIC_PATIENTS = 500
+SYNTHETIC_PATIENTS_TOTAL = 5000
+SYNTHETIC_PATIENTS_MIN = 12
+# Synthetic phantoms are stored at most this many times the run's image size: drawing, encoding and
+# decoding a 352 px matrix for a 32 px model costs about 4 times the CPU and adds nothing the model sees.
+# Runs at 64 px or more keep the archetypes' native 256-400 px matrices (and the demo its figures).
+SYNTHETIC_MATRIX_FACTOR = 4
+NATIVE_MATRIX_MIN = 256
+
+
+def synthetic_matrix_cap(image_size: int) -> int | None:
+    """Largest stored matrix side for synthetic hospitals of a run at ``image_size`` px (None: native)."""
+    cap = SYNTHETIC_MATRIX_FACTOR * image_size
+    return max(64, cap) if cap < NATIVE_MATRIX_MIN else None
+
+
+def synthetic_patients(n_sites: int, patients: int | None) -> int:
+    """Mean patients per synthetic hospital: the user's, else 500 capped by the federation-wide total."""
+    if patients is not None:
+        return patients
+    return max(SYNTHETIC_PATIENTS_MIN, min(SYNTHETIC_PATIENTS, SYNTHETIC_PATIENTS_TOTAL // max(1, n_sites)))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Simulated hospitals (made or given) -> sites.json -> Flower simulation -> run directory."""
-    # Deferred: simulations.federation imports torch (through client.site); fl-sim --help stays quick.
-    from simulations.federation import SimulationRunError, run_app, write_sites
-
     out = Path(args.out).resolve()
     name = args.name or time.strftime("sim-%Y%m%d-%H%M%S")
     sim_root = out / name
@@ -81,6 +104,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ConfigError as err:
         print(f"fl-sim: {err}", file=sys.stderr)
         return 2
+    # Deferred past the checks, so --help and bad input answer in well under a second (fl-sim's own
+    # process never imports torch before the run: see _cuda_available).
+    from simulations.federation import SimulationRunError, run_app, usable_cpus, write_sites
+
     try:
         if image_set:
             print(f"partitioning the image set {data} into {args.sites} hospitals ({partition}), "
@@ -92,9 +119,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         elif data is not None:
             site_dirs = sorted(p for p in data.iterdir() if p.is_dir() and p.name != "holdout")
         else:
-            print(f"making {args.sites} synthetic hospitals ({partition}, about {args.patients} patients each) ...")
-            make_synthetic_hospitals(hospitals, args.sites, patients_per_site=args.patients, partition=partition,
-                                     alpha=args.alpha, seed=args.seed, progress=sys.stderr.isatty())
+            patients = synthetic_patients(args.sites, args.patients)
+            matrix = synthetic_matrix_cap(args.image_size)
+            stored = f", stored at most {matrix} px" if matrix else ""
+            print(f"making {args.sites} synthetic hospitals ({partition}, about {patients} patients each{stored}) ...",
+                  flush=True)
+            t0 = time.monotonic()
+            make_synthetic_hospitals(hospitals, args.sites, patients_per_site=patients, partition=partition,
+                                     alpha=args.alpha, seed=args.seed, progress=sys.stderr.isatty(),
+                                     max_matrix=matrix, workers=usable_cpus())
+            print(f"made {args.sites} hospitals in {time.monotonic() - t0:.0f} s", flush=True)
             site_dirs = sorted(p for p in hospitals.iterdir() if p.is_dir())
     except (SimulationError, FileExistsError) as err:
         print(f"fl-sim: {err}", file=sys.stderr)
@@ -125,13 +159,11 @@ def cmd_run(args: argparse.Namespace) -> int:
           f"strategy {args.strategy}")
     gpus = args.gpus_per_site
     if gpus is None:
-        import torch  # deferred: torch takes seconds to import, and only a run needs it
-
-        gpus = round(1.0 / len(site_dirs), 3) if torch.cuda.is_available() else 0.0
+        gpus = round(1.0 / len(site_dirs), 3) if _cuda_available() else 0.0
     started = time.monotonic()
     try:
         run_app(sim_root, raw, num_supernodes=len(site_dirs), cpus_per_site=args.cpus_per_site,
-                gpus_per_site=gpus, progress=sys.stderr.isatty() or args.progress)
+                gpus_per_site=gpus, progress=sys.stderr.isatty() or args.progress, ray_address=args.ray_address)
     except SimulationRunError as err:
         print(f"fl-sim: {err}", file=sys.stderr)
         return 1
@@ -154,6 +186,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cuda_available() -> bool:
+    """torch's answer, asked in a child process: fl-sim itself does not hold torch while the sites train."""
+    probe = [sys.executable, "-c", "import torch; print(int(torch.cuda.is_available()))"]
+    try:
+        out = subprocess.run(probe, capture_output=True, text=True, timeout=120, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return out.stdout.strip().endswith("1")
+
+
 def _print_tracking(run_dir: Path) -> None:
     hint = tracking_hint(run_dir)
     if hint:
@@ -162,7 +204,7 @@ def _print_tracking(run_dir: Path) -> None:
 
 def cmd_resume(args: argparse.Namespace) -> int:
     """Continue a simulated run from its last checkpoint (same sites, same state dirs, same ledgers)."""
-    from simulations.federation import SITES_FILE, SimulationRunError, run_app  # deferred: imports torch (see cmd_run)
+    from simulations.federation import SITES_FILE, SimulationRunError, run_app  # deferred, as in cmd_run
 
     sim_root = Path(args.sim_dir).resolve()
     cfg_path = sim_root / "run-config.toml"
@@ -176,7 +218,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     print(f"resuming {raw['resume-from']} ({n_sites} hospitals)")
     try:
         run_app(sim_root, raw, num_supernodes=n_sites, cpus_per_site=args.cpus_per_site,
-                progress=sys.stderr.isatty())
+                progress=sys.stderr.isatty(), ray_address=args.ray_address)
     except SimulationRunError as err:
         print(f"fl-sim: {err}", file=sys.stderr)
         return 1
@@ -228,13 +270,20 @@ def score_holdout(model: Path, holdout: Path, sim_root: Path) -> str:
 def render_rounds(rounds: list[dict]) -> str:
     """Per round: pooled validation AUC and loss (from the sites' noised histograms) and each site's epsilon."""
     sites = sorted({s for r in rounds for s in r.get("epsilon", {})})
-    head = f"{'round':>5}  {'pooled AUC':>10}  {'val loss':>8}  " + "  ".join(f"{'eps ' + s:>16}" for s in sites)
+    many = len(sites) > MAX_SITES_LISTED  # then the range over the sites, not a column per site
+    columns = [f"{'eps min':>8}", f"{'eps max':>8}", f"{'sites':>6}"] if many else [f"{'eps ' + s:>16}" for s in sites]
+    head = f"{'round':>5}  {'pooled AUC':>10}  {'val loss':>8}  " + "  ".join(columns)
     lines = ["", head, "-" * len(head)]
     for r in rounds:
         auc, loss = r.get("pooled_auc"), r.get("eval_loss")
         auc_s = "-" if auc is None or auc != auc else f"{auc:.3f}"
         loss_s = "-" if loss is None or loss != loss else f"{loss:.4f}"
-        eps = "  ".join(f"{r.get('epsilon', {}).get(s, float('nan')):>16.2f}" for s in sites)
+        spent = r.get("epsilon", {})
+        if many:
+            values = list(spent.values()) or [float("nan")]
+            eps = f"{min(values):>8.2f}  {max(values):>8.2f}  {len(spent):>6}"
+        else:
+            eps = "  ".join(f"{spent.get(s, float('nan')):>16.2f}" for s in sites)
         note = f"  refused/failed: {len(r['failures'])}" if r.get("failures") else ""
         lines.append(f"{r['round']:>5}  {auc_s:>10}  {loss_s:>8}  {eps}{note}")
     lines.append("(pooled AUC and validation loss as the coordinator sees them: from the sites' noised histograms)")

@@ -6,6 +6,12 @@ telemetry off), submits the app with ``flwr run`` and stops the SuperLink afterw
 fixes simulated node_config to {partition-id, num-partitions}, so the hospitals are described in
 ``sites.json`` (one entry per simulated site) inside ``sim-root``; client/site.py maps a
 partition id to its entry.
+
+On one machine Flower's Ray backend starts a private Ray instance sized to this machine. With
+``ray_address`` the simulation attaches to an existing Ray cluster instead (Ray's own
+``RAY_ADDRESS``, which Flower's backend passes through to ``ray.init``): the site actors are then
+spread over the cluster's nodes by Ray's scheduler, and every node must see the same fedxray
+install, ``sim-root`` and hospital folders at the same paths (docs/operations.md).
 """
 
 from __future__ import annotations
@@ -24,14 +30,18 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from client.site import SITES_FILE
 from common.bundle import BundleError, stage_app
 from common.config import to_toml
 from common.processes import free_port, offline_env, stop_process, wait_http
+from simulations.progress import round_progress
 
 log = logging.getLogger(__name__)
 
 CONNECTION = "fedxray-sim"
+#: The sites file client/site.py reads (its SITES_FILE; tests/simulations/test_many_sites.py keeps them equal).
+#: Not imported from there: client.site imports torch, and fl-sim's own process need not hold torch's
+#: half a gigabyte while the sites train.
+SITES_FILE = "sites.json"
 
 
 class SimulationRunError(RuntimeError):
@@ -47,9 +57,13 @@ def write_sites(sim_root: Path, sites: Sequence[dict[str, Any]]) -> Path:
 
 
 @contextmanager
-def simulation_superlink(sim_root: Path, *, num_supernodes: int, cpus_per_site: float, gpus_per_site: float,
-                         total_cpus: int) -> Iterator[dict[str, str]]:
-    """A private simulation SuperLink on loopback; yields the environment for `flwr` commands."""
+def simulation_superlink(sim_root: Path, *, ray_address: str | None = None) -> Iterator[dict[str, str]]:
+    """A private simulation SuperLink on loopback; yields the environment for `flwr` commands.
+
+    Its simulation process runs the site actors on a private Ray instance, or on the Ray cluster
+    at ``ray_address`` (a RAY_ADDRESS inherited from the caller's environment is ignored: which
+    cluster runs hospitals' code is chosen on the command line, never by accident).
+    """
     flwr_home = sim_root / "flwr-home"
     if flwr_home.exists():
         shutil.rmtree(flwr_home)
@@ -60,6 +74,9 @@ def simulation_superlink(sim_root: Path, *, num_supernodes: int, cpus_per_site: 
         f'[superlink.{CONNECTION}]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
     )
     env = offline_env(flwr_home)
+    env.pop("RAY_ADDRESS", None)
+    if ray_address:
+        env["RAY_ADDRESS"] = ray_address
     log_path = sim_root / "superlink.log"
     cmd = [
         "flower-superlink", "--insecure", "--simulation", "--isolation", "subprocess",
@@ -82,21 +99,45 @@ def simulation_superlink(sim_root: Path, *, num_supernodes: int, cpus_per_site: 
 _ROUND_LINE = re.compile(r"round (\d+)/(\d+): pooled AUC")
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity: `taskset`, a container's cpuset), not the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def federation_config(num_supernodes: int, *, cpus_per_site: float, gpus_per_site: float, total_cpus: int,
+                      ray_address: str | None = None) -> str:
+    """`flwr run --federation-config` for Flower's Ray backend.
+
+    Ray runs as many site actors at once as its CPUs allow (CPUs / ``cpus_per_site``); Flower
+    queues the other sites' messages for them, so 1,000 sites cost no more actors than 3. On an
+    existing cluster the cluster's resources decide (``ray.init`` refuses ``num_cpus`` there).
+    """
+    config = (f"num-supernodes={num_supernodes} client-resources-num-cpus={max(1, int(cpus_per_site))} "
+              f"client-resources-num-gpus={gpus_per_site}")
+    if not ray_address:
+        config += f" init-args-num-cpus={total_cpus}"
+    return config
+
+
 def run_app(sim_root: Path, run_config: dict[str, Any], *, num_supernodes: int, cpus_per_site: float = 1.0,
             gpus_per_site: float = 0.0, total_cpus: int | None = None, timeout: float = 3600.0,
-            progress: bool = True) -> Path:
+            progress: bool = True, ray_address: str | None = None) -> Path:
     """Submit the fedxray app to a private simulation SuperLink and wait for the run to finish.
 
+    ``ray_address``: run the site actors on this existing Ray cluster (``ray start --head``'s
+    address, e.g. ``10.0.0.5:6379``) instead of a private Ray instance on this machine.
     Returns the path of the log of the run. Raises ``SimulationRunError`` when the run fails.
     """
     overrides = sim_root / "run-config.toml"
     overrides.write_text(to_toml(run_config))
-    total = total_cpus or os.cpu_count() or 2
+    total = total_cpus or usable_cpus()
     run_log = sim_root / "run.log"
-    with simulation_superlink(sim_root, num_supernodes=num_supernodes, cpus_per_site=cpus_per_site,
-                              gpus_per_site=gpus_per_site, total_cpus=total) as env:
-        federation = (f"num-supernodes={num_supernodes} client-resources-num-cpus={max(1, int(cpus_per_site))} "
-                      f"client-resources-num-gpus={gpus_per_site} init-args-num-cpus={total}")
+    with simulation_superlink(sim_root, ray_address=ray_address) as env:
+        federation = federation_config(num_supernodes, cpus_per_site=cpus_per_site, gpus_per_site=gpus_per_site,
+                                       total_cpus=total, ray_address=ray_address)
         try:
             app = stage_app(sim_root)  # only the app files: `flwr run` walks all of its folder
         except BundleError as err:
@@ -120,7 +161,7 @@ def run_app(sim_root: Path, run_config: dict[str, Any], *, num_supernodes: int, 
                     m = _ROUND_LINE.search(line)
                     if m and int(m.group(1)) != last_round:  # Flower writes each record twice (console, file form)
                         last_round = int(m.group(1))
-                        shown = line[m.start():].strip()
+                        shown = round_progress(line[m.start():].strip())
                         if bar is not None:
                             bar.n = int(m.group(1))
                             bar.refresh()

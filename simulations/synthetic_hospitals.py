@@ -7,8 +7,11 @@ class mix (simulations/partition.py). Same arguments and seed give byte-identica
 from __future__ import annotations
 
 import logging
+import multiprocessing
 from collections import Counter
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
 from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
@@ -57,6 +60,8 @@ def make_synthetic_hospitals(
     seed: int = 0,
     progress: bool = False,
     alpha: float = 0.5,
+    max_matrix: int | None = None,
+    workers: int = 1,
 ) -> HospitalsManifest:
     """Write ``n_sites`` hospitals of synthetic chest radiographs (normal / opacity) under ``out``.
 
@@ -67,15 +72,35 @@ def make_synthetic_hospitals(
     each site and listed in labels.csv like the others (an export lists what it meant to write),
     so a reader meets them while decoding; the manifest counts them apart (``n_corrupt``), and its
     ``n_images`` / ``images_per_class`` count readable images only.
+
+    ``max_matrix`` caps the stored matrix (the longer side, in pixels; aspect kept): a run that
+    resizes to 32 px gains nothing from drawing, encoding and decoding 352 px phantoms (about 26 ms
+    of CPU per file, against 7 ms at 128 px). ``workers`` processes write sites in parallel (sites are independent and
+    seeded apart, so the files are the same for any number of workers).
     """
     out = Path(out)
     table = _synthetic_plan(n_sites, patients_per_site, prevalence, partition, alpha, seed, images_per_patient, corrupt_per_site)
+    if max_matrix is not None and max_matrix < 16:
+        raise SimulationError(f"cannot make synthetic hospitals: max_matrix {max_matrix} (expected >= 16 pixels)")
     prepare_out(out)
-    profiles = site_profiles(n_sites, seed)
-    summaries = []
+    profiles = [_capped(p, max_matrix) for p in site_profiles(n_sites, seed)]
     bar = progress_bar(int(table.sum()) * (images_per_patient[0] + images_per_patient[1]) // 2, progress, "synthetic images")
-    for index, profile in enumerate(profiles):
-        summaries.append(_write_synthetic_site(out, index, profile, table[index], images_per_patient, corrupt_per_site, seed, bar))
+    jobs = [(out, index, profile, table[index], images_per_patient, corrupt_per_site, seed)
+            for index, profile in enumerate(profiles)]
+    workers = max(1, min(workers, n_sites))
+    if workers == 1:
+        summaries = [_write_synthetic_site(*job, bar) for job in jobs]
+    else:
+        # fork where there is one: children start at once and leave no resource-tracker process behind
+        # (spawn's does outlive the pool). They only draw and write files: numpy and pydicom, no torch.
+        methods = multiprocessing.get_all_start_methods()
+        context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+        with ProcessPoolExecutor(workers, mp_context=context) as pool:
+            summaries = []
+            for summary in pool.map(_write_synthetic_site, *zip(*jobs), chunksize=max(1, n_sites // (8 * workers))):
+                summaries.append(summary)
+                if bar is not None:
+                    bar.update(summary.n_images + summary.n_corrupt)
     if bar is not None:
         bar.close()
     manifest = HospitalsManifest(
@@ -137,6 +162,15 @@ def _synthetic_plan(
     return part.class_table(counts, sizes, skewed=part.label_skewed(partition), alpha=alpha, min_per_class=3, rng=rng)
 
 
+def _capped(profile: AcquisitionProfile, max_matrix: int | None) -> AcquisitionProfile:
+    """The profile with its matrix shrunk (aspect kept) so its longer side is at most ``max_matrix``."""
+    rows, cols = profile.matrix
+    if max_matrix is None or max(rows, cols) <= max_matrix:
+        return profile
+    scale = max_matrix / max(rows, cols)
+    return replace(profile, matrix=(max(16, round(rows * scale)), max(16, round(cols * scale))))
+
+
 def _write_synthetic_site(
     out: Path,
     index: int,
@@ -145,7 +179,7 @@ def _write_synthetic_site(
     images_per_patient: tuple[int, int],
     corrupt_per_site: int,
     seed: int,
-    bar: Any,
+    bar: Any = None,
 ) -> SiteSummary:
     name, code = site_name(index), site_code(index)
     root = out / name

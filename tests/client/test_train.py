@@ -111,3 +111,23 @@ def test_multilabel_with_masked_findings_under_dp(mode):
     ev = evaluate(model, ds, task="multilabel", threshold=0.5, device=CPU)
     assert sum(ev.histograms["pos-1"]) + sum(ev.histograms["neg-1"]) == 16
     assert sum(ev.histograms["pos-2"]) + sum(ev.histograms["neg-2"]) == 0 and np.isfinite(ev.loss)
+
+
+def test_pos_weight_from_the_run_config_reaches_the_loss():
+    """run config pos-weight -> the round's TrainSettings -> the loss: weighted positives pull the outputs up."""
+    from client.round import train_settings
+    from common.config import RunConfig
+
+    run = RunConfig.from_mapping({"task": "multilabel", "labels": "a,b,c", "pos-weight": "5", "dp": False})
+    assert train_settings(run, 24, 1, 0.0).pos_weight == (5.0, 5.0, 5.0)
+    rng = np.random.default_rng(3)
+    ds = torch.utils.data.TensorDataset(torch.from_numpy(rng.normal(size=(24, 6)).astype(np.float32)),
+                                        torch.from_numpy((rng.random((24, 3)) > 0.5).astype(np.float32)))
+
+    def bias(pos_weight: tuple[float, ...]) -> torch.Tensor:
+        torch.manual_seed(0)
+        w, _ = train_one_round(torch.nn.Linear(6, 3), ds, _settings(task="multilabel", dp=False, optimizer="sgd", learning_rate=0.5,
+                                                                  momentum=0.0, seed=7, pos_weight=pos_weight), device=CPU)
+        return w["bias"]
+
+    assert (bias((5.0, 5.0, 5.0)) > bias(()) + 0.1).all()

@@ -100,3 +100,37 @@ def test_subcommands_have_their_own_help(text, capsys) -> None:
     with pytest.raises(SystemExit) as exc:
         main([text, "--help"])
     assert exc.value.code == 0 and f"fl-predict {text}" in capsys.readouterr().out
+
+
+def test_multilabel_gets_a_heatmap_per_finding_called(patient_dicom, tmp_path, capsys) -> None:
+    """Every finding called positive (up to MAX_HEATMAPS) gets its own overlay and Secondary Capture, with its own UID."""
+    from conftest import export_scatternet
+
+    from clinic.model import MAX_HEATMAPS
+
+    labels = ("Effusion", "Infiltration", "Atelectasis", "Nodule")
+    model = export_scatternet(tmp_path / "ml.onnx", labels=labels, task="multilabel", threshold=0.0)  # p >= 0: all called
+    out = tmp_path / "out"
+    assert main(["--model", str(model), "--out", str(out), "--json", str(patient_dicom)]) == 0
+    line = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert set(line["positive"]) == set(labels)
+    heatmaps = line["heatmaps"]
+    assert len(heatmaps) == MAX_HEATMAPS and line["heatmap_label"] in heatmaps
+    probs = line["probabilities"]
+    assert sorted(heatmaps, key=lambda k: -probs[k]) == sorted(probs, key=lambda k: -probs[k])[:MAX_HEATMAPS]
+    captures = sorted(out.glob("*.heatmap.dcm"))
+    assert len(captures) == MAX_HEATMAPS and all(Path(p).is_file() for p in heatmaps.values())
+    uids = {pydicom.dcmread(p).SOPInstanceUID for p in captures}
+    assert len(uids) == MAX_HEATMAPS
+    descriptions = {pydicom.dcmread(p).DerivationDescription.split(" for ")[1].split(",")[0] for p in captures}
+    assert descriptions == set(heatmaps)
+    # fl-predict does not score its own outputs when --out lies inside the input folder
+    capsys.readouterr()
+    assert main(["--model", str(model), "--json", str(tmp_path)]) == 0
+    assert len([x for x in capsys.readouterr().out.splitlines() if x.startswith("{")]) == 1
+
+
+def test_binary_model_keeps_one_heatmap(scatter_model, patient_dicom, tmp_path, capsys) -> None:
+    assert main(["--model", str(scatter_model), "--out", str(tmp_path / "o"), "--json", str(patient_dicom)]) == 0
+    line = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert list(line["heatmaps"]) == ["opacity"] and len(list((tmp_path / "o").glob("*.heatmap.*"))) == 2

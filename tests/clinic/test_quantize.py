@@ -51,3 +51,30 @@ def test_cli_quantises_and_scores_with_the_int8_model(scatter_model, tmp_path, d
     assert main(["--model", str(out), str(image), "--json", "--out", str(tmp_path / "res")]) == 0
     rec = json.loads(capsys.readouterr().out)
     assert rec["sr"] and rec["heatmap_png"] and 0 <= rec["probabilities"]["opacity"] <= 1
+
+
+def test_calibrated_model_quantises_and_keeps_its_exact_heatmap(tmp_path) -> None:
+    """fl-server exports a Platt-calibrated model (Add(Mul(logit, a), b) before the sigmoid): int8 must take it too."""
+    import onnx
+    import torch
+
+    from clinic.heatmap import Explainer, find_linear_head
+    from common.calibration import Calibrated
+    from common.models import build_model
+    from common.onnx_export import export_onnx
+
+    torch.manual_seed(0)
+    model = build_model("scatternet", num_outputs=1)
+    with torch.no_grad():
+        model.head.classifier.weight.normal_(0.0, 0.01)
+    source = tmp_path / "calibrated.onnx"
+    export_onnx(Calibrated(model, 0.5, -0.3), source, task="binary", labels=["opacity"], input_size=(64, 64),
+                threshold=0.5, metadata={"model": "scatternet", "rounds": "1", "sites": "[]", "epsilon": "{}"})
+    out = quantize_model(source, tmp_path / "calibrated.int8.onnx")
+    kept = json.loads(load_onnx_model(out).raw_meta[QUANT_KEY])["kept_float"]
+    assert any("Mul" in name for name in kept) and any("Add" in name for name in kept)
+    head = find_linear_head(onnx.load(out))
+    assert head is not None  # the calibration and the linear layer stayed float: the exact map still applies
+    assert Explainer(out.read_bytes(), "binary").method == "linear-head"
+    x = _inputs(4)
+    np.testing.assert_allclose(load_onnx_model(out).predict(x), load_onnx_model(source).predict(x), atol=0.05)

@@ -138,8 +138,9 @@ def test_files_are_named_for_the_source_instance(result, tmp_path) -> None:
     source, _, outputs = result
     written = write_outputs(outputs, tmp_path)
     uid = source.header.SOPInstanceUID
-    assert written == {"sr": str(tmp_path / f"{uid}.sr.dcm"), "heatmap_png": str(tmp_path / f"{uid}.heatmap.png"),
-                       "heatmap_dcm": str(tmp_path / f"{uid}.heatmap.dcm")}
+    png = str(tmp_path / f"{uid}.heatmap.png")
+    assert written == {"sr": str(tmp_path / f"{uid}.sr.dcm"), "heatmap_png": png,
+                       "heatmap_dcm": str(tmp_path / f"{uid}.heatmap.dcm"), "heatmaps": {outputs.label: png}}
     assert pydicom.dcmread(written["sr"]).Modality == "SR"
 
 

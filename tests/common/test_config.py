@@ -72,3 +72,25 @@ class TestSiteConfig:
             RunConfig.from_mapping({"uncertain": "maybe"})
         with pytest.raises(ConfigError, match="label-map"):
             SiteConfig.from_mapping({"data-dir": str(tmp_path), "state-dir": "s", "site-name": "h1", "label-map": "a=;b"})
+
+
+class TestPosWeight:
+    """pos-weight is a run setting (the coordinator's), checked with everything else."""
+
+    def test_none_one_or_one_per_label(self):
+        base = {"task": "multilabel", "labels": "Effusion,Infiltration,Atelectasis"}
+        assert RunConfig.from_mapping(base).pos_weights == ()
+        assert RunConfig.from_mapping({**base, "pos-weight": "4"}).pos_weights == (4.0, 4.0, 4.0)
+        assert RunConfig.from_mapping({**base, "pos-weight": "1,4,6"}).pos_weights == (1.0, 4.0, 6.0)
+        assert RunConfig.from_mapping({**base, "pos-weight": [1, 4, 6]}).pos_weights == (1.0, 4.0, 6.0)  # a TOML list
+
+    @pytest.mark.parametrize(("raw", "words"), [
+        ({"task": "multilabel", "labels": "a,b,c", "pos-weight": "1,2"}, "2 weights for 3 labels"),
+        ({"task": "multilabel", "labels": "a,b", "pos-weight": "1,-2"}, "(0, 1000]"),
+        ({"task": "multilabel", "labels": "a,b", "pos-weight": "auto"}, "one number per label"),
+        ({"task": "multiclass", "labels": "a,b", "pos-weight": "2"}, "multiclass"),
+    ])
+    def test_bad_values_are_listed_with_the_fix(self, raw, words):
+        with pytest.raises(ConfigError) as err:
+            RunConfig.from_mapping({**raw, "image-size": 7})
+        assert words in str(err.value) and "image-size" in str(err.value)  # every problem at once

@@ -223,3 +223,53 @@ class TestLoadSite:
         assert (tmp_path / "state" / "salt").stat().st_mode & 0o777 == 0o600
         strata = patient_strata(data.targets)
         assert strata[data.split.val].sum() >= 1
+
+
+class TestScanIndexAndPacks:
+    def test_unchanged_files_are_not_hashed_again_and_one_pack_answers(self, dicom_site, tmp_path, monkeypatch,
+                                                                      dicom_writer):
+        import common.cache as cache_mod
+
+        cache = SiteCache(tmp_path / "cache")
+        first = scan_site(dicom_site, salt=SALT, image_size=32, cache=cache)
+        hashed, read = [], []
+        real_hash, real_read = cache_mod.file_sha256, dataset_mod._read_one
+        monkeypatch.setattr(cache_mod, "file_sha256", lambda p, *a: hashed.append(p) or real_hash(p, *a))
+        monkeypatch.setattr(dataset_mod, "_read_one", lambda *a: read.append(a[0]) or real_read(*a))
+        second = scan_site(dicom_site, salt=SALT, image_size=32, cache=cache)
+        assert hashed == [] and read == []  # stat unchanged: no hashing; same content hashes: the scan's pack
+        assert [r.content_hash for r in second.records] == [r.content_hash for r in first.records]
+        assert [r.meta for r in second.records] == [r.meta for r in first.records]
+        assert all(np.array_equal(a.pixels, b.pixels) for a, b in zip(first.records, second.records, strict=True))
+        assert sorted(s.reason for s in second.skipped) == sorted(s.reason for s in first.skipped)
+        changed = dicom_site / "P1" / "study" / "0.dcm"
+        dicom_writer(changed, _chest(54321), patient_id="SECRET-001")
+        third = scan_site(dicom_site, salt=SALT, image_size=32, cache=cache)
+        assert hashed == [changed]  # only the changed file is read and hashed again
+        assert len(read) == len(third.records) + 1  # a new set of hashes: no pack (the corrupt file is re-read too)
+        changed_rec = next(r for r in third.records if r.path == changed)
+        assert changed_rec.content_hash == real_hash(changed)
+        assert len(list((cache.root / "scans").glob("32px-*.npz"))) == 1  # the outdated pack is gone
+
+    def test_feature_pack_matches_the_per_image_features(self, dicom_site, tmp_path):
+        import shutil
+
+        from common.models import build_model, split_features
+
+        frontend, _, _ = split_features(build_model("scatternet", num_outputs=1, image_size=32))
+        data = load_site(dicom_site, tmp_path / "state", image_size=32, task="binary", labels=("opacity",),
+                         val_fraction=0.34)
+        first = data.features(frontend)
+        spec = frontend.cache_spec(32)
+        packs = list((data.cache.root / "features" / spec).glob("pack-*.npy"))
+        assert len(packs) == 1
+        for sub in (data.cache.root / "features" / spec).iterdir():
+            if sub.is_dir():
+                shutil.rmtree(sub)  # the per-image entries: the pack alone must answer
+        again = data.features(frontend)
+        np.testing.assert_array_equal(again, first)
+        train = data.feature_dataset(frontend, "train")
+        assert len(train) == data.n_train
+        x0, y0 = train[0]
+        np.testing.assert_array_equal(x0.numpy(), first[data.split.train[0]])
+        assert float(y0[0]) == float(data.targets.y[data.split.train[0]][0])

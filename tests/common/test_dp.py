@@ -189,3 +189,48 @@ class TestPhysicalBatches:
         assert steps == 1 and noise == 1.0
         no_noise = self._linear_step(10, noise=0.0)
         assert any(not torch.allclose(unwrapped_state_dict(pt)[k], no_noise[k]) for k in no_noise)
+
+
+class TestClosedFormLinearHead:
+    """The ScatterNet's linear head takes common.dp_linear's closed form: the same step as Opacus' hooks."""
+
+    @staticmethod
+    def _head_step(*, closed_form: bool, task: str, clip: float, noise: float = 0.0, n: int = 12):
+        from common.losses import criterion_for
+
+        torch.manual_seed(0)
+        model = build_model("scatternet", num_outputs=3 if task == "multiclass" else 2, image_size=PX, dp=True)
+        head = model.head
+        nn.init.normal_(head.classifier.weight, std=0.05)  # away from the zero start, so the gradients differ
+        shape = (n, model.scattering.out_channels, *model.scattering.out_size)
+        x = torch.rand(shape)
+        y = torch.randint(0, 3, (n,)) if task == "multiclass" else torch.randint(0, 2, (n, 2)).float()
+        opt = torch.optim.SGD(head.parameters(), lr=0.5, momentum=0.9)
+        pt = make_private(head, opt, DataLoader(TensorDataset(x, y), batch_size=n), noise_multiplier=noise,
+                          max_grad_norm=clip, mode=grad_sample_mode("scatternet"), criterion=criterion_for(task))
+        losses = [dp_step(pt, x, y, closed_form=closed_form) for _ in range(2)]  # two steps: momentum too
+        return unwrapped_state_dict(pt), losses, pt
+
+    @pytest.mark.parametrize("task", ["multilabel", "multiclass"])
+    @pytest.mark.parametrize("clip", [1e-3, 100.0])  # every sample clipped / none clipped
+    def test_equals_opacus_per_sample_clipped_sum(self, task: str, clip: float) -> None:
+        from common.dp_linear import linear_parts
+
+        fast, fast_losses, pt = self._head_step(closed_form=True, task=task, clip=clip)
+        assert linear_parts(pt.model._module, pt.optimizer) is not None  # the closed form, not the hooks, ran
+        hooks, hook_losses, _ = self._head_step(closed_form=False, task=task, clip=clip)
+        assert set(fast) == set(hooks)
+        for k in hooks:
+            torch.testing.assert_close(fast[k], hooks[k], rtol=1e-4, atol=1e-7)
+        assert fast_losses == pytest.approx(hook_losses, rel=1e-5)
+        start = build_model("scatternet", num_outputs=3 if task == "multiclass" else 2, image_size=PX).head
+        assert any(not torch.allclose(fast[k], start.state_dict()[k]) for k in fast)  # the step moved the weights
+
+    def test_noised_and_accounted_like_opacus(self) -> None:
+        quiet, _, _ = self._head_step(closed_form=True, task="multilabel", clip=1.0)
+        noisy, _, pt = self._head_step(closed_form=True, task="multilabel", clip=1.0, noise=1.0)
+        assert [tuple(h) for h in pt.engine.accountant.history] == [(1.0, 1.0, 2)]  # two steps of sigma 1, rate 1
+        diff = (noisy["classifier.weight"] - quiet["classifier.weight"]).flatten()
+        # Two noise draws of std sigma*C / batch each, through SGD with momentum 0.9: std 0.5 * (1.9^2 + 1)^0.5 / 12.
+        expected = 0.5 * (1.9**2 + 1) ** 0.5 / 12
+        assert float(diff.std()) == pytest.approx(expected, rel=0.1)

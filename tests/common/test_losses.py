@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from torch import nn
 
@@ -31,3 +32,22 @@ def test_per_sample_for_dp():
     per_sample = PerSampleLoss(criterion_for("multilabel"), reduction="none")(torch.randn(4, 3), y)
     assert per_sample.shape == (4,) and torch.isfinite(per_sample).all()
     assert isinstance(criterion_for("multiclass"), nn.CrossEntropyLoss)
+
+
+class TestPosWeight:
+    def test_equals_bce_with_pos_weight_and_weighs_only_positives(self):
+        logits, y = torch.randn(6, 3), (torch.rand(6, 3) > 0.5).float()
+        w = (1.0, 4.0, 6.0)
+        loss = criterion_for("multilabel", w)(logits, y)
+        assert torch.allclose(loss, nn.BCEWithLogitsLoss(pos_weight=torch.tensor(w))(logits, y))
+        negatives = torch.zeros(6, 3)
+        assert torch.allclose(criterion_for("multilabel", w)(logits, negatives), criterion_for("multilabel")(logits, negatives))
+
+    def test_masked_findings_stay_masked_and_one_loss_per_image(self):
+        y = torch.tensor([[1.0, math.nan], [math.nan, 1.0]])
+        loss = MaskedBCEWithLogitsLoss(reduction="none", pos_weight=(2.0, 5.0))(torch.zeros(2, 2), y)
+        assert torch.allclose(loss, torch.tensor([2.0, 5.0]) * math.log(2.0))
+
+    def test_multiclass_takes_none(self):
+        with pytest.raises(ValueError, match="multiclass"):
+            criterion_for("multiclass", (2.0, 1.0))

@@ -66,5 +66,7 @@ def test_model_has_one_output_per_finding_with_its_auc(multilabel_run):
     doc = json.loads((root / "run" / "metrics.json").read_text())
     assert list(doc["labels"]) == list(FINDINGS) and list(doc["rounds"][-1]["labels"]) == list(FINDINGS)
     assert all(0.0 <= doc["labels"][f]["auc"] <= 1.0 for f in FINDINGS)
+    assert {doc["labels"][f]["threshold_rule"] for f in FINDINGS} <= {"youden", "prevalence", "default"}
+    assert [o["threshold_rule"] for o in outputs] == [doc["labels"][f]["threshold_rule"] for f in FINDINGS]
     card = (root / "run" / "model_card.md").read_text()
     assert "Per finding" in card and all(f"| {f} |" in card for f in FINDINGS)

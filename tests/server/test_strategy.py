@@ -153,3 +153,19 @@ def test_server_clip_bounds_each_update(ref):
     s._global = {k: v.copy() for k, v in ref.items()}
     arrays, _ = s.aggregate_train(1, [_reply("h1", {k: v + 0.01 for k, v in ref.items()}, 10)])
     assert np.allclose(arrays["b.bias"].numpy(), ref["b.bias"] + 0.01)  # small updates pass unchanged
+
+
+def test_multilabel_class_metrics_name_the_threshold_rule():
+    """A rare finding whose Youden threshold sits at the lowest bin gets the prevalence rule; metrics.json names it."""
+    from common.pooled_metrics import THRESHOLD_RULES
+    from server.rounds import per_label
+    from server.strategy import class_metrics
+
+    weak = {"pos": [0, 0, 1, 1, 1, 2, 2, 2, 2, 2, 1, 1, 1, 0, 0, 0],
+            "neg": [9, 8, 4, 8, 12, 20, 28, 36, 40, 30, 25, 15, 10, 5, 0, 0]}
+    out = class_metrics("0", [weak], multilabel=True)
+    assert THRESHOLD_RULES[int(out["threshold-rule-0"])] == "prevalence"
+    assert out["threshold-0"] > 0.5 and out["specificity-0"] > 0.9
+    figures = per_label(out, ("Infiltration",))["Infiltration"]
+    assert figures["threshold_rule"] == "prevalence" and figures["threshold"] == out["threshold-0"]
+    assert "threshold-rule-0" not in class_metrics("0", [weak], multilabel=False)
