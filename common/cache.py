@@ -218,9 +218,13 @@ class SiteCache:
         return self.root / "features" / spec / f"pack-{digest}.npy"
 
     def get_feature_pack(self, spec: str, digest: str, shape: tuple[int, ...]) -> np.ndarray | None:
-        """float32 features of ``shape`` [N, ...] stacked for one scan's kept images, or None."""
+        """float32 features of ``shape`` [N, ...] stacked for one scan's kept images, or None.
+
+        Memory-mapped copy-on-write: a message reads only the rows it uses, from the page cache
+        after the first, instead of 200 MB per message at a 2,000-image site. Packs are replaced
+        by rename, never rewritten in place, so a mapping never sees a half-written pack."""
         try:
-            arr = np.load(self._feature_pack_path(spec, digest), allow_pickle=False)
+            arr = np.load(self._feature_pack_path(spec, digest), allow_pickle=False, mmap_mode="c")
         except (OSError, ValueError):
             return None
         return arr if arr.dtype == np.float32 and arr.shape == tuple(shape) else None

@@ -21,6 +21,7 @@ finding is masked. Pure functions over the table's rows; nothing here reads imag
 
 from __future__ import annotations
 
+import functools
 import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -55,6 +56,7 @@ class LabelError(ValueError):
     """The label table cannot give the run's targets (the message names the columns and the fix)."""
 
 
+@functools.lru_cache(maxsize=4096)
 def key(name: str) -> str:
     """Comparison key of a class or finding name: case, '_' / '-' and repeated spaces do not matter."""
     return re.sub(r"\s+", " ", name.strip().lower().replace("_", " ").replace("-", " "))

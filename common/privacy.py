@@ -17,7 +17,7 @@ import logging
 import math
 import numbers
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -25,7 +25,6 @@ from typing import Protocol
 import numpy as np
 from opacus.accountants import RDPAccountant, create_accountant
 from opacus.accountants.analysis import rdp as rdp_analysis
-from opacus.accountants.utils import get_noise_multiplier
 
 from common.accountant_cache import AccountantCache
 
@@ -227,34 +226,84 @@ def _plan_problems(
     return problems
 
 
+#: Largest noise multiplier the search tries (as Opacus' own search) before calling the budget too low.
+MAX_SIGMA = 1e6
+
+
 @functools.lru_cache(maxsize=64)
 def noise_for_target(
     target_epsilon: float, delta: float, sample_rate: float, total_steps: int, accountant: str = "rdp"
 ) -> float:
     """Smallest noise multiplier (within the search tolerance) spending at most the target.
 
-    Memoised: the same (target, delta, rate, steps) always gives the same sigma, and the search
-    takes about 0.5 s (the server and every message at a site ask again)."""
+    Same answer as Opacus' ``get_noise_multiplier`` (an epsilon in [target * (1 - 1e-3), target],
+    never above), found in about a third of the accountant evaluations: epsilon falls roughly as a
+    power of sigma, so a secant step in log-log space lands near the answer where Opacus bisects
+    from [0, 20]. Each evaluation takes 20-60 ms on 2 cores, and a site's first round, the
+    coordinator and each of 1,000 simulated sites search once. Memoised per process.
+    """
+    tolerance = target_epsilon * EPSILON_REL_TOLERANCE
+    acct = create_accountant(mechanism=accountant)
+
+    def epsilon(sigma: float) -> float:
+        acct.history = [(sigma, sample_rate, total_steps)]
+        return float(acct.get_epsilon(delta=delta))
+
     try:
         with warnings.catch_warnings():
-            # The bisection tries tiny noise levels whose epsilon is huge; Opacus then warns that
+            # The search may try tiny noise levels whose epsilon is huge; Opacus then warns that
             # the best RDP order is the largest one. Only the final plan's epsilon matters.
             warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
-            sigma = get_noise_multiplier(
-                target_epsilon=target_epsilon,
-                target_delta=delta,
-                sample_rate=sample_rate,
-                steps=total_steps,
-                accountant=accountant,
-                epsilon_tolerance=target_epsilon * EPSILON_REL_TOLERANCE,
-            )
-        return float(sigma)
+            sigma = _search_sigma(epsilon, target_epsilon, tolerance)
     except ValueError as err:
         raise ValueError(
             f"no noise multiplier reaches epsilon={target_epsilon:g} at delta={delta:g} "
             f"over {total_steps} steps at sample rate {sample_rate:.4g} ({err}): raise "
             "target_epsilon, or lower rounds, local-epochs or batch-size"
         ) from err
+    return sigma
+
+
+def _search_sigma(epsilon: Callable[[float], float], target: float, tolerance: float) -> float:
+    """The sigma with ``target - tolerance <= epsilon(sigma) <= target`` (epsilon decreasing in sigma).
+
+    First a bracket [low, high] with epsilon(low) > target >= epsilon(high), growing sigma as if
+    epsilon were proportional to 1 / sigma, shrinking it by 4; then secant steps on (log sigma, log epsilon) aimed a
+    little under the target (so they tend to land on the safe side), bisecting in log sigma
+    whenever a step would not shrink the bracket enough."""
+    sigma = 1.0
+    e = epsilon(sigma)
+    low, e_low, high, e_high = 0.0, math.inf, math.inf, 0.0
+    while not (low > 0 and high < math.inf):
+        if e > target:
+            low, e_low = sigma, e
+            sigma *= min(max(1.2 * e / target, 2.0), 1e3)
+            if sigma > MAX_SIGMA:
+                raise ValueError("the privacy budget is too low")
+        else:
+            high, e_high = sigma, e
+            if target - e <= tolerance:
+                return sigma
+            sigma /= 4.0  # not faster: tiny noise makes the PRV accountant's grid (and memory) explode
+        e = epsilon(sigma)
+    aim = math.log(target - tolerance / 2)
+    for _ in range(100):
+        if target - e_high <= tolerance:
+            return high
+        lo, hi = math.log(low), math.log(high)
+        guess = (lo + hi) / 2
+        if math.isfinite(e_low) and e_low > 0 and e_high > 0:
+            slope = (math.log(e_high) - math.log(e_low)) / (hi - lo)
+            if slope < 0:
+                guess = lo + (aim - math.log(e_low)) / slope
+        margin = (hi - lo) / 20
+        sigma = math.exp(min(max(guess, lo + margin), hi - margin))
+        e = epsilon(sigma)
+        if e <= target:
+            high, e_high = sigma, e
+        else:
+            low, e_low = sigma, e
+    raise ValueError("the noise search did not converge")
 
 
 def plan_dp(

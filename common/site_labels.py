@@ -38,7 +38,9 @@ class _Labels:
 
 
 def _norm(rel: str) -> str:
-    return Path(rel.strip().replace("\\", "/")).as_posix().lstrip("./") if rel.strip() else ""
+    """labels.csv's path of an image as scan_site names it: '/' separators, no empty or '.' parts."""
+    parts = [p for p in rel.strip().replace("\\", "/").split("/") if p not in ("", ".")]
+    return "/".join(parts).lstrip("./")
 
 
 def _read_labels_csv(path: Path) -> _Labels:

@@ -88,6 +88,22 @@ def per_label(pooled: dict[str, Any], labels: tuple[str, ...]) -> dict[str, dict
     return out
 
 
+EPSILON_SITES_LISTED = 8
+
+
+def epsilon_summary(epsilon: dict[str, float]) -> str:
+    """Each site's epsilon for the round's log line; beyond 8 sites, the range and the median.
+
+    A 100-site simulation would otherwise log a 2,000-character line a round; every site's figure
+    stays in metrics.json."""
+    if len(epsilon) <= EPSILON_SITES_LISTED:
+        return ", ".join(f"{k} {v:.2f}" for k, v in sorted(epsilon.items()))
+    ranked = sorted(epsilon.items(), key=lambda kv: (kv[1], kv[0]))
+    (low, low_eps), (high, high_eps) = ranked[0], ranked[-1]
+    median = float(np.median([v for _, v in ranked]))
+    return f"{len(ranked)} sites: min {low_eps:.2f} ({low}), median {median:.2f}, max {high_eps:.2f} ({high})"
+
+
 class RoundKeeper:
     """Keeps every finished round: record, atomic checkpoint, best round so far, metrics.json, early stop."""
 
@@ -116,9 +132,9 @@ class RoundKeeper:
             save_best(self.run_dir, r, weights, auc)
             self.best_saved = auc
         write_metrics(self.run_dir, self.run_name, self.config_map, self.history)
-        eps = ", ".join(f"{k} {v:.2f}" for k, v in sorted(rec["epsilon"].items()))
         log.info("round %d/%d: pooled AUC %.3f, validation loss %.4f, epsilon [%s]%s", r, self.total_rounds,
-                 auc, rec["eval_loss"], eps, f", rejected {sorted(rec['rejected'])}" if rec["rejected"] else "")
+                 auc, rec["eval_loss"], epsilon_summary(rec["epsilon"]),
+                 f", rejected {sorted(rec['rejected'])}" if rec["rejected"] else "")
         if self.patience and auc == auc:
             if auc > self.best_auc + 1e-4:
                 self.best_auc, self.since_best = auc, 0

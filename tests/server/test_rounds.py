@@ -10,7 +10,7 @@ import pytest
 from common.config import RunConfig
 from common.metrics import EVAL_EDGES, score_histograms
 from server.checkpoint import latest_checkpoint, load_best
-from server.rounds import EarlyStop, RoundKeeper
+from server.rounds import EarlyStop, RoundKeeper, epsilon_summary
 from server.strategy import RoundLog, make_strategy
 
 
@@ -87,3 +87,12 @@ def test_multilabel_round_has_per_finding_auc_and_threshold(tmp_path):
     assert rec["pooled_auc"] == pytest.approx((eff["auc"] + nod["auc"]) / 2)
     assert 0.3 < eff["threshold"] < 0.9 and eff["positives"] == 80 and eff["negatives"] == 120
     assert eff["sensitivity"] > 0.9 and eff["specificity"] > 0.9
+
+
+def test_epsilon_log_lists_a_few_sites_and_summarises_many():
+    few = {"hospital-b": 2.5, "hospital-a": 1.25}
+    assert epsilon_summary(few) == "hospital-a 1.25, hospital-b 2.50"
+    many = {f"site-{i:03d}": 1.0 + i / 100 for i in range(100)}
+    line = epsilon_summary(many)
+    assert line == "100 sites: min 1.00 (site-000), median 1.50, max 1.99 (site-099)"
+    assert len(line) < 80
