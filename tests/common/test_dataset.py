@@ -273,3 +273,36 @@ class TestScanIndexAndPacks:
         x0, y0 = train[0]
         np.testing.assert_array_equal(x0.numpy(), first[data.split.train[0]])
         assert float(y0[0]) == float(data.targets.y[data.split.train[0]][0])
+
+
+def test_candidate_files_keep_os_walk_order_and_rules(tmp_path):
+    """The scandir walk lists what os.walk listed, in the same order: hidden names skipped, a folder
+    link not followed, a file link kept, labels.csv skipped only at the top, non-images counted."""
+    import os
+
+    root = tmp_path / "site"
+    for rel in ["b.dcm", "a.dcm", "notes.txt", "labels.csv", "B/z.dcm", "B/labels.csv", "a2/y.png", "a2/deep/x.dcm",
+                ".hidden/h.dcm", "A/.h.dcm", "A/w.dcm"]:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(b"x")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "o.dcm").write_bytes(b"x")
+    (root / "link-dir").symlink_to(outside, target_is_directory=True)
+    (root / "link-file.dcm").symlink_to(outside / "o.dcm")
+
+    expected, ignored = [], 0
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            path = Path(dirpath) / name
+            if name.startswith(".") or (path.parent == root and name == "labels.csv"):
+                continue
+            if path.suffix.lower() in dataset_mod.NON_IMAGE_SUFFIXES:
+                ignored += 1
+                continue
+            expected.append(path)
+    files, n_ignored = dataset_mod._candidate_files(root)
+    assert files == expected and n_ignored == ignored == 2  # notes.txt and B/labels.csv
+    assert [p.relative_to(root).as_posix() for p in files] == [
+        "a.dcm", "b.dcm", "link-file.dcm", "A/w.dcm", "B/z.dcm", "a2/y.png", "a2/deep/x.dcm"]
