@@ -47,7 +47,6 @@ from typing import cast
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision import models as tvm
 
 from common.model_errors import ModelError as ModelError
 from common.model_errors import WeightsError as WeightsError
@@ -199,6 +198,10 @@ def build_model(
         except ScatteringError as err:
             raise ModelError(str(err)) from err
     else:
+        # Deferred: torchvision costs 0.5-0.7 s to import, and a deployed site starts a new process for
+        # every Flower message; the default ScatterNet never needs it.
+        from torchvision import models as tvm
+
         mean, std = NORMALISATION
         if name == "densenet121":
             net = tvm.densenet121(weights=None, num_classes=num_outputs)

@@ -42,3 +42,15 @@ def test_cli_modules_and_bad_input_load_no_heavy_library():
     assert doc["loaded"] == [], f"the CLI start-up path imports {doc['loaded']}: defer them to the commands that need them"
     assert doc["codes"] == {"fl-client --help": 0, "fl-predict --help": 0, "fl-client status bad dir": 2,
                             "fl-predict missing model": 2, "fl-sim run bad data": 2}
+
+
+def test_the_clientapp_and_the_default_model_do_not_load_torchvision():
+    """A deployed site starts a Python process per Flower message: torchvision (0.5-0.7 s) loads only
+    for the CNNs, never for the default ScatterNet's round."""
+    probe = ("import sys, client.app\n"
+             "from common.models import build_model\n"
+             "build_model('scatternet', num_outputs=1, image_size=32)\n"
+             "print('torchvision' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                         check=True)
+    assert out.stdout.strip().splitlines()[-1] == "False"
