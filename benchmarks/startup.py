@@ -7,6 +7,10 @@ Python) and prints one JSON object: per command the best and median wall seconds
 status and which heavy libraries (torch, flwr, opacus, onnxruntime, pydicom) its CLI module
 imports on its own. The goal (issue 15): every command here answers in under 1 s; the heavy
 libraries load only on the code paths that need them.
+
+Also timed (``clientapp_import``): importing ``client.app`` in a fresh process, which a deployed
+site pays on every Flower message (Flower 1.41 starts a ClientApp process per message); it needs
+torch, flwr and opacus, so it is not under 1 s, but it should not load more (torchvision: CNNs only).
 """
 
 from __future__ import annotations
@@ -57,11 +61,21 @@ def main() -> None:
             times.append(time.perf_counter() - start)
         results.append({"command": " ".join(cmd), "exit": rc, "best_s": round(min(times), 3),
                         "median_s": round(statistics.median(times), 3)})
+    root = Path(__file__).resolve().parents[1]
+    probe = "import sys, time; t = time.perf_counter(); import client.app; print(time.perf_counter() - t, 'torchvision' in sys.modules)"
+    app_times, loads_torchvision = [], None
+    for _ in range(args.repeat):
+        seconds, tv = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                                     cwd=root, env=env).stdout.split()
+        app_times.append(float(seconds))
+        loads_torchvision = tv == "True"
     doc = {
         "repeat": args.repeat, "cpus": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2),
         "commands": results,
         "cli_module_heavy_imports": {m: heavy_imports(m) for m in CLI_MODULES.values()},
         "all_under_1s": all(r["median_s"] < 1.0 for r in results),
+        "clientapp_import": {"best_s": round(min(app_times), 3), "median_s": round(statistics.median(app_times), 3),
+                             "loads_torchvision": loads_torchvision},
     }
     print(json.dumps(doc, indent=2))
 

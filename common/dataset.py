@@ -35,6 +35,9 @@ from common.labels import (  # noqa: F401 - NEGATIVE_NAMES, POSITIVE_FLAGS: re-e
     LabelPolicy,
     encode,
 )
+from common.site_files import LABELS_FILE as LABELS_FILE
+from common.site_files import NON_IMAGE_SUFFIXES as NON_IMAGE_SUFFIXES
+from common.site_files import candidate_files
 from common.site_labels import DatasetError as DatasetError  # re-exported: raised here, defined with labels.csv
 from common.site_labels import _Labels, _read_labels_csv
 from common.site_split import Split as Split
@@ -46,11 +49,6 @@ from common.site_split import split_patients as split_patients
 
 log = logging.getLogger(__name__)
 
-LABELS_FILE = "labels.csv"
-# Files that are clearly not images and are ignored without being reported as skipped.
-NON_IMAGE_SUFFIXES = frozenset(
-    {".csv", ".txt", ".md", ".json", ".xml", ".html", ".pdf", ".log", ".ini", ".yaml", ".yml", ".toml", ".npy", ".zip"}
-)
 
 
 @dataclass(frozen=True)
@@ -94,47 +92,6 @@ class SiteIndex:
 
 
 # --------------------------------------------------------------------------- scanning
-
-
-def _candidate_files(root: Path) -> tuple[list[Path], int]:
-    """Every file under ``root`` that may be an image, in a stable order, and how many were ignored.
-
-    The order is os.walk's top-down one (a folder's files by name, then its subfolders by name),
-    hidden names skipped, symbolic links to folders not followed. Works on os.scandir entries and
-    strings until a file is kept: every message scans the site, and at 2,000+ files a Path per name
-    and a second stat per folder were a third of a round's set-up."""
-    files: list[Path] = []
-    ignored = 0
-    top = str(root)
-    pending = [top]
-    while pending:
-        folder = pending.pop()
-        names: list[str] = []
-        subfolders: list[str] = []
-        try:
-            with os.scandir(folder) as entries:
-                for entry in entries:
-                    if entry.name.startswith("."):
-                        continue
-                    try:
-                        is_dir = entry.is_dir()
-                    except OSError:
-                        is_dir = False
-                    if not is_dir:
-                        names.append(entry.name)
-                    elif not entry.is_symlink():
-                        subfolders.append(entry.path)
-        except OSError:  # unreadable folder: as os.walk, skip it
-            continue
-        for name in sorted(names):
-            if name == LABELS_FILE and folder == top:
-                continue
-            if os.path.splitext(name)[1].lower() in NON_IMAGE_SUFFIXES:
-                ignored += 1
-                continue
-            files.append(Path(folder, name))
-        pending.extend(sorted(subfolders, reverse=True))  # popped in name order
-    return files, ignored
 
 
 def _decode(path: Path, salt: bytes | str, image_size: int | None) -> tuple[dict[str, Any], np.ndarray | None]:
@@ -290,7 +247,7 @@ def scan_site(
         raise DatasetError(f"data folder {str(root)!r} does not exist or is not a folder: check --data")
     labels_path = root / LABELS_FILE
     labels: _Labels | None = _read_labels_csv(labels_path) if labels_path.is_file() else None
-    files, ignored = _candidate_files(root)
+    files, ignored = candidate_files(root)
     unlabelled = False
     if labels is None:
         class_dirs = sorted({f.relative_to(root).parts[0] for f in files if len(f.relative_to(root).parts) > 1})

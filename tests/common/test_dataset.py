@@ -13,6 +13,7 @@ import common.dataset as dataset_mod
 from common.cache import SiteCache
 from common.dataset import DatasetError, encode_targets, patient_strata, scan_site, split_patients
 from common.loaders import load_site
+from common.site_files import NON_IMAGE_SUFFIXES, candidate_files
 
 SALT = b"test-salt"
 
@@ -298,11 +299,11 @@ def test_candidate_files_keep_os_walk_order_and_rules(tmp_path):
             path = Path(dirpath) / name
             if name.startswith(".") or (path.parent == root and name == "labels.csv"):
                 continue
-            if path.suffix.lower() in dataset_mod.NON_IMAGE_SUFFIXES:
+            if path.suffix.lower() in NON_IMAGE_SUFFIXES:
                 ignored += 1
                 continue
             expected.append(path)
-    files, n_ignored = dataset_mod._candidate_files(root)
+    files, n_ignored = candidate_files(root)
     assert files == expected and n_ignored == ignored == 2  # notes.txt and B/labels.csv
     assert [p.relative_to(root).as_posix() for p in files] == [
         "a.dcm", "b.dcm", "link-file.dcm", "A/w.dcm", "B/z.dcm", "a2/y.png", "a2/deep/x.dcm"]
