@@ -16,6 +16,9 @@ at the site; group ``scatternet-head`` times exactly that (features precomputed,
 
 Optional variants (field ``variant``): ``--explore`` adds channels_last memory format,
 ``--opacus-conv`` adds hooks/ghost with Opacus' own conv routines instead of DPConv2d's.
+``--train-part last-block|head`` trains only that part of the CNNs in every case (plain and DP
+alike): DP fine-tuning from a site's own weights (``init-weights``), which is what the CNNs are
+for under DP.
 
 The cases of one (model, size) run round-robin, one step each in turn, so load from other
 processes on a shared machine hits them alike. Each case reports wall-clock images/s (median
@@ -61,7 +64,7 @@ from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 from common.dp import GRAD_SAMPLE_MODES, dp_step, make_private  # noqa: E402
-from common.models import MODEL_NAMES, DPConv2d, build_model, grad_sample_mode  # noqa: E402
+from common.models import MODEL_NAMES, TRAIN_PARTS, DPConv2d, build_model, grad_sample_mode  # noqa: E402
 
 NUM_OUTPUTS = 3  # a small multilabel head, like a few findings
 # Goal: DP training speed relative to the plain BatchNorm model, on CPU at 64 px.
@@ -82,6 +85,10 @@ class Case:
     error: str | None = None
 
 
+#: What the CNN cases train (``--train-part``): all parameters, or DP fine-tuning's last block + head / head.
+TRAIN_PART = ["all"]
+
+
 def _batch(size: int, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     x = torch.rand(batch, 1, size, size, device=device)
     y = torch.randint(0, 2, (batch, NUM_OUTPUTS), device=device).float()
@@ -92,13 +99,13 @@ def _plain_case(
     name: str, dp_form: bool, x: torch.Tensor, y: torch.Tensor, channels_last: bool
 ) -> Callable[[], Callable[[], None]]:
     def build() -> Callable[[], None]:
-        model = build_model(name, num_outputs=NUM_OUTPUTS, dp=dp_form).to(x.device)
+        model = build_model(name, num_outputs=NUM_OUTPUTS, dp=dp_form, train_part=TRAIN_PART[0]).to(x.device)
         inputs = x
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
             inputs = x.contiguous(memory_format=torch.channels_last)
         model.train()
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
         criterion = nn.BCEWithLogitsLoss()
 
         def step() -> None:
@@ -120,7 +127,7 @@ def _dp_case(
     opacus_conv: bool = False,
 ) -> Callable[[], Callable[[], None]]:
     def build() -> Callable[[], None]:
-        model = build_model(name, num_outputs=NUM_OUTPUTS, dp=True).to(x.device)
+        model = build_model(name, num_outputs=NUM_OUTPUTS, dp=True, train_part=TRAIN_PART[0]).to(x.device)
         if opacus_conv:  # back to plain nn.Conv2d: Opacus' own per-sample routines
             for module in model.modules():
                 if isinstance(module, DPConv2d):
@@ -129,7 +136,7 @@ def _dp_case(
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
             inputs = x.contiguous(memory_format=torch.channels_last)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
         loader = DataLoader(TensorDataset(x.cpu(), y.cpu()), batch_size=len(x))
         pt = make_private(
             model, optimizer, loader,
@@ -339,6 +346,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="batch of the scatternet-head group (the DP default, sample-rate 1.0, steps on a site's "
                              "whole training split: 200-2,000 images in the study)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--train-part", default="all", choices=TRAIN_PARTS,
+                        help="CNNs: what trains, in every case alike (last-block / head: DP fine-tuning from "
+                             "init-weights, the CNNs' DP use)")
     parser.add_argument(
         "--explore", action="store_true", help="also time channels_last variants"
     )
@@ -353,6 +363,7 @@ def main(argv: list[str] | None = None) -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda given but torch sees no CUDA device; use --device cpu")
     set_threads(args.threads)
+    TRAIN_PART[0] = args.train_part
     torch.manual_seed(0)
     models = [m for m in args.models.split(",") if m]
     sizes = [int(s) for s in args.sizes.split(",") if s]

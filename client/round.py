@@ -157,7 +157,7 @@ def train_settings(run: RunConfig, n_train: int, server_round: int, proximal_mu:
     return TrainSettings(
         task=run.task, local_epochs=run.epochs_per_round(rate), batch_size=batch, learning_rate=run.learning_rate,
         optimizer=run.optimizer, momentum=run.momentum, proximal_mu=proximal_mu, dp=run.dp,
-        max_grad_norm=run.max_grad_norm, grad_sample_mode=grad_sample_mode(run.model),
+        max_grad_norm=run.max_grad_norm, grad_sample_mode=grad_sample_mode(run.model, run.train_part),
         seed=run.seed * 1000 + server_round, pos_weight=run.pos_weights,
     )
 

@@ -29,16 +29,17 @@ def _threads(one_torch_thread: None) -> None:
 
 
 def _private(
-    name: str, mode: str, *, n: int = 4, noise: float = 1.0, clip: float = 1.0, lr: float = 0.1
+    name: str, mode: str, *, n: int = 4, noise: float = 1.0, clip: float = 1.0, lr: float = 0.1,
+    train_part: str = "all",
 ):
     torch.manual_seed(0)
-    model = build_model(name, num_outputs=3, dp=True)
+    model = build_model(name, num_outputs=3, dp=True, train_part=train_part)
     keys = list(model.state_dict())
     x = torch.rand(n, 1, PX, PX)
     y = torch.randint(0, 2, (n, 3)).float()
     loader = DataLoader(TensorDataset(x, y), batch_size=n)
     pt = make_private(
-        model, torch.optim.SGD(model.parameters(), lr=lr), loader,
+        model, torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr), loader,
         noise_multiplier=noise, max_grad_norm=clip, mode=mode,
         criterion=nn.BCEWithLogitsLoss(),
     )
@@ -91,6 +92,33 @@ class TestDpStep:
         before = unwrapped_state_dict(pt)
         dp_step(pt, x, y)
         assert _distance(before, unwrapped_state_dict(pt)) == pytest.approx(lr * clip, rel=1e-3)
+
+    @pytest.mark.parametrize(
+        ("name", "mode"),
+        [(n, m) for n in TORCHVISION_NAMES for m in ("hooks", "ghost")],
+    )
+    def test_fine_tuning_clips_the_trained_part_and_leaves_the_rest(self, name: str, mode: str) -> None:
+        # DP fine-tuning (train-part last-block) takes ghost clipping (common.models.grad_sample_mode):
+        # the trained part's one-sample update must sit on the clipping bound, the frozen part not move.
+        clip, lr = 1e-3, 1.0
+        pt, _, x, y = _private(name, mode, n=1, noise=0.0, clip=clip, lr=lr, train_part="last-block")
+        trained = {k.removeprefix("_module.") for k, p in pt.model.named_parameters() if p.requires_grad}
+        before = unwrapped_state_dict(pt)
+        dp_step(pt, x, y)
+        after = unwrapped_state_dict(pt)
+        assert _distance({k: before[k] for k in trained}, {k: after[k] for k in trained}) == pytest.approx(
+            lr * clip, rel=1e-3)
+        frozen = [k for k in before if k not in trained and before[k].is_floating_point()]
+        assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
+
+    @pytest.mark.parametrize("name", TORCHVISION_NAMES)
+    def test_fine_tuning_takes_ghost_clipping_and_an_empty_batch_still_adds_noise(self, name: str) -> None:
+        mode = grad_sample_mode(name, "last-block")
+        assert mode == "ghost" and grad_sample_mode(name) == "hooks"
+        pt, _, x, y = _private(name, mode, train_part="last-block")
+        before = unwrapped_state_dict(pt)
+        assert dp_step(pt, x[:0], y[:0]) != dp_step(pt, x[:0], y[:0])  # NaN losses: no samples
+        assert _distance(before, unwrapped_state_dict(pt)) > 0
 
     def test_unknown_mode_and_bad_bounds_are_refused(self) -> None:
         model = build_model("mobilenet_v2", num_outputs=1)
