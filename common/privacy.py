@@ -237,7 +237,7 @@ def noise_for_target(
     """Smallest noise multiplier (within the search tolerance) spending at most the target.
 
     Same answer as Opacus' ``get_noise_multiplier`` (an epsilon in [target * (1 - 1e-3), target],
-    never above), found in about a third of the accountant evaluations: epsilon falls roughly as a
+    never above), found in about half the accountant evaluations: epsilon falls roughly as a
     power of sigma, so a secant step in log-log space lands near the answer where Opacus bisects
     from [0, 20]. Each evaluation takes 20-60 ms on 2 cores, and a site's first round, the
     coordinator and each of 1,000 simulated sites search once. Memoised per process.
@@ -268,9 +268,9 @@ def _search_sigma(epsilon: Callable[[float], float], target: float, tolerance: f
     """The sigma with ``target - tolerance <= epsilon(sigma) <= target`` (epsilon decreasing in sigma).
 
     First a bracket [low, high] with epsilon(low) > target >= epsilon(high), growing sigma as if
-    epsilon were proportional to 1 / sigma, shrinking it by 4; then secant steps on (log sigma, log epsilon) aimed a
-    little under the target (so they tend to land on the safe side), bisecting in log sigma
-    whenever a step would not shrink the bracket enough."""
+    epsilon were proportional to 1 / sigma, shrinking it by 4; then secant steps on
+    (log sigma, log epsilon) aimed a little under the target (so they tend to land on the safe
+    side), bisecting in log sigma whenever a step would not shrink the bracket enough."""
     sigma = 1.0
     e = epsilon(sigma)
     low, e_low, high, e_high = 0.0, math.inf, math.inf, 0.0
