@@ -50,7 +50,6 @@ from common.site_split import split_patients as split_patients
 log = logging.getLogger(__name__)
 
 
-
 @dataclass(frozen=True)
 class ImageRecord:
     """One usable image. ``path`` is local to the site and must never leave it or reach a log."""
