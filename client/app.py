@@ -21,7 +21,8 @@ from flwr.clientapp import ClientApp
 
 from client.round import ERR_CONFIG, RoundRefused, RoundRequest, evaluate_round, train_round
 from client.site import site_config
-from common.config import ConfigError, RunConfig
+from common.config import RunConfig
+from common.config_fields import ConfigError
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 log = logging.getLogger(__name__)

@@ -180,7 +180,7 @@ def cmd_start(args: argparse.Namespace) -> int:
     from client.join import JoinError, probe_coordinator, run_site, write_node_config
     from client.provision import ProvisionError, load_site_identity
     from common.cache import SiteCache
-    from common.config import ConfigError
+    from common.config_fields import ConfigError
     from common.dataset import site_salt
 
     def fail(message: str) -> int:

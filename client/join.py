@@ -35,8 +35,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.bundle import packages_root
-from common.config import SiteConfig, to_toml
+from common.config_fields import to_toml
 from common.processes import free_port, offline_env, stop_process, write_local_secret
+from common.site_config import SiteConfig
 from common.supervisor import stop_requested, supervise
 
 AUTH_REFUSED_EXIT = 305

@@ -54,10 +54,11 @@ from client.train import EvalStats, TrainSettings, evaluate, train_one_round
 from common import metrics as metrics_lib
 from common import reference
 from common.audit import audit_path, try_record
-from common.config import RunConfig, SiteConfig
+from common.config import RunConfig
 from common.loaders import SiteData, load_site
 from common.models import build_model, grad_sample_mode, split_features
 from common.privacy import accountant_cache, plan_dp
+from common.site_config import SiteConfig
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,9 @@ from typing import Any
 import torch
 
 from common.cache import atomic_write_bytes
-from common.config import ConfigError, SiteConfig
+from common.config_fields import ConfigError
 from common.devices import torch_device
+from common.site_config import SiteConfig
 
 SITES_FILE = "sites.json"
 

@@ -6,7 +6,7 @@ Two kinds of settings exist, and they belong to different people:
   ``[tool.flwr.app.config]`` in pyproject.toml (kebab-case keys), overridden with
   ``flwr run -c 'key=value'`` or ``fl-sim --set key=value``, and reaches every site as
   ``context.run_config``.
-* ``SiteConfig`` is chosen by a hospital for its own SuperNode (``--node-config``): where its data
+* ``SiteConfig`` (common/site_config.py) is chosen by a hospital for its own SuperNode (``--node-config``): where its data
   and state live, and the privacy budget it is willing to spend. A coordinator cannot change it.
 
 Both are validated as a whole: every problem is collected and reported in one ``ConfigError``, so
@@ -15,15 +15,13 @@ an operator fixes a configuration in one pass instead of one error per restart.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from common.labels import BLANK_CHOICES, UNCERTAIN_CHOICES, LabelError, LabelPolicy, parse_label_map, parse_pos_weight
+from common.config_fields import build_config, check_one_of, check_range, fields_to_mapping
+from common.labels import BLANK_CHOICES, UNCERTAIN_CHOICES, LabelError, parse_pos_weight
 
 MODEL_CHOICES = ("scatternet", "mobilenet_v2", "densenet121")
 HEAD_CHOICES = ("linear", "cnn")
@@ -53,15 +51,6 @@ def recommended_settings(model: str, dp: bool = True) -> dict[str, Any]:
     if model == "scatternet":
         return dict(RECOMMENDED["scatternet" if dp else "scatternet-no-dp"])
     return dict(RECOMMENDED["cnn"])
-
-
-class ConfigError(ValueError):
-    """One or more settings are invalid; the message lists every problem and how to fix it."""
-
-    def __init__(self, where: str, problems: list[str]) -> None:
-        self.problems = list(problems)
-        lines = "\n".join(f"  - {p}" for p in problems)
-        super().__init__(f"invalid {where} ({len(problems)} problem(s)):\n{lines}")
 
 
 @dataclass(frozen=True)
@@ -116,11 +105,11 @@ class RunConfig:
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any]) -> RunConfig:
         """Build from kebab-case (or snake_case) keys; unknown keys and bad values all reported."""
-        return _build(cls, raw, "run config", _check_run)
+        return build_config(cls, raw, "run config", _check_run)
 
     def to_mapping(self) -> dict[str, Any]:
         """Kebab-case dict (tuples as comma-separated strings), the form Flower's run config uses."""
-        return _to_mapping(self)
+        return fields_to_mapping(self)
 
     @property
     def num_outputs(self) -> int:
@@ -157,190 +146,42 @@ class RunConfig:
         return max(1, math.ceil(MIN_DP_STEPS * sample_rate / self.num_server_rounds))
 
 
-@dataclass(frozen=True)
-class SiteConfig:
-    """Settings a hospital owns for its SuperNode (``--node-config``); the coordinator cannot change them."""
-
-    data_dir: Path  # the site's DICOM folder (labels.csv or class subfolders)
-    state_dir: Path  # cache, privacy ledger, salt: stays on site, survives restarts
-    site_name: str  # name shown to the coordinator (no patient information)
-    max_epsilon: float = 10.0  # cumulative privacy budget on this dataset, over all runs
-    delta: float = 1e-5  # the delta this site accounts with
-    allow_no_dp: bool = False  # whether this site ever trains without DP when a run asks for it
-    device: str = "auto"  # auto (CUDA when present) | cpu | cuda
-    val_fraction: float = 0.2  # share of this site's patients kept for validation (the split is the site's own)
-    eval_noise: float = 10.0  # std of the Gaussian noise on each count of the validation score histograms
-    max_evaluations: int = 100  # evaluate replies this site sends per run (each is charged to its budget)
-    # Run settings this site accepts (a run outside them is refused before anything is read or spent):
-    max_image_size: int = 512
-    max_local_epochs: int = 200
-    max_batch_size: int = 1024
-    max_rounds: int = 500
-    max_run_epsilon: float = 0.0  # largest target-epsilon a run may plan; 0: up to max-epsilon
-    label_map: str = ""  # this site's finding names -> the federation's: "Pleural effusion=Effusion; ..." or a file of such lines
-    label_column: str = ""  # this site's labels.csv column for the run's labels (wins over the run's label-column)
-
-    @classmethod
-    def from_mapping(cls, raw: Mapping[str, Any]) -> SiteConfig:
-        return _build(cls, raw, "site config", _check_site)
-
-    def refusals(self, run: RunConfig) -> list[str]:
-        """Every run setting outside what this site accepts, each naming the key, the value and the allowed range."""
-        out: list[str] = []
-        limit = self.max_run_epsilon or self.max_epsilon
-        for key, value, top in (("image-size", run.image_size, self.max_image_size),
-                                ("local-epochs", run.local_epochs, self.max_local_epochs),
-                                ("batch-size", run.batch_size, self.max_batch_size),
-                                ("num-server-rounds", run.num_server_rounds, self.max_rounds)):
-            if value > top:
-                out.append(f"`{key}` = {value}: this site accepts at most {top} (node config max-{key.removeprefix('num-server-')})")
-        if run.dp and not run.noise_multiplier and run.target_epsilon > limit:
-            out.append(f"`target-epsilon` = {run.target_epsilon:g}: this site accepts at most {limit:g} per run "
-                       "(node config max-run-epsilon)")
-        return out
-
-    def to_mapping(self) -> dict[str, Any]:
-        return _to_mapping(self)
-
-    def label_policy(self, run: RunConfig) -> LabelPolicy:
-        """How this site's label table gives the run's targets: the run's -1 / blank policy, the site's column and names."""
-        return LabelPolicy(label_column=self.label_column or run.label_column, uncertain=run.uncertain, blank=run.blank,
-                           label_map=parse_label_map(self.label_map))
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def _key(name: str) -> str:
-    return name.replace("_", "-")
-
-
-def _to_mapping(obj: Any) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        if isinstance(value, tuple):
-            value = ",".join(value)
-        elif isinstance(value, Path):
-            value = str(value)
-        out[_key(f.name)] = value
-    return out
-
-
-def _coerce(value: Any, typ: Any, key: str, problems: list[str]) -> Any:
-    """Convert a raw value (TOML, CLI string) to the field's type, or record why not."""
-    type_name = typ if isinstance(typ, str) else getattr(typ, "__name__", str(typ))
-    try:
-        if type_name == "bool":
-            if isinstance(value, bool):
-                return value
-            text = str(value).strip().lower()
-            if text in ("true", "1", "yes", "on"):
-                return True
-            if text in ("false", "0", "no", "off"):
-                return False
-            raise ValueError
-        if type_name == "int":
-            if isinstance(value, bool):
-                raise ValueError
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError
-            return int(value)
-        if type_name == "float":
-            if isinstance(value, bool):
-                raise ValueError
-            result = float(value)
-            if not math.isfinite(result):
-                raise ValueError
-            return result
-        if type_name == "Path":
-            return Path(str(value)).expanduser()
-        if type_name.startswith("tuple"):
-            if isinstance(value, (list, tuple)):
-                items = [str(v).strip() for v in value]
-            else:
-                items = [v.strip() for v in str(value).split(",")]
-            return tuple(v for v in items if v)
-        return str(value)
-    except (TypeError, ValueError):
-        problems.append(f"`{key}` = {value!r} is not a valid {type_name}")
-        return None
-
-
-def _build(cls: Any, raw: Mapping[str, Any], where: str, check: Any) -> Any:
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    problems: list[str] = []
-    values: dict[str, Any] = {}
-    for raw_key, value in raw.items():
-        name = str(raw_key).replace("-", "_")
-        if name not in fields:
-            known = ", ".join(sorted(_key(n) for n in fields))
-            problems.append(f"unknown key `{raw_key}` (known keys: {known})")
-            continue
-        coerced = _coerce(value, fields[name].type, _key(name), problems)
-        if coerced is not None:
-            values[name] = coerced
-    for name, f in fields.items():
-        no_default = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        if no_default and name not in values:
-            problems.append(f"`{_key(name)}` is required")
-    if any("is required" in p for p in problems):
-        raise ConfigError(where, problems)
-    # Range checks run on whatever did coerce, so one error lists every problem at once.
-    obj = cls(**values)
-    problems += check(obj)
-    if problems:
-        raise ConfigError(where, problems)
-    return obj
-
-
-def _one_of(problems: list[str], key: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        problems.append(f"`{key}` = {value!r}: expected one of {', '.join(choices)}")
-
-
-def _range(problems: list[str], key: str, value: float, lo: float, hi: float, *, lo_open: bool = False) -> None:
-    if value < lo or value > hi or (lo_open and value == lo):
-        left = "(" if lo_open else "["
-        problems.append(f"`{key}` = {value}: expected a value in {left}{lo}, {hi}]")
-
-
 def _check_run(c: RunConfig) -> list[str]:
     p: list[str] = []
-    _one_of(p, "model", c.model, MODEL_CHOICES)
-    _one_of(p, "head", c.head, HEAD_CHOICES)
-    _one_of(p, "train-part", c.train_part, TRAIN_PART_CHOICES)
-    _range(p, "scatter-j", c.scatter_j, 1, 4)
-    _range(p, "sample-rate", c.sample_rate, 0.0, 1.0)
-    _range(p, "momentum", c.momentum, 0.0, 0.99)
-    _one_of(p, "task", c.task, TASK_CHOICES)
-    _one_of(p, "uncertain", c.uncertain, UNCERTAIN_CHOICES)
-    _one_of(p, "blank", c.blank, BLANK_CHOICES)
-    _one_of(p, "strategy", c.strategy, STRATEGY_CHOICES)
-    _one_of(p, "export-round", c.export_round, EXPORT_ROUND_CHOICES)
-    _one_of(p, "optimizer", c.optimizer, OPTIMIZER_CHOICES)
-    _range(p, "num-server-rounds", c.num_server_rounds, 1, 10_000)
-    _range(p, "image-size", c.image_size, 16, 1024)
-    _range(p, "local-epochs", c.local_epochs, 0, 100)
-    _range(p, "batch-size", c.batch_size, 1, 4096)
-    _range(p, "learning-rate", c.learning_rate, 0.0, 10.0, lo_open=True)
-    _range(p, "val-fraction", c.val_fraction, 0.0, 0.9, lo_open=True)
-    _range(p, "max-grad-norm", c.max_grad_norm, 0.0, 1e6, lo_open=True)
-    _range(p, "delta", c.delta, 0.0, 0.1, lo_open=True)
-    _range(p, "proximal-mu", c.proximal_mu, 0.0, 100.0)
-    _range(p, "server-learning-rate", c.server_learning_rate, 0.0, 10.0, lo_open=True)
-    _range(p, "trim-beta", c.trim_beta, 0.0, 0.49)
-    _range(p, "server-clip", c.server_clip, 0.0, 1e9)
-    _range(p, "fraction-train", c.fraction_train, 0.0, 1.0, lo_open=True)
-    _range(p, "min-sites", c.min_sites, 1, 100_000)
-    _range(p, "round-timeout", c.round_timeout, 1.0, 7 * 86400.0)
-    _range(p, "wait-timeout", c.wait_timeout, 1.0, 7 * 86400.0)
-    _range(p, "early-stop-patience", c.early_stop_patience, 0, 10_000)
+    check_one_of(p, "model", c.model, MODEL_CHOICES)
+    check_one_of(p, "head", c.head, HEAD_CHOICES)
+    check_one_of(p, "train-part", c.train_part, TRAIN_PART_CHOICES)
+    check_range(p, "scatter-j", c.scatter_j, 1, 4)
+    check_range(p, "sample-rate", c.sample_rate, 0.0, 1.0)
+    check_range(p, "momentum", c.momentum, 0.0, 0.99)
+    check_one_of(p, "task", c.task, TASK_CHOICES)
+    check_one_of(p, "uncertain", c.uncertain, UNCERTAIN_CHOICES)
+    check_one_of(p, "blank", c.blank, BLANK_CHOICES)
+    check_one_of(p, "strategy", c.strategy, STRATEGY_CHOICES)
+    check_one_of(p, "export-round", c.export_round, EXPORT_ROUND_CHOICES)
+    check_one_of(p, "optimizer", c.optimizer, OPTIMIZER_CHOICES)
+    check_range(p, "num-server-rounds", c.num_server_rounds, 1, 10_000)
+    check_range(p, "image-size", c.image_size, 16, 1024)
+    check_range(p, "local-epochs", c.local_epochs, 0, 100)
+    check_range(p, "batch-size", c.batch_size, 1, 4096)
+    check_range(p, "learning-rate", c.learning_rate, 0.0, 10.0, lo_open=True)
+    check_range(p, "val-fraction", c.val_fraction, 0.0, 0.9, lo_open=True)
+    check_range(p, "max-grad-norm", c.max_grad_norm, 0.0, 1e6, lo_open=True)
+    check_range(p, "delta", c.delta, 0.0, 0.1, lo_open=True)
+    check_range(p, "proximal-mu", c.proximal_mu, 0.0, 100.0)
+    check_range(p, "server-learning-rate", c.server_learning_rate, 0.0, 10.0, lo_open=True)
+    check_range(p, "trim-beta", c.trim_beta, 0.0, 0.49)
+    check_range(p, "server-clip", c.server_clip, 0.0, 1e9)
+    check_range(p, "fraction-train", c.fraction_train, 0.0, 1.0, lo_open=True)
+    check_range(p, "min-sites", c.min_sites, 1, 100_000)
+    check_range(p, "round-timeout", c.round_timeout, 1.0, 7 * 86400.0)
+    check_range(p, "wait-timeout", c.wait_timeout, 1.0, 7 * 86400.0)
+    check_range(p, "early-stop-patience", c.early_stop_patience, 0, 10_000)
     if c.dp:
         if c.noise_multiplier == 0.0:
-            _range(p, "target-epsilon", c.target_epsilon, 0.0, 1000.0, lo_open=True)
+            check_range(p, "target-epsilon", c.target_epsilon, 0.0, 1000.0, lo_open=True)
         else:
-            _range(p, "noise-multiplier", c.noise_multiplier, 0.0, 1000.0, lo_open=True)
+            check_range(p, "noise-multiplier", c.noise_multiplier, 0.0, 1000.0, lo_open=True)
     if c.image_size % 2:
         p.append(f"`image-size` = {c.image_size}: use an even size (models downsample by 2 repeatedly)")
     if c.model == "scatternet" and 2 ** (c.scatter_j + 2) > c.image_size:
@@ -362,39 +203,3 @@ def _check_run(c: RunConfig) -> list[str]:
     if "/" in c.run_name or c.run_name.startswith("."):
         p.append(f"`run-name` = {c.run_name!r}: a plain folder name (no '/', not starting with '.')")
     return p
-
-
-def _check_site(c: SiteConfig) -> list[str]:
-    p: list[str] = []
-    _one_of(p, "device", c.device, DEVICE_CHOICES)
-    _range(p, "max-epsilon", c.max_epsilon, 0.0, 1000.0)
-    _range(p, "delta", c.delta, 0.0, 0.1, lo_open=True)
-    if not c.site_name or not all(ch.isalnum() or ch in "-_." for ch in c.site_name):
-        p.append(f"`site-name` = {c.site_name!r}: use letters, digits, '-', '_' or '.'")
-    _range(p, "val-fraction", c.val_fraction, 0.0, 0.9, lo_open=True)
-    _range(p, "eval-noise", c.eval_noise, 1.0, 1e6)
-    _range(p, "max-evaluations", c.max_evaluations, 0, 100_000)
-    _range(p, "max-image-size", c.max_image_size, 16, 4096)
-    _range(p, "max-local-epochs", c.max_local_epochs, 1, 1000)
-    _range(p, "max-batch-size", c.max_batch_size, 1, 100_000)
-    _range(p, "max-rounds", c.max_rounds, 1, 100_000)
-    _range(p, "max-run-epsilon", c.max_run_epsilon, 0.0, 1000.0)
-    if not c.data_dir.is_dir():
-        p.append(f"`data-dir` = {str(c.data_dir)!r} is not a folder: point it at the site's DICOM folder")
-    try:
-        parse_label_map(c.label_map)
-    except LabelError as err:
-        p.append(f"`label-map`: {err}")
-    return p
-
-
-def to_toml(values: Mapping[str, Any]) -> str:
-    """Flat ``key = value`` TOML, as `flwr run --run-config FILE` and ``--node-config`` read it."""
-    def one(value: Any) -> str:
-        if isinstance(value, bool):
-            return "true" if value else "false"
-        if isinstance(value, (int, float)):
-            return repr(value)
-        return json.dumps(str(value))
-
-    return "".join(f"{k} = {one(v)}\n" for k, v in values.items())

@@ -17,7 +17,8 @@ from typing import Any
 import torch
 
 from common.cache import atomic_write_bytes
-from common.config import ConfigError, RunConfig
+from common.config import RunConfig
+from common.config_fields import ConfigError
 from common.models import ModelError, WeightsError, build_model
 
 log = logging.getLogger("flwr.fedxray")

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from common.bundle import BundleError, build_bundle, stage_app
-from common.config import ConfigError, RunConfig, to_toml
+from common.config import RunConfig
+from common.config_fields import ConfigError, to_toml
 from common.processes import offline_env
 from server.audit import bundle_published_before, record_or_warn, settings_for_audit
 from server.control_api import CONNECTION, flwr, json_out, one_line

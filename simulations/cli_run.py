@@ -19,7 +19,8 @@ from typing import Any
 
 from common.cache import atomic_write_bytes
 from common.cli import parse_settings
-from common.config import ConfigError, RunConfig, recommended_settings
+from common.config import RunConfig, recommended_settings
+from common.config_fields import ConfigError
 from common.dataset import site_salt
 from server.tracking import tracking_hint
 from simulations.hospitals import MANIFEST_FILE, SimulationError, make_hospitals_from_images, make_synthetic_hospitals

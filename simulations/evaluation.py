@@ -18,10 +18,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.config import RunConfig, SiteConfig
+from common.config import RunConfig
 from common.loaders import load_site
 from common.metrics import roc_auc
 from common.models import build_model, split_features
+from common.site_config import SiteConfig
 from server.checkpoint import latest_checkpoint, load_best
 
 

@@ -31,7 +31,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from common.bundle import BundleError, stage_app
-from common.config import to_toml
+from common.config_fields import to_toml
 from common.processes import free_port, offline_env, stop_process, wait_http
 from simulations.progress import round_progress
 

@@ -19,8 +19,9 @@ from client.round import (
     load_data,
     train_round,
 )
-from common.config import RunConfig, SiteConfig
+from common.config import RunConfig
 from common.models import build_model
+from common.site_config import SiteConfig
 from simulations.hospitals import make_synthetic_hospitals
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from client.site import ReplyCache, site_config, weights_digest
-from common.config import ConfigError
+from common.config_fields import ConfigError
 
 
 def test_site_config_from_node_config_or_sites_json(tmp_path):

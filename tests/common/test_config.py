@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from common.config import ConfigError, RunConfig, SiteConfig
+from common.config import RunConfig
+from common.config_fields import ConfigError
+from common.site_config import SiteConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 
