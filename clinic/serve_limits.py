@@ -102,6 +102,7 @@ class ConnectionGuard:
     def __init__(self, limits: Limits) -> None:
         self.limits = limits
         self._received: dict[int, int] = {}  # id(association) -> bytes of the data set arriving now
+        self._over: set[int] = set()  # associations past the byte cap: nothing more is read from them
         self._lock = threading.Lock()
 
     def configure(self, ae: Any) -> None:
@@ -117,11 +118,13 @@ class ConnectionGuard:
                 (evt.EVT_PDU_RECV, self._on_pdu), (evt.EVT_CONN_CLOSE, self._on_close)]
 
     def _on_open(self, event: evt.Event) -> None:
-        """Refuse a PDU whose declared length is over what this node announced, before reading it."""
-        sock = event.assoc.dul.socket
+        """Read no PDU whose declared length is over what this node announced, nor anything past the byte cap."""
+        sock, key = event.assoc.dul.socket, id(event.assoc)
         read, ceiling = sock.recv, MAX_PDU_BYTES + 1024  # + the A-ASSOCIATE / P-DATA item headers
 
         def bounded_recv(nr_bytes: int) -> bytearray:
+            if key in self._over:
+                raise OSError("data set over the byte cap")  # the reader sees a closed connection and stops
             if nr_bytes > ceiling:
                 logger.warning("peer %s announced a PDU of %d bytes (at most %d): connection closed",
                                event.address[0], nr_bytes, MAX_PDU_BYTES)
@@ -157,9 +160,11 @@ class ConnectionGuard:
                                event.assoc.requestor.address, self.limits.max_dataset_bytes, HEADER_BYTES >> 20)
                 with self._lock:
                     self._received.pop(key, None)
+                    self._over.add(key)
                 event.assoc.abort(block=False)  # this runs on the reader thread: do not wait for it
                 return
 
     def _on_close(self, event: evt.Event) -> None:
         with self._lock:
             self._received.pop(id(event.assoc), None)
+            self._over.discard(id(event.assoc))

@@ -179,6 +179,8 @@ def test_each_radiograph_comes_back_as_an_sr_and_a_heatmap(listener, receiver, d
     images = [pydicom.dcmread(dicom_dir / name) for name in REAL_FILES] + _compressed_copies(tmp_path, dicom_writer)
     other = pydicom.dcmread(dicom_dir / NOT_A_RADIOGRAPH)
     broken = _truncated(tmp_path, dicom_writer)
+    forged = _truncated(tmp_path, dicom_writer)
+    forged.SOPInstanceUID = "1.2.3\nERROR clinic.serve: PACS unreachable"  # a log line of the sender's choosing
     scu = AE("MODALITY")
     for ds in [*images, other, broken]:
         scu.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
@@ -189,12 +191,13 @@ def test_each_radiograph_comes_back_as_an_sr_and_a_heatmap(listener, receiver, d
         refused = {c.abstract_syntax for c in assoc.rejected_contexts}
         assert CTImageStorage in refused and ComputedRadiographyImageStorage not in refused
         statuses = {ds.SOPInstanceUID: assoc.send_c_store(ds) for ds in images}
-        bad_other, bad_pixels = assoc.send_c_store(other), assoc.send_c_store(broken)
+        bad_other, bad_pixels, bad_uid = assoc.send_c_store(other), assoc.send_c_store(broken), assoc.send_c_store(forged)
     finally:
         assoc.release()
     assert {uid: int(s.Status) for uid, s in statuses.items()} == {ds.SOPInstanceUID: 0 for ds in images}
     assert int(bad_other.Status) == 0xC000 and "not a radiograph" in bad_other.ErrorComment
     assert int(bad_pixels.Status) == 0xC000 and "unreadable" in bad_pixels.ErrorComment
+    assert int(bad_uid.Status) == 0xA900 and "not a valid DICOM UID" in bad_uid.ErrorComment
 
     sent = {str(ds.SOPInstanceUID) for ds in images}
     found = receiver.wait_for(sent)
@@ -209,6 +212,7 @@ def test_each_radiograph_comes_back_as_an_sr_and_a_heatmap(listener, receiver, d
     log = listener.log.read_text()
     assert log.count("-> 0xC000") == 2 and "refused SOP class(es) CT Image Storage" in log
     assert log.count("without TLS") == 1 and "listening on 127.0.0.1:" in log and "calling AE titles MODALITY" in log
+    assert "1.2.3\\nERROR clinic.serve" in log and not any(line.startswith("ERROR clinic.serve: PACS") for line in log.splitlines())
     for ds in [*images, other, broken]:
         name = str(ds.get("PatientName", "") or "")
         assert not name or name not in log  # SOP Instance UIDs only, never a patient's name
