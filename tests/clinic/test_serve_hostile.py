@@ -20,12 +20,12 @@ from pydicom.uid import SecondaryCaptureImageStorage
 from serve_peer import associate, running, store
 
 from clinic.cli import _parsers
-from clinic.log_values import OneLineRecords, loggable
 from clinic.model import Scorer
 from clinic.outputs import build_outputs
 from clinic.predict import read_source
-from clinic.serve_cli import plain_dicom_warning
-from clinic.study_guard import foreign_references
+
+# The modules this work added are imported inside the tests that need them: the tests of behaviour
+# run (and fail) on the code before it too.
 
 pytestmark = pytest.mark.e2e
 
@@ -103,6 +103,8 @@ def test_a_newline_in_a_received_value_forges_no_log_line(scorer, tmp_path, dico
 
 
 def test_one_line_records_escape_what_reaches_a_handler() -> None:
+    from clinic.log_values import OneLineRecords, loggable
+
     record = logging.LogRecord("pynetdicom", logging.ERROR, __file__, 1, "calling AE %s", ("A\r\nB",), None)
     assert OneLineRecords().filter(record) and record.getMessage() == "calling AE A\\r\\nB"
     assert loggable("x" * 100, 10) == "x" * 10 + "..." and loggable(None) == ""
@@ -150,6 +152,7 @@ def test_plain_dicom_is_warned_about_once_per_direction() -> None:
     import ssl
 
     from clinic.serve import Destination
+    from clinic.serve_cli import plain_dicom_warning
 
     dest, ctx = Destination.parse("127.0.0.1:104:PACS"), ssl.create_default_context()
     assert "receiving without TLS" in plain_dicom_warning(None, None, None)
@@ -160,6 +163,8 @@ def test_plain_dicom_is_warned_about_once_per_direction() -> None:
 
 def test_results_stay_in_the_study_and_patient_of_their_image(scorer, patient_dicom) -> None:
     """Issue item 4: whatever built them, results that would join another study or patient are caught."""
+    from clinic.study_guard import foreign_references
+
     source = read_source(patient_dicom)
     outputs = build_outputs(source, scorer.score(source.pixels), scorer)
     results = outputs.datasets()

@@ -19,7 +19,9 @@ from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless, g
 from serve_peer import associate, echo, running, store
 
 from clinic.model import Scorer
-from clinic.serve_limits import HEADER_BYTES, Limits, size_problem
+
+# clinic.serve_limits is imported inside the tests: those that need no setting of it also run (and
+# fail) on the code before it.
 
 pytestmark = pytest.mark.e2e
 
@@ -54,6 +56,8 @@ def _lying(syntax: str, coded: int, declared: int) -> Dataset:
 
 class TestSizeProblem:
     def test_declared_pixels_frames_and_bits(self) -> None:
+        from clinic.serve_limits import Limits, size_problem
+
         limits = Limits(max_pixels=10_000)
         assert size_problem(_cr(100, 100), ExplicitVRLittleEndian, limits) is None
         assert "over --max-pixels 10000" in size_problem(_cr(101, 100), ExplicitVRLittleEndian, limits)
@@ -65,6 +69,8 @@ class TestSizeProblem:
         assert "decoded bytes" in size_problem(wide, ExplicitVRLittleEndian, limits)
 
     def test_a_codestream_is_read_for_its_own_size(self) -> None:
+        from clinic.serve_limits import Limits, size_problem
+
         limits = Limits(max_pixels=10_000)
         honest = _lying(JPEG2000Lossless, 64, 64)
         assert size_problem(honest, JPEG2000Lossless, limits) is None
@@ -76,6 +82,8 @@ class TestSizeProblem:
 
 
 def test_too_large_or_lying_images_are_refused_before_decoding(scorer, tmp_path) -> None:
+    from clinic.serve_limits import Limits
+
     with running(scorer, tmp_path / "out", limits=Limits(max_pixels=96 * 96)) as node:
         big = store(node.port, _cr(128, 128))
         assert int(big.Status) == 0xC000 and big.ErrorComment.startswith("too large: 128 x 128")
@@ -93,6 +101,8 @@ def test_an_rle_frame_that_overruns_its_header_is_answered(scorer, tmp_path) -> 
 
 
 def test_a_data_set_over_the_byte_cap_aborts_its_association(scorer, tmp_path, caplog) -> None:
+    from clinic.serve_limits import HEADER_BYTES, Limits
+
     limits = Limits(max_pixels=64 * 64)
     ds = _cr(64, 64)
     ds.add_new(0x00091010, "OB", b"\x00" * (limits.max_dataset_bytes + (4 << 20)))  # a private element, 4 MiB past the cap
@@ -121,6 +131,8 @@ def test_a_pdu_longer_than_announced_closes_the_connection_at_once(scorer, tmp_p
 
 
 def test_one_peer_cannot_hold_every_association(scorer, tmp_path) -> None:
+    from clinic.serve_limits import Limits
+
     with running(scorer, tmp_path / "out", limits=Limits(max_per_peer=1)) as node:
         first = associate(node.port)
         assert first.is_established
@@ -134,6 +146,8 @@ def test_one_peer_cannot_hold_every_association(scorer, tmp_path) -> None:
 
 
 def test_all_peers_together_are_bounded(scorer, tmp_path) -> None:
+    from clinic.serve_limits import Limits
+
     with running(scorer, tmp_path / "out", limits=Limits(max_associations=1, max_per_peer=5)) as node:
         first = associate(node.port)
         assert first.is_established and associate(node.port).is_rejected
@@ -141,6 +155,8 @@ def test_all_peers_together_are_bounded(scorer, tmp_path) -> None:
 
 
 def test_an_idle_association_is_closed(scorer, tmp_path) -> None:
+    from clinic.serve_limits import Limits
+
     with running(scorer, tmp_path / "out", limits=Limits(idle_timeout=1.0)) as node:
         assoc = associate(node.port)
         assert assoc.is_established
@@ -151,5 +167,7 @@ def test_an_idle_association_is_closed(scorer, tmp_path) -> None:
 
 
 def test_limits_must_be_positive() -> None:
+    from clinic.serve_limits import Limits
+
     with pytest.raises(ValueError, match="must be positive"):
         Limits(max_per_peer=0)
