@@ -41,7 +41,6 @@ import os
 import queue
 import ssl
 import threading
-import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,17 +49,15 @@ from pydicom.dataset import Dataset
 from pydicom.pixels import get_decoder
 from pydicom.uid import (
     UID,
-    ComprehensiveSRStorage,
     ComputedRadiographyImageStorage,
     DigitalXRayImageStorageForPresentation,
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
     SecondaryCaptureImageStorage,
 )
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification
 
 from clinic.drift import Observation, Window, compare, find_reference, log_line
+from clinic.forward import FORWARD_TRIES, Destination, send_results
 from clinic.log_values import loggable
 from clinic.model import Scorer
 from clinic.outputs import build_outputs, write_outputs
@@ -81,37 +78,11 @@ _COMPRESSED = (
     "1.2.840.10008.1.2.4.201", "1.2.840.10008.1.2.4.202", "1.2.840.10008.1.2.4.203", "1.2.840.10008.1.2.5",
 )  # fmt: skip
 QUEUE_SIZE = 16  # images decoded and waiting to be scored; beyond this the sender is told to retry
-FORWARD_TRIES = 3
 STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_MISMATCH = 0xA900
 STATUS_CANNOT_UNDERSTAND = 0xC000
 _UID_KEYWORDS = ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
-
-
-@dataclass(frozen=True)
-class Destination:
-    """Where the SR and heatmap go: ``HOST:PORT:AET`` (an IPv6 host in brackets)."""
-
-    host: str
-    port: int
-    ae_title: str
-
-    @classmethod
-    def parse(cls, text: str) -> Destination:
-        try:
-            host, port, aet = text.rsplit(":", 2)
-            host = host.strip("[]")
-            if not host or not aet or len(aet) > 16:
-                raise ValueError
-            return cls(host, int(port), aet)
-        except ValueError as err:
-            raise ValueError(
-                f"--forward {text!r} is not HOST:PORT:AET (e.g. pacs.local:104:PACS; AE titles have at most 16 characters)"
-            ) from err
-
-    def __str__(self) -> str:
-        return f"{self.ae_title}@{self.host}:{self.port}"
 
 
 def transfer_syntaxes() -> list[str]:
@@ -350,30 +321,12 @@ class Listener:
 
     def _send(self, datasets: list[Dataset], sop_uid: str) -> bool:
         """C-STORE ``datasets`` to the destination in one association; True when all were stored."""
-        dest = self.forward
-        assert dest is not None
-        for attempt in range(1, FORWARD_TRIES + 1):
-            ae = AE(ae_title=self.ae.ae_title)
-            for sop_class in (ComprehensiveSRStorage, SecondaryCaptureImageStorage):
-                ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-            tls = (self.forward_tls, dest.host) if self.forward_tls is not None else None
-            assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls)
-            if assoc.is_established:
-                try:
-                    statuses = [assoc.send_c_store(ds) for ds in datasets]
-                finally:
-                    assoc.release()
-                codes = [int(s.Status) if s else -1 for s in statuses]
-                if all(c == STATUS_SUCCESS or 0xB000 <= c <= 0xBFFF for c in codes):
-                    return True
-                problem = "statuses " + ", ".join(f"0x{c:04X}" if c >= 0 else "none" for c in codes)
-            else:
-                problem = "association rejected or aborted" if assoc.is_rejected or assoc.is_aborted else "no connection"
-            if attempt < FORWARD_TRIES:
-                time.sleep(2 ** (attempt - 1))
-        logger.error("forwarding results of %s to %s failed after %d tries (%s): they stay in %s", sop_uid, dest, FORWARD_TRIES,
-                     problem, self.out)
-        return False
+        assert self.forward is not None
+        problem = send_results(datasets, self.forward, calling_aet=self.ae.ae_title, tls=self.forward_tls)
+        if problem is not None:
+            logger.error("forwarding results of %s to %s failed after %d tries (%s): they stay in %s", sop_uid, self.forward,
+                         FORWARD_TRIES, problem, self.out)
+        return problem is None
 
 
 def _status(code: int, comment: str) -> Dataset:

@@ -16,9 +16,10 @@ import tempfile
 import threading
 from pathlib import Path
 
+from clinic.forward import Destination
 from clinic.log_values import OneLineRecords
 from clinic.model import Scorer
-from clinic.serve import Destination, Listener
+from clinic.serve import Listener
 from clinic.serve_limits import Limits
 
 logger = logging.getLogger(__name__)

@@ -137,8 +137,9 @@ class ConnectionGuard:
         """Refuse (transient) a peer that already holds ``max_per_peer`` associations."""
         assoc = event.assoc
         address = assoc.requestor.address
-        held = sum(1 for other in assoc.ae.active_associations
-                   if other is not assoc and other.is_acceptor and other.requestor.address == address)
+        held = sum(1 for other in assoc.ae.active_associations  # ended ones linger a moment: not held
+                   if other is not assoc and other.is_acceptor and other.requestor.address == address
+                   and not (other.is_released or other.is_aborted or other.is_rejected))
         if held >= self.limits.max_per_peer:
             logger.warning("association from %s@%s refused: it holds %d already (--max-associations-per-peer %d)",
                            loggable(assoc.requestor.primitive.calling_ae_title, 16), address, held, self.limits.max_per_peer)

@@ -302,8 +302,9 @@ def test_tls_listener_and_drift_line(scatter_model, receiver, tmp_path, dicom_wr
     import ssl
 
     from clinic.drift import REFERENCE_FILE, Observation, reference_from_observations
+    from clinic.forward import Destination
     from clinic.model import Scorer
-    from clinic.serve import Destination, Listener
+    from clinic.serve import Listener
     from clinic.serve_cli import server_tls
     from common.preprocess import to_model_input
 

@@ -151,7 +151,7 @@ def test_only_the_allowed_calling_aet_may_associate(scorer, tmp_path) -> None:
 def test_plain_dicom_is_warned_about_once_per_direction() -> None:
     import ssl
 
-    from clinic.serve import Destination
+    from clinic.forward import Destination
     from clinic.serve_cli import plain_dicom_warning
 
     dest, ctx = Destination.parse("127.0.0.1:104:PACS"), ssl.create_default_context()

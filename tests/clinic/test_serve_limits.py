@@ -139,10 +139,10 @@ def test_one_peer_cannot_hold_every_association(scorer, tmp_path) -> None:
         second = associate(node.port)
         assert second.is_rejected and second.acceptor.primitive.result_str == "Rejected Transient"
         first.release()
-        deadline = time.monotonic() + 10  # the listener's side of the released association ends a moment later
-        while echo(node.port) != 0x0000 and time.monotonic() < deadline:
+        deadline = time.monotonic() + 10  # the listener's side of a released association ends a moment later
+        while (status := echo(node.port)) != 0x0000 and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert echo(node.port) == 0x0000  # the slot is free again
+        assert status == 0x0000  # the slot is free again
 
 
 def test_all_peers_together_are_bounded(scorer, tmp_path) -> None:
