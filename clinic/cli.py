@@ -1,7 +1,7 @@
 """``fl-predict``: score radiographs with a fedxray ONNX (or TorchScript) model (DESIGN contract 7; docs/clinic.md).
 
     fl-predict --model model.onnx PATH... [--out DIR] [--json]       score files and folders
-    fl-predict serve --model model.onnx --port P [--ae-title AET] [--forward HOST:PORT:AET] [--out DIR]
+    fl-predict serve --model model.onnx --port P --calling-aet AET [--host ADDR] [--forward HOST:PORT:AET] [--out DIR]
     fl-predict drift --model model.onnx --out DIR [--reference TRUSTED_DIR]
     fl-predict quantize --model model.onnx --out model.int8.onnx [--method dynamic|static]
 
@@ -55,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         if command == "serve":
-            from clinic.serve import serve_main  # deferred: pynetdicom is only needed by the listener
+            from clinic.serve_cli import serve_main  # deferred: pynetdicom is only needed by the listener
 
             return serve_main(args)
         return {"predict": predict_main, "drift": drift_main, "quantize": quantize_main}[command](args)
@@ -73,6 +73,7 @@ def predict_main(args: argparse.Namespace) -> int:
     from clinic.model import Scorer
     from clinic.outputs import build_outputs, write_outputs
     from clinic.predict import Skipped, iter_inputs, read_source, record, summary_line
+    from clinic.uids import OutputNames
 
     out = Path(args.out) if args.out else None
     state = Path(args.state) if args.state else out
@@ -81,6 +82,7 @@ def predict_main(args: argparse.Namespace) -> int:
     window = Window(state, scorer.identity.sha256) if state is not None else None
     observations: list[Observation] = []
     scored_count = skipped = 0
+    names = OutputNames()
     for item in iter_inputs(args.paths):
         if isinstance(item, Skipped):
             _err(f"skipped {item.path}: {item.reason}")
@@ -99,7 +101,11 @@ def predict_main(args: argparse.Namespace) -> int:
                 outputs = build_outputs(source, scored, scorer)
                 for problem in outputs.problems:
                     _err(f"{source.path}: {_one_line(problem)}")
-                written = write_outputs(outputs, out)
+                key, first = names.claim(source.key, source.path)
+                if first is not None:  # one SOP Instance UID (or one file's bytes) twice: keep both results
+                    _err(f"{source.path}: same SOP Instance UID (or same file) as {first}, scored above; results kept as "
+                         f"{key}.* instead of overwriting; two different images with one UID are a modality error")
+                written = write_outputs(outputs, out, key=key)
         except OSError as err:  # e.g. --out full or not writable: every later image would fail the same way
             _err(f"cannot write results for {source.path} to {out}: {err.strerror}; free space or fix the permissions")
             return EXIT_NOTHING_SCORED if scored_count == 0 else 0
@@ -226,6 +232,7 @@ def quantize_main(args: argparse.Namespace) -> int:
 
 
 def _parsers() -> dict[str, argparse.ArgumentParser]:
+    from clinic.serve_limits import Limits  # light: the listener's defaults, for its --help
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--model", required=True, help="fedxray model: model.onnx (fp32 or int8) or its TorchScript twin model.pt")
     common.add_argument("--threads", type=int, default=None, help="onnxruntime (or torch, for model.pt) threads (default: all cores)")
@@ -243,16 +250,31 @@ def _parsers() -> dict[str, argparse.ArgumentParser]:
     predict.add_argument("--no-heatmap", action="store_true", help="skip the heatmap (PNG and Secondary Capture)")
     predict.add_argument("--state", help="folder of the drift window (default: --out)")
 
-    serve = argparse.ArgumentParser(prog="fl-predict serve", parents=[common], description="DICOM C-ECHO / C-STORE listener")
+    serve = argparse.ArgumentParser(prog="fl-predict serve", parents=[common], description="DICOM C-ECHO / C-STORE listener",
+                                    epilog="Limits, TLS and the PACS checklist: docs/clinic.md")
     serve.add_argument("--port", type=int, required=True, help="TCP port to listen on (104 or 11112 are usual)")
-    serve.add_argument("--host", default="0.0.0.0", help="address to bind (default: all interfaces)")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to bind (default 127.0.0.1: this host only); the hospital-facing address, or 0.0.0.0 in a container")
     serve.add_argument("--ae-title", default="FEDXRAY", help="this node's AE title (default FEDXRAY)")
     serve.add_argument("--forward", help="HOST:PORT:AET of the PACS or viewer that receives the SR and heatmap")
     serve.add_argument("--out", help="also write results here (default: a temporary folder, removed at exit)")
     serve.add_argument("--state", help="folder of the drift window (default: --out)")
     serve.add_argument("--no-heatmap", action="store_true", help="send the SR only")
-    serve.add_argument("--calling-aet", action="append", default=[], metavar="AET",
-                       help="accept associations only from this calling AE title (repeat for several)")
+    callers = serve.add_mutually_exclusive_group(required=True)
+    callers.add_argument("--calling-aet", action="append", default=[], metavar="AET",
+                         help="accept associations only from this calling AE title, e.g. the PACS's (repeat for several)")
+    callers.add_argument("--any-calling-aet", action="store_true",
+                         help="accept any calling AE title (a test bench, or mutual TLS --tls-ca as the only gate)")
+    limits = Limits()
+    serve.add_argument("--max-pixels", type=int, default=limits.max_pixels, metavar="N",
+                       help=f"refuse an image of more than N pixel values (Rows x Columns x frames x samples) before decoding "
+                            f"it (default {limits.max_pixels})")
+    serve.add_argument("--max-associations", type=int, default=limits.max_associations, metavar="N",
+                       help=f"associations open at once, all peers (default {limits.max_associations})")
+    serve.add_argument("--max-associations-per-peer", type=int, default=limits.max_per_peer, metavar="N",
+                       help=f"associations open at once from one IP address (default {limits.max_per_peer})")
+    serve.add_argument("--idle-timeout", type=float, default=limits.idle_timeout, metavar="S",
+                       help=f"close an association silent for S seconds (default {limits.idle_timeout:.0f})")
     serve.add_argument("--tls-cert", help="serve DICOM over TLS with this certificate (PEM)")
     serve.add_argument("--tls-key", help="private key of --tls-cert (PEM)")
     serve.add_argument("--tls-ca", help="require client certificates signed by this CA (mutual TLS)")

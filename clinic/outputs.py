@@ -2,9 +2,10 @@
 
 ``DIR/<key>.sr.dcm`` (the SR), ``DIR/<key>.heatmap.png`` (the overlay) and
 ``DIR/<key>.heatmap.dcm`` (the overlay as a Secondary Capture), where ``<key>`` is the source's
-SOP Instance UID; a multilabel model adds ``DIR/<key>.<finding>.heatmap.png|dcm`` for the other
-findings called positive (a PNG/JPEG input: its file stem; it gets the PNG only, since an SR and a
-Secondary Capture must reference a DICOM study). Files appear atomically (temp file + rename),
+SOP Instance UID when it is a valid UID, else ``sha256-`` and a hash of the file (clinic/uids.py);
+a multilabel model adds ``DIR/<key>.<finding>.heatmap.png|dcm`` for the other findings called
+positive (a PNG/JPEG input gets the PNG only, since an SR and a Secondary Capture must reference a
+DICOM study). Files appear atomically (temp file + rename),
 so a PACS import job watching the folder never picks up half a file. ``serve`` uses the same
 objects to send them by C-STORE.
 """
@@ -28,6 +29,7 @@ from clinic.model import Scored, Scorer
 from clinic.predict import Source
 from clinic.secondary_capture import build_secondary_capture
 from clinic.sr import ReportError, build_sr, conformant_header
+from clinic.uids import is_safe_key
 from common.cache import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
@@ -111,24 +113,29 @@ def _safe_reason(err: Exception) -> str:
     return type(err).__name__
 
 
-def write_outputs(outputs: Outputs, folder: Path) -> dict[str, Any]:
-    """Write what was built under ``folder``.
+def write_outputs(outputs: Outputs, folder: Path, *, key: str | None = None) -> dict[str, Any]:
+    """Write what was built under ``folder``, named ``key`` (default ``outputs.key``).
 
-    Returns {"sr", "heatmap_png", "heatmap_dcm"} -> path or None (the top finding's heatmap), and
-    "heatmaps": {finding: PNG path} for every heatmap written (multilabel: more than one).
+    The key must be one clinic/uids.py makes (a valid UID or a hash, with an optional ``-N``):
+    anything else is refused with ValueError before a file is written, so no received value names
+    a path. Returns {"sr", "heatmap_png", "heatmap_dcm"} -> path or None (the top finding's
+    heatmap), and "heatmaps": {finding: PNG path} for every heatmap written (multilabel: more than one).
     """
+    key = outputs.key if key is None else key
+    if not is_safe_key(key):
+        raise ValueError("refusing to name output files after a value that is not a valid UID or a file hash")
     folder.mkdir(parents=True, exist_ok=True)
     written: dict[str, Any] = {"sr": None, "heatmap_png": None, "heatmap_dcm": None, "heatmaps": {}}
     if outputs.sr is not None:
-        written["sr"] = _write(folder / f"{outputs.key}.sr.dcm", dicom_bytes(outputs.sr))
+        written["sr"] = _write(folder / f"{key}.sr.dcm", dicom_bytes(outputs.sr))
     if outputs.overlay is not None:
-        written["heatmap_png"] = _write(folder / f"{outputs.key}.heatmap.png", _png(outputs.overlay))
+        written["heatmap_png"] = _write(folder / f"{key}.heatmap.png", _png(outputs.overlay))
         written["heatmaps"][outputs.label] = written["heatmap_png"]
     if outputs.secondary_capture is not None:
-        written["heatmap_dcm"] = _write(folder / f"{outputs.key}.heatmap.dcm", dicom_bytes(outputs.secondary_capture))
+        written["heatmap_dcm"] = _write(folder / f"{key}.heatmap.dcm", dicom_bytes(outputs.secondary_capture))
     for label, rgb in outputs.more_overlays.items():
         # <key>.<finding>.heatmap.png: still ends with .heatmap.png, so fl-predict never scores its own outputs
-        stem = f"{outputs.key}.{_slug(label)}.heatmap"
+        stem = f"{key}.{_slug(label)}.heatmap"
         written["heatmaps"][label] = _write(folder / f"{stem}.png", _png(rgb))
         if label in outputs.more_captures:
             _write(folder / f"{stem}.dcm", dicom_bytes(outputs.more_captures[label]))

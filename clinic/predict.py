@@ -17,6 +17,7 @@ import os
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from numpy.typing import NDArray
 from pydicom.dataset import Dataset
 
 from clinic.model import Scored, Scorer
+from clinic.uids import file_key
 from common.dataset import NON_IMAGE_SUFFIXES
 from common.images import is_image_file
 from common.preprocess import load_pixels
@@ -51,10 +53,13 @@ class Source:
             return None
         return str(self.header.get("SOPInstanceUID", "") or "") or None
 
-    @property
+    @cached_property
     def key(self) -> str:
-        """File-name stem for the outputs: the SOP Instance UID, else the file's own stem."""
-        return self.sop_instance_uid or self.path.stem
+        """File-name stem for the outputs: the SOP Instance UID when it is a valid UID, else a hash of the file.
+
+        Never the raw received value (clinic/uids.py): a UID such as ``../x`` must not name a path.
+        """
+        return file_key(self.sop_instance_uid, self.path)
 
 
 @dataclass(frozen=True)

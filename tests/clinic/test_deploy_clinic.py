@@ -37,7 +37,8 @@ def test_compose_service_runs_serve_with_a_read_only_model() -> None:
     assert service["build"] == {"context": "..", "dockerfile": "deploy/Dockerfile.clinic"}
     assert "--forward" in service["command"] and service["command"][service["command"].index("--forward") + 1] == "pacs.example:104:PACS"
     assert any(v.endswith(":/model:ro") for v in service["volumes"])
-    assert service["ports"] == ["0.0.0.0:11112:11112"]
+    assert service["ports"] == ["127.0.0.1:11112:11112"]  # the hospital-facing address only when FEDXRAY_BIND names it
+    assert service["command"][service["command"].index("--calling-aet") + 1] == "PACS"
 
 
 def test_k8s_manifest_one_namespace_one_replica_and_valid_args() -> None:

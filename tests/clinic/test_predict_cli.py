@@ -44,13 +44,15 @@ def test_real_dicoms_each_get_a_json_line_an_sr_and_a_heatmap(scatter_model, dic
         assert rec["sop_instance_uid"] == uid
         assert set(rec["probabilities"]) == {"opacity"} and 0.0 <= rec["probabilities"]["opacity"] <= 1.0
         assert rec["positive"] == (["opacity"] if rec["probabilities"]["opacity"] >= 0.5 else [])
-        assert rec["sr"] == str(out / f"{uid}.sr.dcm") and "heatmap" in Path(rec["heatmap_png"]).name
+        assert Path(rec["sr"]).name in (f"{uid}.sr.dcm", f"{uid}-2.sr.dcm") and "heatmap" in Path(rec["heatmap_png"]).name
         sr = pydicom.dcmread(rec["sr"])
         assert sr.Modality == "SR" and sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0] \
             .ReferencedSOPSequence[0].ReferencedSOPInstanceUID == uid
         assert Path(rec["heatmap_dcm"]).is_file() and Image.open(rec["heatmap_png"]).mode == "RGB"
+    assert len({rec["sr"] for rec in lines}) == len(lines)  # txv_Fake_MONOHR1.dcm has the SIIM image's UID: both kept
     errors = run.stderr.strip().splitlines()
-    assert len(errors) == 1 and "truncated.dcm" in errors[0] and errors[0].startswith("fl-predict: skipped")
+    assert len(errors) == 2 and "txv_Fake_MONOHR1.dcm: same SOP Instance UID" in errors[0]
+    assert "truncated.dcm" in errors[1] and errors[1].startswith("fl-predict: skipped")
 
 
 def test_no_patient_identifier_reaches_stdout_or_the_log(scatter_model, patient_dicom, tmp_path) -> None:
@@ -71,7 +73,7 @@ def test_png_is_scored_without_sr(scatter_model, tmp_path, capsys) -> None:
     assert main(["--model", str(scatter_model), str(tmp_path / "research.png"), "--out", str(tmp_path / "out"), "--json"]) == 0
     rec = json.loads(capsys.readouterr().out)
     assert rec["sop_instance_uid"] is None and rec["sr"] is None and rec["heatmap_dcm"] is None
-    assert Path(rec["heatmap_png"]).name == "research.heatmap.png"
+    assert Path(rec["heatmap_png"]).name.startswith("sha256-") and rec["heatmap_png"].endswith(".heatmap.png")
     window = json.loads((tmp_path / "out" / WINDOW_FILE).read_text())
     assert len(window["entries"]) == 1 and set(window["entries"][0]["values"]) >= {"brightness", "score:opacity"}
 

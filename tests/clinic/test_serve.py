@@ -37,6 +37,7 @@ from pynetdicom.sop_class import Verification
 pytestmark = pytest.mark.e2e
 
 FL_PREDICT = str(Path(sys.executable).parent / "fl-predict")
+STORESCU, STORESCP = "/usr/bin/storescu", "/usr/bin/storescp"  # dcmtk's: pynetdicom installs scripts with the same names
 REAL_FILES = ("pydicom_dicomdirtests_CR1_6154.dcm", "pydicomdata_RG1_J2KR.dcm", "pydicomdata_RG1_J2KI.dcm",
               "siim_1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm")
 NOT_A_RADIOGRAPH = "pydicomdata_vlut_04.dcm"  # a Secondary Capture LUT test object (Modality OT)
@@ -121,7 +122,7 @@ def _start_listener(model: Path, forward: str, tmp: Path) -> Listener:
     log = tmp / "serve.log"
     out = tmp / "serve-out"
     with log.open("w") as fh:
-        proc = subprocess.Popen([FL_PREDICT, "serve", "--model", str(model), "--port", str(port), "--host", "127.0.0.1",
+        proc = subprocess.Popen([FL_PREDICT, "serve", "--model", str(model), "--port", str(port), "--calling-aet", "MODALITY",
                                  "--ae-title", "FEDXRAY", "--forward", forward, "--out", str(out), "--threads", "1"],
                                 stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
                                 env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
@@ -161,7 +162,7 @@ def _compressed_copies(tmp_path: Path, dicom_writer) -> list[pydicom.Dataset]:
         ds = pydicom.dcmread(dicom_writer(tmp_path / f"c{i}.dcm", chest(seed=i), bits=12))
         ds.compress(syntax, generate_instance_uid=False)
         copies.append(ds)
-    if shutil.which("dcmcjpeg"):
+    if shutil.which("dcmcjpeg", path="/usr/bin"):
         plain = dicom_writer(tmp_path / "c2.dcm", chest(seed=2), bits=12)
         subprocess.run(["dcmcjpeg", "+e1", str(plain), str(tmp_path / "c2.jpll.dcm")], check=True, capture_output=True, timeout=60)
         copies.append(pydicom.dcmread(tmp_path / "c2.jpll.dcm"))
@@ -178,6 +179,8 @@ def test_each_radiograph_comes_back_as_an_sr_and_a_heatmap(listener, receiver, d
     images = [pydicom.dcmread(dicom_dir / name) for name in REAL_FILES] + _compressed_copies(tmp_path, dicom_writer)
     other = pydicom.dcmread(dicom_dir / NOT_A_RADIOGRAPH)
     broken = _truncated(tmp_path, dicom_writer)
+    forged = _truncated(tmp_path, dicom_writer)
+    forged.SOPInstanceUID = "1.2.3\nERROR clinic.serve: PACS unreachable"  # a log line of the sender's choosing
     scu = AE("MODALITY")
     for ds in [*images, other, broken]:
         scu.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
@@ -188,12 +191,13 @@ def test_each_radiograph_comes_back_as_an_sr_and_a_heatmap(listener, receiver, d
         refused = {c.abstract_syntax for c in assoc.rejected_contexts}
         assert CTImageStorage in refused and ComputedRadiographyImageStorage not in refused
         statuses = {ds.SOPInstanceUID: assoc.send_c_store(ds) for ds in images}
-        bad_other, bad_pixels = assoc.send_c_store(other), assoc.send_c_store(broken)
+        bad_other, bad_pixels, bad_uid = assoc.send_c_store(other), assoc.send_c_store(broken), assoc.send_c_store(forged)
     finally:
         assoc.release()
     assert {uid: int(s.Status) for uid, s in statuses.items()} == {ds.SOPInstanceUID: 0 for ds in images}
     assert int(bad_other.Status) == 0xC000 and "not a radiograph" in bad_other.ErrorComment
     assert int(bad_pixels.Status) == 0xC000 and "unreadable" in bad_pixels.ErrorComment
+    assert int(bad_uid.Status) == 0xA900 and "not a valid DICOM UID" in bad_uid.ErrorComment
 
     sent = {str(ds.SOPInstanceUID) for ds in images}
     found = receiver.wait_for(sent)
@@ -207,23 +211,25 @@ def test_each_radiograph_comes_back_as_an_sr_and_a_heatmap(listener, receiver, d
     assert listener.echo() == 0x0000  # still serving after the refusals
     log = listener.log.read_text()
     assert log.count("-> 0xC000") == 2 and "refused SOP class(es) CT Image Storage" in log
+    assert log.count("without TLS") == 1 and "listening on 127.0.0.1:" in log and "calling AE titles MODALITY" in log
+    assert "1.2.3\\nERROR clinic.serve" in log and not any(line.startswith("ERROR clinic.serve: PACS") for line in log.splitlines())
     for ds in [*images, other, broken]:
         name = str(ds.get("PatientName", "") or "")
         assert not name or name not in log  # SOP Instance UIDs only, never a patient's name
 
 
-@pytest.mark.skipif(not (shutil.which("storescu") and shutil.which("storescp")), reason="dcmtk storescu/storescp not installed")
+@pytest.mark.skipif(not (Path(STORESCU).exists() and Path(STORESCP).exists()), reason="dcmtk storescu/storescp not installed")
 def test_dcmtk_modality_and_pacs(scatter_model, tmp_path, dicom_writer) -> None:
     """dcmtk on both sides: an independent implementation sends, another one receives (synthetic CRs: no data needed)."""
     pacs_port, inbox = _free_port(), tmp_path / "pacs"
     inbox.mkdir()
-    pacs = subprocess.Popen(["storescp", "-aet", "PACS", "-od", str(inbox), "+xa", str(pacs_port)], stdout=subprocess.DEVNULL,
+    pacs = subprocess.Popen([STORESCP, "-aet", "PACS", "-od", str(inbox), "+xa", str(pacs_port)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.STDOUT, start_new_session=True)
     try:
         listener = _start_listener(scatter_model, f"127.0.0.1:{pacs_port}:PACS", tmp_path)
         try:
             files = [dicom_writer(tmp_path / "send" / f"{i}.dcm", chest(seed=20 + i), bits=12) for i in range(2)]
-            run = subprocess.run(["storescu", "-aet", "MODALITY", "-aec", "FEDXRAY", "127.0.0.1", str(listener.port),
+            run = subprocess.run([STORESCU, "-aet", "MODALITY", "-aec", "FEDXRAY", "127.0.0.1", str(listener.port),
                                   *map(str, files)], capture_output=True, text=True, timeout=120)
             assert run.returncode == 0, run.stderr
             wanted = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files}
@@ -296,8 +302,10 @@ def test_tls_listener_and_drift_line(scatter_model, receiver, tmp_path, dicom_wr
     import ssl
 
     from clinic.drift import REFERENCE_FILE, Observation, reference_from_observations
+    from clinic.forward import Destination
     from clinic.model import Scorer
-    from clinic.serve import Destination, Listener, server_tls
+    from clinic.serve import Listener
+    from clinic.serve_cli import server_tls
     from common.preprocess import to_model_input
 
     scorer = Scorer(scatter_model, threads=1)
@@ -308,7 +316,7 @@ def test_tls_listener_and_drift_line(scatter_model, receiver, tmp_path, dicom_wr
     cert, key = _self_signed(tmp_path)
     port = _free_port()
     node = Listener(scorer, ae_title="FEDXRAY", out=tmp_path / "out", state=state, server_tls=server_tls(str(cert), str(key), None),
-                    forward=Destination.parse(f"127.0.0.1:{receiver.port}:PACS"), drift_every=2)
+                    forward=Destination.parse(f"127.0.0.1:{receiver.port}:PACS"), drift_every=2, calling_aets=["MODALITY"])
     caplog.set_level(logging.INFO, logger="clinic")
     node.start("127.0.0.1", port)
     try:
