@@ -114,10 +114,31 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def _approve_policy(args: argparse.Namespace, state: Path) -> int:
+    """``fl-client approve --policy FILE`` / ``--clear-policy``: the run settings this site accepts (client/run_policy.py)."""
+    from client.run_policy import PolicyError, approve_policy_file, clear_policy, describe
+
+    if args.clear_policy:
+        done = clear_policy(state)
+        print("run policy withdrawn (the node config's ranges still hold)" if done else f"no run policy in {state}")
+        return 0
+    try:
+        rules = approve_policy_file(state, Path(args.policy), note=args.note)
+    except PolicyError as err:
+        print(f"fl-client approve: {err}", file=sys.stderr)
+        return 2
+    print(f"run policy approved in {state}: runs outside it are refused before anything is read or spent")
+    for key, rule in rules.items():
+        print(f"  {describe(key, rule)}")
+    return 0
+
+
 def cmd_approve(args: argparse.Namespace) -> int:
     from client.approval import ApprovalError, approve, installed_bundle, load_approvals, revoke
 
     state = Path(args.state_dir)
+    if args.policy or args.clear_policy:
+        return _approve_policy(args, state)
     try:
         if args.list:
             entries = load_approvals(state)
@@ -289,6 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--revoke", action="store_true", help="withdraw the approval instead")
     p.add_argument("--list", action="store_true", help="list approved bundles")
     p.add_argument("--note", default="", help="why (e.g. release reviewed on 2026-11-20 by IT security)")
+    p.add_argument("--policy", metavar="FILE", help="approve the run settings this site accepts: a TOML file of "
+                   "`setting = value`, `setting = { min = .., max = .. }` or `setting = { one-of = [..] }` lines")
+    p.add_argument("--clear-policy", action="store_true", help="withdraw the run policy (the node config's ranges stay)")
     p.add_argument("--state-dir", default="fedxray-site/state", help="the site's state dir (default ./fedxray-site/state)")
     p.set_defaults(func=cmd_approve)
 

@@ -88,14 +88,22 @@ def normalise(raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return rules
 
 
-def read_policy_file(path: Path) -> dict[str, dict[str, Any]]:
-    """Rules from a TOML policy file (see the module docstring)."""
+def _read_toml(path: Path) -> dict[str, Any]:
     try:
-        raw = tomllib.loads(Path(path).read_text())
+        return tomllib.loads(Path(path).read_text())
     except (OSError, tomllib.TOMLDecodeError) as err:
         raise PolicyError(f"cannot read the run policy {path}: {err}; write one `setting = value` per line "
                           "(TOML)") from None
-    return normalise(raw)
+
+
+def read_policy_file(path: Path) -> dict[str, dict[str, Any]]:
+    """Rules from a TOML policy file (see the module docstring)."""
+    return normalise(_read_toml(path))
+
+
+def approve_policy_file(state_dir: Path, path: Path, note: str = "") -> dict[str, dict[str, Any]]:
+    """``fl-client approve --policy FILE``: the file's rules become the site's run policy; returns them."""
+    return save_policy(state_dir, _read_toml(path), note=note)["rules"]
 
 
 def save_policy(state_dir: Path, raw: dict[str, Any], note: str = "") -> dict[str, Any]:
