@@ -173,7 +173,8 @@ def cmd_approve(args: argparse.Namespace) -> int:
 
 def cmd_audit(args: argparse.Namespace) -> int:
     """Print or verify the site's audit log: exit 0 when the chain holds, 1 when it does not, 2 on bad input."""
-    from common.audit import AuditError, anchor_hint, audit_path, read_entries, render_entry, verify
+    from common.audit import AuditError, audit_path, read_entries, render_entry, verify
+    from common.audit_anchor import anchor_hint
 
     path = audit_path(Path(args.state_dir).resolve())
     try:
@@ -317,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state-dir", default="fedxray-site/state", help="the site's state dir (default ./fedxray-site/state)")
     p.set_defaults(func=cmd_approve)
 
-    from common.audit import ANCHOR_HELP
+    from common.audit_anchor import ANCHOR_HELP
 
     p = sub.add_parser("audit", help="this site's audit log: approvals, rounds trained and refused, evaluations answered",
                        description="This site's hash-chained audit log. " + ANCHOR_HELP.replace(

@@ -383,20 +383,6 @@ def verify(path: str | os.PathLike[str], *, anchor: str | None = None) -> Verify
     return VerifyReport(str(path), True, events, prev_hash, None, None, tuple(torn), anchored=anchor is not None)
 
 
-#: What `audit --help` says about anchoring (both CLIs), in one place.
-ANCHOR_HELP = ("Without --anchor, a log whose last lines were cut, or whose whole chain was recomputed after an "
-               "edit, still verifies. Every run of this command (and every `fl-server run`) prints the log's head "
-               "hash: keep it where this machine's administrators cannot write (the run's ticket, an e-mail) and "
-               "pass it as --anchor HASH later; the check then fails unless that head is still in the chain.")
-
-
-def anchor_hint(report: VerifyReport, command: str) -> str:
-    """One line naming the head to record and how to check against it later (``command``: e.g. ``fl-server audit``)."""
-    return (f"head {report.head}: record it where this machine's administrators cannot write; "
-            f"`{command} --verify --anchor {report.head}` later fails if lines after it were cut or the chain was "
-            "recomputed")
-
-
 def read_entries(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """Every intact entry, in file order (empty if there is no log); :func:`verify` says whether the chain holds."""
     path = Path(path)

@@ -32,7 +32,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from common.audit import anchor_hint, audit_path, read_entries, try_record, verify
+from common.audit import audit_path, read_entries, try_record, verify
+from common.audit_anchor import anchor_hint
 from common.cache import file_sha256
 
 log = logging.getLogger("fedxray.server")

@@ -204,7 +204,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
     """Print or verify the federation's audit log: exit 0 when the chain holds, 1 when it does not, 2 on bad input."""
     from pathlib import Path
 
-    from common.audit import AuditError, anchor_hint, read_entries, render_entry, verify
+    from common.audit import AuditError, read_entries, render_entry, verify
+    from common.audit_anchor import anchor_hint
     from server.audit import coordinator_log
     from server.pki import ProvisionError, load_federation
 
@@ -348,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", default=DEFAULT_DIR, help=f"federation folder (default ./{DEFAULT_DIR})")
     p.set_defaults(func=cmd_stop_run)
 
-    from common.audit import ANCHOR_HELP
+    from common.audit_anchor import ANCHOR_HELP
 
     p = sub.add_parser("audit", help="the federation's audit log: who admitted, removed, launched, stopped what, when",
                        description="The federation's hash-chained audit log. " + ANCHOR_HELP)
