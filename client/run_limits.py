@@ -2,7 +2,7 @@
 
 client/round.py asks here, in this order, before anything is read or charged:
 
-1. :func:`admission_problems`: the node config's ranges (common/site_config.py), the site's
+1. :func:`admission_problems` (after the node config's ranges, ``SiteConfig.refusals``): the site's
    approved policy (client/run_policy.py), the run's pinned settings and its launched run
    (client/run_pin.py), and the round number: a round past the run's ``num-server-rounds`` or the
    site's ``max-rounds`` is refused (the run planned its noise for that many rounds, so one more
@@ -40,11 +40,11 @@ _DAY = timedelta(hours=24)
 def admission_problems(run: RunConfig, site: SiteConfig, *, run_key: str, server_round: int,
                        flower_run_id: int | None) -> list[str]:
     """Everything that refuses this message before any data is read; pins the run at its first message."""
-    problems = site.refusals(run)
+    problems: list[str] = []
     try:
         policy = load_policy(site.state_dir)
     except PolicyError as err:
-        return [*problems, str(err)]
+        return [str(err)]
     if policy is not None:
         problems += policy_refusals(policy["rules"], run)
     if not 1 <= server_round <= run.num_server_rounds:
