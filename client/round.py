@@ -31,8 +31,7 @@ in this order, for a training round:
 Evaluation (:func:`evaluate_round`) scores the global model on the site's validation split and
 releases only score histograms with Gaussian noise added (the site's eval-noise), charged to the
 validation patients' budget, at most max-evaluations times per run and max-evaluations-per-day
-over all runs. docs/privacy.md lists what
-leaves a site per message and what each costs.
+over all runs. docs/privacy.md lists what leaves a site per message and what each costs.
 """
 
 from __future__ import annotations
