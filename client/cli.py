@@ -114,10 +114,31 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def _approve_policy(args: argparse.Namespace, state: Path) -> int:
+    """``fl-client approve --policy FILE`` / ``--clear-policy``: the run settings this site accepts (client/run_policy.py)."""
+    from client.run_policy import PolicyError, approve_policy_file, clear_policy, describe
+
+    if args.clear_policy:
+        done = clear_policy(state)
+        print("run policy withdrawn (the node config's ranges still hold)" if done else f"no run policy in {state}")
+        return 0
+    try:
+        rules = approve_policy_file(state, Path(args.policy), note=args.note)
+    except PolicyError as err:
+        print(f"fl-client approve: {err}", file=sys.stderr)
+        return 2
+    print(f"run policy approved in {state}: runs outside it are refused before anything is read or spent")
+    for key, rule in rules.items():
+        print(f"  {describe(key, rule)}")
+    return 0
+
+
 def cmd_approve(args: argparse.Namespace) -> int:
     from client.approval import ApprovalError, approve, installed_bundle, load_approvals, revoke
 
     state = Path(args.state_dir)
+    if args.policy or args.clear_policy:
+        return _approve_policy(args, state)
     try:
         if args.list:
             entries = load_approvals(state)
@@ -153,6 +174,7 @@ def cmd_approve(args: argparse.Namespace) -> int:
 def cmd_audit(args: argparse.Namespace) -> int:
     """Print or verify the site's audit log: exit 0 when the chain holds, 1 when it does not, 2 on bad input."""
     from common.audit import AuditError, audit_path, read_entries, render_entry, verify
+    from common.audit_anchor import anchor_hint
 
     path = audit_path(Path(args.state_dir).resolve())
     try:
@@ -171,6 +193,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     for entry in entries:
         print(render_entry(entry))
     print(report.summary())
+    print(anchor_hint(report, "fl-client audit"))
     return code
 
 
@@ -289,10 +312,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--revoke", action="store_true", help="withdraw the approval instead")
     p.add_argument("--list", action="store_true", help="list approved bundles")
     p.add_argument("--note", default="", help="why (e.g. release reviewed on 2026-11-20 by IT security)")
+    p.add_argument("--policy", metavar="FILE", help="approve the run settings this site accepts: a TOML file of "
+                   "`setting = value`, `setting = { min = .., max = .. }` or `setting = { one-of = [..] }` lines")
+    p.add_argument("--clear-policy", action="store_true", help="withdraw the run policy (the node config's ranges stay)")
     p.add_argument("--state-dir", default="fedxray-site/state", help="the site's state dir (default ./fedxray-site/state)")
     p.set_defaults(func=cmd_approve)
 
-    p = sub.add_parser("audit", help="this site's audit log: approvals, rounds trained and refused, evaluations answered")
+    from common.audit_anchor import ANCHOR_HELP
+
+    p = sub.add_parser("audit", help="this site's audit log: approvals, rounds trained and refused, evaluations answered",
+                       description="This site's hash-chained audit log. " + ANCHOR_HELP.replace(
+                           "(and every `fl-server run`) ", ""))
     p.add_argument("--state-dir", default="fedxray-site/state", help="the site's state dir (default ./fedxray-site/state)")
     p.add_argument("--verify", action="store_true",
                    help="only check the hash chain: one line, exit 0 if intact, 1 naming the first bad line")

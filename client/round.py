@@ -4,26 +4,34 @@ The ClientApp (client/app.py) only turns Flower records into a :class:`RoundRequ
 :class:`RoundReply` back into records. Everything a hospital must be able to audit happens here,
 in this order, for a training round:
 
-1. the run config is checked against the ranges this site accepts (node config), and the global
-   weights against the model (keys, shapes, finite values), before anything is read or charged;
+1. the run config is checked against the ranges this site accepts (node config), its approved
+   policy, the settings the run was pinned to at its first message and the round against the run's
+   length (client/run_limits.py), and the global weights against the model (keys, shapes, finite
+   values), before anything is read or charged;
 2. the site's data is read through the site cache; the patient-level split is the site's own
    (its salt and val-fraction, nothing the coordinator sets);
 3. under one site-wide lock from here to the stored reply: a retry of a round already answered
-   (same run, round and global weights) re-sends the stored reply, so nothing new is released
-   and nothing is charged, and two concurrent messages cannot release two updates;
-4. DP: the site plans its own noise from its own training split size (common/privacy.py) and
-   charges the round to the budget of every training patient in its ledger BEFORE training; a
-   round that would take any patient past max-epsilon is refused;
+   (same run, round and full hash of the global weights) re-sends the stored reply byte for byte,
+   so nothing new is released and nothing is charged; a round whose stored reply was pruned is a
+   new release and is charged again (client/replies.py); two concurrent messages cannot release
+   two updates;
+4. DP: the site plans its own noise at a sampling rate the run config or its declared size fixes
+   (client/sampling.py, common/privacy.py), refuses a plan past max-run-epsilon, and charges the
+   round to the budget of every training patient in its ledger BEFORE training; a round that would
+   take any patient past max-epsilon is refused;
 5. local training (client/train.py): for a ScatterNet only the head trains, on fixed features
    cached at the site; DP noise and sampling come from the site's OS randomness;
-6. the reply is stored (for retries) and returned: weights, the number of training images, the
-   number of steps and epsilon. Under DP no training loss is sent (it is not covered by the DP
-   accounting). Nothing in it identifies a patient or a file.
+6. the reply is stored (for retries) and returned: weights, the site's declared size as its weight,
+   the plan (steps, rate, noise) and epsilon, none of which depends on how many images the run's
+   filters select. Under DP no training loss is sent (it is not covered by the DP accounting).
+   Nothing in it identifies a patient or a file. A refusal whose cause depends on the data (no or
+   too few images fit the run, their patients' budget is spent) sends one text, the same whatever
+   the cause.
 
 Evaluation (:func:`evaluate_round`) scores the global model on the site's validation split and
 releases only score histograms with Gaussian noise added (the site's eval-noise), charged to the
-validation patients' budget, at most max-evaluations times per run. docs/privacy.md lists what
-leaves a site per message and what each costs.
+validation patients' budget, at most max-evaluations times per run and max-evaluations-per-day
+over all runs. docs/privacy.md lists what leaves a site per message and what each costs.
 """
 
 from __future__ import annotations
@@ -49,7 +57,10 @@ from client.ledger import (
     PrivacyLedger,
     dataset_fingerprint,
 )
-from client.site import ReplyCache, resolve_device, weights_digest
+from client.replies import ReplyStore, release_id
+from client.run_limits import admission_problems, evaluation_problem, run_epsilon_problem
+from client.sampling import SamplingRefused, loader_batch, planned_rate
+from client.site import resolve_device, weights_digest
 from client.train import EvalStats, TrainSettings, evaluate, train_one_round
 from common import metrics as metrics_lib
 from common import reference
@@ -85,6 +96,7 @@ class RoundRequest:
     proximal_mu: float = 0.0
     threshold: float = 0.5  # evaluation: the decision threshold the coordinator chose
     reference: bool = False  # evaluation: also send noised image statistics for the drift reference (last round)
+    flower_run_id: int | None = None  # the launched (Flower) run the message came in: the site pins each run to one
 
 
 @dataclass
@@ -93,6 +105,18 @@ class RoundReply:
 
     weights: dict[str, torch.Tensor]
     metrics: dict[str, float | int] = field(default_factory=dict)
+
+
+def data_refusal(site: SiteConfig) -> RoundRefused:
+    """The one refusal sent whenever the cause depends on the site's data or its patients' budget.
+
+    Which images fit the run's task, labels and label column, how many, and how much budget their
+    patients have left are facts about patients: a coordinator choosing filters must not read them
+    from the wording or the code of a refusal, so every such refusal reads the same.
+    """
+    return RoundRefused(ERR_BUDGET, f"site {site.site_name} cannot answer this round: no or too few of its images fit "
+                        "the run's task and labels, or their patients' privacy budget (max-epsilon) is spent; nothing "
+                        "was released. The site's log, `fl-client check` and `fl-client status` say which")
 
 
 def load_data(run: RunConfig, site: SiteConfig) -> SiteData:
@@ -114,9 +138,7 @@ def load_data(run: RunConfig, site: SiteConfig) -> SiteData:
         return data
     except DatasetError as err:
         log.error("site data cannot be used for this run: %s", err)
-        raise RoundRefused(ERR_DATA, f"site {site.site_name}: its data folder cannot be used for this run "
-                           "(task or labels not found, or no readable images); the site's log and "
-                           "`fl-client check` say why") from err
+        raise data_refusal(site) from err
 
 
 def check_request(run: RunConfig, site: SiteConfig, weights: Mapping[str, torch.Tensor]) -> torch.nn.Module:
@@ -140,6 +162,14 @@ def check_request(run: RunConfig, site: SiteConfig, weights: Mapping[str, torch.
     return model
 
 
+def admit(run: RunConfig, site: SiteConfig, request: RoundRequest) -> None:
+    """Refuse a message outside the site's limits, policy or the run's pinned settings (client/run_limits.py)."""
+    problems = admission_problems(run, site, run_key=request.run_name, server_round=request.server_round,
+                                  flower_run_id=request.flower_run_id)
+    if problems:
+        raise RoundRefused(ERR_CONFIG, f"site {site.site_name} refuses this run: " + "; ".join(problems))
+
+
 @contextmanager
 def site_lock(state_dir: Path) -> Iterator[None]:
     """One round at a time per site: the reply-cache check, the ledger and the stored reply are atomic."""
@@ -152,9 +182,13 @@ def site_lock(state_dir: Path) -> Iterator[None]:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
-def train_settings(run: RunConfig, n_train: int, server_round: int, proximal_mu: float) -> TrainSettings:
-    """The round's local training settings, from the run config and the site's training split size."""
-    rate, batch = run.sampling(n_train)
+def train_settings(run: RunConfig, n_train: int, server_round: int, proximal_mu: float, *,
+                   rate: float | None = None) -> TrainSettings:
+    """The round's local training settings, from the run config and the site's training split size.
+
+    ``rate``: the DP round's planned sampling rate (client/sampling.py); batches of floor(rate * n_train).
+    """
+    rate, batch = run.sampling(n_train) if rate is None else (rate, loader_batch(rate, n_train))
     return TrainSettings(
         task=run.task, local_epochs=run.epochs_per_round(rate), batch_size=batch, learning_rate=run.learning_rate,
         optimizer=run.optimizer, momentum=run.momentum, proximal_mu=proximal_mu, dp=run.dp,
@@ -171,7 +205,7 @@ def _ledger(site: SiteConfig) -> PrivacyLedger:
 
 
 def _charge(run: RunConfig, site: SiteConfig, data: SiteData, settings: TrainSettings, request: RoundRequest,
-            digest: str) -> tuple[TrainSettings, float, float]:
+            run_id: str, rate: float) -> tuple[TrainSettings, float, float]:
     """Plan this site's DP-SGD and record it in the ledger before training; (settings, eps round, eps total)."""
     if settings.local_epochs > site.max_local_epochs:
         raise RoundRefused(ERR_CONFIG, f"site {site.site_name} refuses this run: {settings.local_epochs} local epochs "
@@ -182,18 +216,21 @@ def _charge(run: RunConfig, site: SiteConfig, data: SiteData, settings: TrainSet
                        rounds=run.num_server_rounds, delta=delta, max_grad_norm=run.max_grad_norm,
                        noise_multiplier=run.noise_multiplier or None,
                        target_epsilon=None if run.noise_multiplier else run.target_epsilon,
-                       cache=accountant_cache(site.state_dir))
+                       cache=accountant_cache(site.state_dir), sample_rate=rate)
     except ValueError as err:
         raise RoundRefused(ERR_CONFIG, f"site {site.site_name}: {err}") from err
     ledger = _ledger(site)
+    over = run_epsilon_problem(plan, site, ledger, request.run_name)
+    if over:
+        raise RoundRefused(ERR_CONFIG, f"site {site.site_name} refuses this run: {over}")
     try:
-        entry = ledger.reserve(run_id=f"{request.run_name}@{digest[:12]}", round=request.server_round,
+        entry = ledger.reserve(run_id=run_id, round=request.server_round,
                                fingerprint=dataset_fingerprint(data.train_hashes()),
                                noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate,
                                steps=plan.steps_per_round, max_grad_norm=plan.max_grad_norm, n_train=data.n_train,
                                delta=delta, patients=data.patients("train"))
     except BudgetExceeded as err:
-        raise RoundRefused(ERR_BUDGET, f"site {site.site_name}: {err}") from err
+        raise data_refusal(site) from err  # the ledger logged the figures at the site
     except (LedgerCorruptError, LedgerConflictError, DeltaTooLargeError) as err:
         raise RoundRefused(ERR_LEDGER, f"site {site.site_name}: privacy ledger: {err}") from err
     settings = replace(settings, noise_multiplier=plan.noise_multiplier, steps=plan.steps_per_round)
@@ -220,19 +257,29 @@ def _train_round(run: RunConfig, site: SiteConfig, request: RoundRequest, *, pro
     if not run.dp and not site.allow_no_dp:
         raise RoundRefused(ERR_DP_REQUIRED, f"site {site.site_name} trains only with DP (allow-no-dp is false); "
                            "the run asked for dp=false")
+    admit(run, site, request)
+    try:
+        rate = planned_rate(run, site) if run.dp else None
+    except SamplingRefused as err:
+        raise RoundRefused(ERR_CONFIG, f"site {site.site_name} refuses this run: {err}") from err
     data = load_data(run, site)
+    if rate is not None and loader_batch(rate, data.n_train) < 1:
+        log.error("round %d: %d training images give no whole image per batch at rate %.4g", request.server_round,
+                  data.n_train, rate)
+        raise data_refusal(site)
     digest = weights_digest(request.weights)
     with site_lock(site.state_dir):
-        replies = ReplyCache(site.state_dir, request.run_name)
+        replies = ReplyStore(site.state_dir, request.run_name, "train")
         cached = replies.get(request.server_round, digest)
         if cached is not None:
             log.info("round %d: same global model as an earlier attempt; re-sending that reply (no new privacy spent)",
                      request.server_round)
             return RoundReply(cached["weights"], cached["metrics"])
-        settings = train_settings(run, data.n_train, request.server_round, request.proximal_mu)
+        settings = train_settings(run, data.n_train, request.server_round, request.proximal_mu, rate=rate)
         eps_round = eps_total = 0.0
         if run.dp:
-            settings, eps_round, eps_total = _charge(run, site, data, settings, request, digest)
+            run_id = release_id(request.run_name, digest, replies.releases(request.server_round, digest))
+            settings, eps_round, eps_total = _charge(run, site, data, settings, request, run_id, rate)
         frontend, trainable, prefix = split_features(model)
         if frontend is not None:
             train_set = data.feature_dataset(frontend, "train", progress=progress)
@@ -242,13 +289,14 @@ def _train_round(run: RunConfig, site: SiteConfig, request: RoundRequest, *, pro
                                          progress=progress)
         weights = {prefix + k: v for k, v in trained.items()}
         metrics: dict[str, float | int] = {
-            "num-examples": stats.num_examples, "steps": stats.steps,
+            "num-examples": max(1, site.declared_images), "steps": stats.steps,  # a declared size, not a count
             "epsilon-round": eps_round, "epsilon-total": eps_total,
-            "noise-multiplier": settings.noise_multiplier, "sample-rate": settings.batch_size / max(1, data.n_train),
-            "local-epochs": settings.local_epochs, "train-seconds": stats.seconds,
+            "noise-multiplier": settings.noise_multiplier, "sample-rate": rate or settings.batch_size / max(1, data.n_train),
+            "local-epochs": settings.local_epochs,
         }
         if not run.dp:
             metrics["train-loss"] = stats.loss  # without DP nothing is accounted anyway
+            metrics["train-seconds"] = stats.seconds  # under DP the time would tell the split's size
         replies.put(request.server_round, digest, {"weights": weights, "metrics": metrics})
     log.info("round %d: trained on %d images (%d steps), loss %.4f, epsilon %.3f (total %.3f)", request.server_round,
              stats.num_examples, stats.steps, stats.loss, eps_round, eps_total)
@@ -270,30 +318,31 @@ def evaluate_round(run: RunConfig, site: SiteConfig, request: RoundRequest) -> d
 
 def _evaluate_round(run: RunConfig, site: SiteConfig, request: RoundRequest) -> dict[str, Any]:
     model = check_request(run, site, request.weights)
+    admit(run, site, request)
     data = load_data(run, site)
     if data.n_val == 0:
-        raise RoundRefused(ERR_DATA, f"site {site.site_name} has no validation patients for this task")
+        log.error("no validation patients for this run's task and labels")
+        raise data_refusal(site)
     digest = weights_digest(request.weights)
     with site_lock(site.state_dir):
-        replies = ReplyCache(site.state_dir, request.run_name + "-evaluate")
+        replies = ReplyStore(site.state_dir, request.run_name, "evaluate")
         cached = replies.get(request.server_round, digest)
         if cached is not None:
             return dict(cached["metrics"])
         ledger = _ledger(site)
-        run_prefix = f"{request.run_name}@"
-        done = sum(1 for c in ledger.contributions() if c.kind == "evaluate" and c.run_id.startswith(run_prefix))
-        if done >= site.max_evaluations:
-            raise RoundRefused(ERR_BUDGET, f"site {site.site_name} has answered {done} evaluations of this run, its "
-                               "limit (node config max-evaluations)")
+        too_many = evaluation_problem(site, ledger, request.run_name)
+        if too_many:
+            raise RoundRefused(ERR_BUDGET, f"site {site.site_name}: {too_many}")
+        run_id = release_id(request.run_name, digest, replies.releases(request.server_round, digest))
         # One image moves one or two counts of each class's (one-vs-rest) histograms: sqrt(2) per class.
         noise = site.eval_noise / (metrics_lib.HISTOGRAM_SENSITIVITY * math.sqrt(run.num_outputs))
         try:
-            ledger.reserve(run_id=f"{run_prefix}{digest[:12]}", round=request.server_round,
+            ledger.reserve(run_id=run_id, round=request.server_round,
                            fingerprint=dataset_fingerprint(data.val_hashes()), noise_multiplier=noise, sample_rate=1.0,
                            steps=1, max_grad_norm=1.0, n_train=max(1, data.n_val), delta=site.delta,
                            patients=data.patients("val"), kind="evaluate")
         except BudgetExceeded as err:
-            raise RoundRefused(ERR_BUDGET, f"site {site.site_name} (evaluation): {err}") from err
+            raise data_refusal(site) from err  # the ledger logged the figures at the site
         except (LedgerConflictError, DeltaTooLargeError) as err:
             raise RoundRefused(ERR_LEDGER, f"site {site.site_name}: privacy ledger: {err}") from err
         frontend, head, _ = split_features(model)
@@ -303,9 +352,9 @@ def _evaluate_round(run: RunConfig, site: SiteConfig, request: RoundRequest) -> 
             stats = evaluate(head, val_set, task=run.task, threshold=request.threshold, device=device)
         else:
             stats = evaluate(model, data.val_dataset(), task=run.task, threshold=request.threshold, device=device)
-        out = eval_metrics(stats, site.eval_noise, n_train=data.n_train)
+        out = eval_metrics(stats, site.eval_noise)
         if request.reference:
-            out.update(_reference_counts(site, data, ledger, f"{run_prefix}{digest[:12]}", request.server_round))
+            out.update(_reference_counts(site, data, ledger, run_id, request.server_round))
         replies.put(request.server_round, digest, {"weights": {}, "metrics": out})
     return out
 
@@ -327,14 +376,14 @@ def _reference_counts(site: SiteConfig, data: SiteData, ledger: PrivacyLedger, r
     return {f"ref-{name}": values for name, values in counts.items()}
 
 
-def eval_metrics(stats: EvalStats, eval_noise: float, *, n_train: int) -> dict[str, Any]:
+def eval_metrics(stats: EvalStats, eval_noise: float) -> dict[str, Any]:
     """The evaluate reply: only the noised histograms (and their noised total), never an exact score or count.
 
     Binary: ``hist-pos`` / ``hist-neg``; multiclass and multilabel: one-vs-rest ``hist-pos-<c>`` /
     ``hist-neg-<c>`` per class or finding.
     """
     rng = np.random.default_rng(secrets.randbits(128))
-    out: dict[str, Any] = {"eval-noise": float(eval_noise), "n-train": n_train}
+    out: dict[str, Any] = {"eval-noise": float(eval_noise)}
     classes = sorted({k.split("-", 1)[1] for k in stats.histograms if "-" in k})
     pairs = [(f"-{c}", {"pos": stats.histograms[f"pos-{c}"], "neg": stats.histograms[f"neg-{c}"]}) for c in classes]
     if not pairs:

@@ -1,4 +1,4 @@
-"""Where a site's settings come from, and the replay cache that makes retried rounds free.
+"""Where a site's settings come from, and the digest that names the global weights a round started from.
 
 Deployment: the hospital passes ``--node-config 'data-dir="..." state-dir="..." site-name="..."'``
 to its SuperNode. Simulation: Flower fixes node_config to {partition-id, num-partitions}, so
@@ -9,17 +9,13 @@ config's ``sim-root`` and each virtual node picks its entry by partition id.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
-import os
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from common.cache import atomic_write_bytes
 from common.config_fields import ConfigError
 from common.devices import torch_device
 from common.site_config import SiteConfig
@@ -51,73 +47,17 @@ def resolve_device(name: str) -> torch.device:
 
 
 def weights_digest(state: Mapping[str, torch.Tensor]) -> str:
-    """sha256 over the incoming global weights: identifies which model a round started from."""
+    """sha256 (64 hex) over the incoming global weights: which model a round started from.
+
+    Every key, dtype and shape is length-prefixed before the bytes, so no two different weight sets
+    share one stream. Stored replies and ledger entries use the whole digest (client/replies.py).
+    """
     h = hashlib.sha256()
     for key in sorted(state):
         t = state[key].detach().cpu().contiguous()
-        h.update(key.encode())
-        h.update(str(t.dtype).encode())
-        h.update(t.numpy().tobytes())
+        data = t.numpy().tobytes()
+        for part in (key.encode(), str(t.dtype).encode(), repr(tuple(t.shape)).encode()):
+            h.update(len(part).to_bytes(8, "big") + part)
+        h.update(len(data).to_bytes(8, "big"))
+        h.update(data)
     return h.hexdigest()
-
-
-class ReplyCache:
-    """Stores each round's reply so a retried round re-sends it instead of training again.
-
-    Training again from the same global weights would release a second noisy update: more
-    privacy spent for nothing. Re-sending the stored reply releases nothing new, so a retry
-    (coordinator crash, resume, lost reply) costs no epsilon and leaves the ledger unchanged.
-    """
-
-    def __init__(self, state_dir: Path, run_name: str) -> None:
-        safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in run_name)
-        self.root = Path(state_dir) / "replies" / safe
-
-    def _path(self, server_round: int, digest: str) -> Path:
-        return self.root / f"round-{server_round:05d}-{digest[:16]}.pt"
-
-    def get(self, server_round: int, digest: str) -> dict[str, Any] | None:
-        path = self._path(server_round, digest)
-        if not path.is_file():
-            return None
-        try:
-            return torch.load(path, weights_only=True)
-        except (OSError, RuntimeError, EOFError):
-            return None
-
-    def put(self, server_round: int, digest: str, reply: dict[str, Any]) -> None:
-        buf = io.BytesIO()
-        torch.save(reply, buf)
-        atomic_write_bytes(self._path(server_round, digest), buf.getvalue())
-        os.chmod(self._path(server_round, digest), 0o600)
-        self.prune(server_round)
-
-    def prune(self, server_round: int, *, keep_days: float = 30.0) -> int:
-        """Drop replies nobody can ask for again; returns how many files went.
-
-        A run only ever retries its latest round (a resumed run continues after its last
-        checkpoint), so this run's replies older than the previous round go; other runs' replies
-        go once untouched for ``keep_days``. A CNN's reply is about 9 MB: without this, a site's
-        disk fills up round by round.
-        """
-        removed = 0
-        for path in self.root.glob("round-*.pt"):
-            try:
-                if int(path.name.split("-")[1]) < server_round - 1:
-                    path.unlink(missing_ok=True)
-                    removed += 1
-            except (ValueError, IndexError):
-                continue
-        cutoff = time.time() - keep_days * 86400
-        for other in self.root.parent.iterdir() if self.root.parent.is_dir() else ():
-            if other == self.root or not other.is_dir():
-                continue
-            try:
-                if other.stat().st_mtime < cutoff and all(p.stat().st_mtime < cutoff for p in other.iterdir()):
-                    for p in other.iterdir():
-                        p.unlink(missing_ok=True)
-                        removed += 1
-                    other.rmdir()
-            except OSError:
-                continue
-        return removed

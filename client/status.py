@@ -4,7 +4,8 @@ A privacy officer reads here, without the coordinator and without training anyth
 any patient of this site has been exposed to (``spent_epsilon``: the largest cumulative epsilon
 over all runs, training and evaluation), the site's limit, and every charge with the numbers
 needed to recompute its epsilon with Opacus alone (noise multiplier, sample rate, steps, delta,
-accountant). Refusals are listed too. Nothing here names a patient or a file.
+accountant). Refusals are listed too, and the run policy the site approved (``fl-client approve
+--policy``, client/run_policy.py). Nothing here names a patient or a file.
 """
 
 from __future__ import annotations
@@ -26,9 +27,10 @@ def ledger_status(state_dir: str | Path) -> dict[str, Any]:
     from client.ledger import LEDGER_FILENAME, PrivacyLedger  # deferred: opacus; a wrong folder answers at once
 
     path = state / LEDGER_FILENAME
+    policy = run_policy(state)
     if not path.exists():
         return {"state_dir": str(state), "ledger": None, "spent_epsilon": 0.0, "max_epsilon": None, "delta": None,
-                "accountant": "rdp", "groups": [], "runs": [], "entries": [], "refusals": []}
+                "accountant": "rdp", "groups": [], "runs": [], "entries": [], "refusals": [], "policy": policy}
     try:
         doc = json.loads(path.read_text())
         ledger = PrivacyLedger(state, site=str(doc["site"]), max_epsilon=float(doc["max_epsilon"]),
@@ -63,13 +65,38 @@ def ledger_status(state_dir: str | Path) -> dict[str, Any]:
             for c in entries
         ],
         "refusals": ledger.refusals(),
+        "policy": policy,
     }
+
+
+def run_policy(state: Path) -> dict[str, Any]:
+    """The approved run policy as status shows it: its rules in words, when, why; or why it cannot be read."""
+    from client.run_policy import PolicyError, describe, load_policy
+
+    try:
+        doc = load_policy(state)
+    except PolicyError as err:
+        return {"error": str(err), "rules": []}
+    if doc is None:
+        return {"rules": [], "approved": None}
+    return {"rules": [describe(k, r) for k, r in doc["rules"].items()], "approved": doc.get("approved"),
+            "note": doc.get("note", "")}
+
+
+def _policy_lines(policy: dict[str, Any]) -> list[str]:
+    if policy.get("error"):
+        return ["", f"run policy: {policy['error']}"]
+    if not policy["rules"]:
+        return ["", "run policy: none approved (the node config's ranges hold; fl-client approve --policy FILE)"]
+    return ["", f"run policy approved {policy['approved']}{': ' + policy['note'] if policy.get('note') else ''} "
+            "(runs outside it are refused):", *(f"  {rule}" for rule in policy["rules"])]
 
 
 def render_status(status: dict[str, Any]) -> str:
     """The status for a terminal: the headline, the patient groups, runs and refusals."""
     if status["ledger"] is None:
-        return f"no privacy ledger in {status['state_dir']} yet: this site has not trained or evaluated anything"
+        return "\n".join([f"no privacy ledger in {status['state_dir']} yet: this site has not trained or evaluated "
+                          "anything", *_policy_lines(status["policy"])])
     lines = [
         f"site {status['site']}: the most exposed patient has spent epsilon {status['spent_epsilon']:.3f} of "
         f"max-epsilon {status['max_epsilon']:g} (delta {status['delta']:g}, {status['accountant']} accountant)",
@@ -88,4 +115,4 @@ def render_status(status: dict[str, Any]) -> str:
         for item in status["refusals"]:
             lines.append(f"  round {item['round']} of {item['run_id'].split('@')[0]}: {item['reason']} "
                          f"(would reach {item['epsilon_after']:.3f}; {item.get('attempts', 1)} attempt(s))")
-    return "\n".join(lines)
+    return "\n".join(lines + _policy_lines(status["policy"]))

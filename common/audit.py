@@ -284,11 +284,14 @@ class VerifyReport:
     bad_line: int | None = None  # 1-based line number
     problem: str | None = None
     torn: tuple[int, ...] = field(default_factory=tuple)  # lines torn by a crash and sealed by a torn-line event
+    anchored: bool = False  # checked against a head recorded earlier (else a cut tail would pass too)
 
     def summary(self) -> str:
         """One line for the operator: what holds, or the first bad line, what it means and what to do."""
         if self.ok:
             note = f"; line(s) {', '.join(map(str, self.torn))} torn by a crash and sealed" if self.torn else ""
+            note += ("; anchored" if self.anchored else "; not anchored: lines cut from its end or a recomputed chain "
+                     "would pass too, so record the head and check with --anchor HEAD")
             return f"audit log {self.path}: intact, {self.events} event(s), head {self.head}{note}"
         where = f"line {self.bad_line}: " if self.bad_line else ""
         return f"audit log {self.path}: NOT intact: {where}{self.problem}"
@@ -377,7 +380,7 @@ def verify(path: str | os.PathLike[str], *, anchor: str | None = None) -> Verify
         return VerifyReport(str(path), False, events, prev_hash, None,
                             f"the recorded head {anchor} is not in the chain: lines were removed from its end, or the log "
                             f"was replaced; {_TAMPER_FIX}", tuple(torn))
-    return VerifyReport(str(path), True, events, prev_hash, None, None, tuple(torn))
+    return VerifyReport(str(path), True, events, prev_hash, None, None, tuple(torn), anchored=anchor is not None)
 
 
 def read_entries(path: str | os.PathLike[str]) -> list[dict[str, Any]]:

@@ -89,6 +89,7 @@ class RunConfig:
     server_learning_rate: float = 0.01  # FedAdam server learning rate
     trim_beta: float = 0.2  # trimmed-mean: fraction trimmed at each end
     server_clip: float = 0.0  # coordinator-side L2 clip of each site's update before aggregation (0: off)
+    max_site_examples: int = 0  # most images a site's declared size counts for in FedAvg's average; 0: every site weighs the same
     fraction_train: float = 1.0  # fraction of connected sites asked to train each round
     min_sites: int = 2  # sites needed before a round starts
     round_timeout: float = 3600.0  # seconds to wait for replies in a round
@@ -172,6 +173,7 @@ def _check_run(c: RunConfig) -> list[str]:
     check_range(p, "server-learning-rate", c.server_learning_rate, 0.0, 10.0, lo_open=True)
     check_range(p, "trim-beta", c.trim_beta, 0.0, 0.49)
     check_range(p, "server-clip", c.server_clip, 0.0, 1e9)
+    check_range(p, "max-site-examples", c.max_site_examples, 0, 100_000_000)
     check_range(p, "fraction-train", c.fraction_train, 0.0, 1.0, lo_open=True)
     check_range(p, "min-sites", c.min_sites, 1, 100_000)
     check_range(p, "round-timeout", c.round_timeout, 1.0, 7 * 86400.0)

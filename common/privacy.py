@@ -180,18 +180,9 @@ def epsilon_for(history: Iterable[DpStep], delta: float, accountant: str = "rdp"
     return eps
 
 
-def _plan_problems(
-    *,
-    n_train: int,
-    batch_size: int,
-    local_epochs: int,
-    rounds: int,
-    delta: float,
-    max_grad_norm: float,
-    noise_multiplier: float | None,
-    target_epsilon: float | None,
-    accountant: str,
-) -> list[str]:
+def _plan_problems(*, n_train: int, batch_size: int, local_epochs: int, rounds: int, delta: float, max_grad_norm: float,
+                   noise_multiplier: float | None, target_epsilon: float | None, accountant: str,
+                   sample_rate: float | None = None) -> list[str]:
     """Every problem with the plan's inputs, so the caller fixes them all at once."""
     problems: list[str] = []
     for name, value in (
@@ -202,7 +193,9 @@ def _plan_problems(
     ):
         if not _is_count(value):
             problems.append(f"{name} must be an integer >= 1, got {value!r}")
-    if _is_count(n_train) and _is_count(batch_size) and n_train < batch_size:
+    if sample_rate is not None and not (_is_positive(sample_rate) and sample_rate <= 1.0):
+        problems.append(f"sample_rate must lie in (0, 1], got {sample_rate!r}")
+    if sample_rate is None and _is_count(n_train) and _is_count(batch_size) and n_train < batch_size:
         problems.append(
             f"batch_size ({batch_size}) is larger than the training split ({n_train} images): "
             "lower batch-size to at most the number of training images"
@@ -318,6 +311,7 @@ def plan_dp(
     target_epsilon: float | None = None,
     accountant: str = "rdp",
     cache: AccountantCache | None = None,
+    sample_rate: float | None = None,
 ) -> DpPlan:
     """Plan one run's DP-SGD on a site's training split of ``n_train`` images.
 
@@ -325,20 +319,15 @@ def plan_dp(
     smallest noise (within 0.1 %) whose ``rounds`` rounds spend at most ``target_epsilon``.
     ``cache``: the site's accountant cache (common.accountant_cache): the noise found for these exact
     inputs and the RDP curves, reused across processes; a cached noise is used only if it still
-    spends at most ``target_epsilon``. Raises ``ValueError`` listing every bad input. Logs a warning when ``delta >= 1 / n_train``:
-    such a delta allows a mechanism that leaks one whole record outright.
+    spends at most ``target_epsilon`` by the accountant itself (never by a cached curve).
+    ``sample_rate``: plan at exactly this rate, ``ceil(local_epochs / sample_rate)`` steps a round, whatever
+    ``n_train`` (client/sampling.py); else the rate is ``batch_size / n_train``. Raises ``ValueError`` listing
+    every bad input. Logs a warning when ``delta >= 1 / n_train``: such a delta allows a mechanism that leaks
+    one whole record outright.
     """
-    problems = _plan_problems(
-        n_train=n_train,
-        batch_size=batch_size,
-        local_epochs=local_epochs,
-        rounds=rounds,
-        delta=delta,
-        max_grad_norm=max_grad_norm,
-        noise_multiplier=noise_multiplier,
-        target_epsilon=target_epsilon,
-        accountant=accountant,
-    )
+    problems = _plan_problems(n_train=n_train, batch_size=batch_size, local_epochs=local_epochs, rounds=rounds, delta=delta,
+                              max_grad_norm=max_grad_norm, noise_multiplier=noise_multiplier,
+                              target_epsilon=target_epsilon, accountant=accountant, sample_rate=sample_rate)
     if problems:
         raise ValueError("cannot plan DP-SGD: " + "; ".join(problems))
     if delta >= 1.0 / n_train:
@@ -349,9 +338,13 @@ def plan_dp(
         )
 
     n_train, batch_size, local_epochs, rounds = int(n_train), int(batch_size), int(local_epochs), int(rounds)
-    sample_rate = batch_size / n_train
-    # ceil(local_epochs / sample_rate) in exact integer arithmetic.
-    steps_per_round = -(-local_epochs * n_train // batch_size)
+    if sample_rate is None:
+        sample_rate = batch_size / n_train
+        # ceil(local_epochs / sample_rate) in exact integer arithmetic.
+        steps_per_round = -(-local_epochs * n_train // batch_size)
+    else:
+        sample_rate = float(sample_rate)
+        steps_per_round = max(1, math.ceil(local_epochs / sample_rate - 1e-9))
     total_steps = rounds * steps_per_round
 
     search = (float(target_epsilon), float(delta), sample_rate, total_steps, accountant,
@@ -366,15 +359,19 @@ def plan_dp(
     else:  # unreachable: _plan_problems demands exactly one of the two
         raise ValueError("give exactly one of noise_multiplier or target_epsilon")
 
-    per_round = _epsilon([(sigma, sample_rate, steps_per_round)], delta, accountant, cache)
-    planned = _epsilon([(sigma, sample_rate, total_steps)], delta, accountant, cache)
+    # The plan's epsilon comes from the accountant itself, never from a cached curve: a cache entry
+    # must never weaken DP, and one noise multiplier's curve costs 20-300 ms (memoised per process).
+    per_round = _epsilon([(sigma, sample_rate, steps_per_round)], delta, accountant)
+    planned = _epsilon([(sigma, sample_rate, total_steps)], delta, accountant)
     if cached is not None and target_epsilon is not None and planned > target_epsilon:
-        # A cache entry must never weaken DP: one that overspends is ignored and searched again.
+        # A cached noise that overspends is ignored and searched again.
         logger.warning("cached noise multiplier %.4f spends epsilon %.4f > target %g: searching again",
                        sigma, planned, target_epsilon)
         cached, sigma = None, noise_for_target(target_epsilon, delta, sample_rate, total_steps, accountant)
-        per_round = _epsilon([(sigma, sample_rate, steps_per_round)], delta, accountant, cache)
-        planned = _epsilon([(sigma, sample_rate, total_steps)], delta, accountant, cache)
+        per_round = _epsilon([(sigma, sample_rate, steps_per_round)], delta, accountant)
+        planned = _epsilon([(sigma, sample_rate, total_steps)], delta, accountant)
+    if cache is not None and accountant == "rdp":
+        cache.put_rdp(sigma, sample_rate, _rdp_of_one_step(sigma, sample_rate))  # the ledger composes this curve next
     if cache is not None:
         if search is not None and cached is None:
             cache.put_noise(*search, sigma)

@@ -14,6 +14,10 @@ What ``fl-server`` records there (event: details), each with the OS user and the
   ``run-stopped``; and, from the ServerApp through :func:`record_run_event`, ``run-finished``
   and ``run-failed``.
 
+Without an anchor, a log whose last lines were cut or whose chain was recomputed still verifies: every
+``fl-server run`` / ``resume`` prints the head (:func:`audit_head_line`) to be kept where the coordinator's
+administrators cannot write, and ``fl-server audit --anchor HASH`` checks against it.
+
 Run settings are recorded without their paths (:func:`settings_for_audit`): ``parity-data`` names
 a folder of radiographs, and no path goes into an audit log.
 """
@@ -28,7 +32,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from common.audit import audit_path, read_entries, try_record
+from common.audit import audit_path, read_entries, try_record, verify
+from common.audit_anchor import anchor_hint
 from common.cache import file_sha256
 
 log = logging.getLogger("fedxray.server")
@@ -88,6 +93,14 @@ def record_run_event(run_dir: str | os.PathLike[str], event: str, /, **details: 
     problem = record_coordinator(root, event, run=Path(run_dir).name, **details)
     if problem:
         log.warning("audit log: %s", problem)
+
+
+def audit_head_line(run_dir: str | os.PathLike[str]) -> str:
+    """After a launch: the federation log's head, to record in the run's ticket (an anchor for `audit --anchor`)."""
+    root = federation_of(run_dir)
+    if root is None:
+        return "audit log: none (this run is not under a federation folder)"
+    return "audit log " + anchor_hint(verify(coordinator_log(root)), "fl-server audit")
 
 
 def record_run_finished(run_dir: str | os.PathLike[str]) -> None:

@@ -147,9 +147,12 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 
 def _print_launch(record: dict) -> None:
+    from server.audit import audit_head_line
+
     print(f"run {record['run_name']} started (Flower run id {record['run_id']})")
     print(f"app bundle sha256 {record['bundle']}: each site must have approved it (fl-client approve HASH)")
     print(f"results in {record['run_dir']}; follow with fl-server status")
+    print(audit_head_line(record["run_dir"]))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -202,6 +205,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from common.audit import AuditError, read_entries, render_entry, verify
+    from common.audit_anchor import anchor_hint
     from server.audit import coordinator_log
     from server.pki import ProvisionError, load_federation
 
@@ -222,6 +226,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     for entry in entries:
         print(render_entry(entry))
     print(report.summary())
+    print(anchor_hint(report, "fl-server audit"))
     return code
 
 
@@ -344,7 +349,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", default=DEFAULT_DIR, help=f"federation folder (default ./{DEFAULT_DIR})")
     p.set_defaults(func=cmd_stop_run)
 
-    p = sub.add_parser("audit", help="the federation's audit log: who admitted, removed, launched, stopped what, when")
+    from common.audit_anchor import ANCHOR_HELP
+
+    p = sub.add_parser("audit", help="the federation's audit log: who admitted, removed, launched, stopped what, when",
+                       description="The federation's hash-chained audit log. " + ANCHOR_HELP)
     p.add_argument("--dir", default=DEFAULT_DIR, help=f"federation folder (default ./{DEFAULT_DIR})")
     p.add_argument("--verify", action="store_true",
                    help="only check the hash chain: one line, exit 0 if intact, 1 naming the first bad line")

@@ -12,7 +12,8 @@ it does not copy their loop. It adds
   sites' noised score histograms, for the round record;
 * the coordinator's own checks: a site is its node id (the name it reports is a label bound on
   first sight), the update-norm bound uses the coordinator's own DP plan (steps and noise from the
-  run config), a site's weight in the average is capped by the count it first reported, and
+  run config), a site's weight in the average is the size it declares capped by the count it first
+  reported and by the run's ``max-site-examples`` (every site weighs the same without that cap), and
   optional server-side clipping of each update (run config ``server-clip``).
 """
 
@@ -88,6 +89,17 @@ def server_plan(run: RunConfig) -> ServerPlan:
             except ValueError:
                 sigma = None
     return ServerPlan(steps, sigma)
+
+
+def site_weight(declared: int, run: RunConfig) -> int:
+    """A site's weight in the average: its declared size capped at ``max-site-examples``; 1 each without a cap.
+
+    The coordinator cannot check what a site declares, so a site claiming 1,000,000 images would
+    otherwise take nearly all the weight; the cap is the coordinator's own figure (docs/privacy.md).
+    """
+    if run.max_site_examples <= 0:
+        return 1
+    return max(1, min(int(declared), run.max_site_examples))
 
 
 def update_norm_bound(run: RunConfig, steps: int, n_params: int, noise_multiplier: float, batch: float = 1.0) -> float:
@@ -213,8 +225,11 @@ class FedxrayMixin:
                 if int(m["num-examples"]) > first:
                     log.warning("round %d: %s now reports %d training images, %d before; weighting it by %d",
                                 r, site, int(m["num-examples"]), first, first)
-                    m["num-examples"] = first
-                    msg.content.metric_records[next(iter(msg.content.metric_records))]["num-examples"] = first
+                # ... and by the run's cap, which the coordinator sets (equal weights without one).
+                weight = site_weight(min(int(m["num-examples"]), first), self.run)
+                if weight != int(m["num-examples"]):
+                    m["num-examples"] = weight
+                    msg.content.metric_records[next(iter(msg.content.metric_records))]["num-examples"] = weight
                 steps = self.plan.steps or int(m.get("steps", 1))
                 sigma = self.plan.noise_multiplier if self.plan.noise_multiplier is not None else float(m.get("noise-multiplier", 0))
                 batch = self.run.sample_rate * first if self.run.sample_rate > 0 else float(self.run.batch_size)

@@ -5,6 +5,10 @@ model version; every method is safe to call (the first error turns tracking off,
 ``tracking.json`` in the run folder names the MLflow run, so a resumed run continues it.
 server/tracking.py opens the store and makes the Tracker; the module docstring there says what is
 logged and why MLflow. MLflow itself is imported only inside the methods that call it (1.5 s).
+
+No host path reaches the store: the run folder's ``metrics.json`` holds the run config (runs-dir,
+sim-root, parity-data, in a simulation a hospital's folder), so what is logged is a copy with every
+path replaced by a note (:func:`without_paths`), as the params and the audit log do.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import math
 import numbers
 import os
 import re
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +28,7 @@ from typing import Any, TypeVar
 
 from common.cache import atomic_write_bytes, file_sha256
 from common.cli import fedxray_version
+from server.audit import settings_for_audit
 
 log = logging.getLogger("fedxray.tracking")
 
@@ -33,6 +39,9 @@ STATE_FILE = "tracking.json"
 MLFLOW_RELEASE = "3.17.2"
 
 _KEY_CHARS = re.compile(r"[^A-Za-z0-9_\-./ ]")
+#: A path inside a text: absolute, home-relative or a Windows drive, not preceded by a word (so "a/b" words stay).
+_PATH_IN_TEXT = re.compile(r"(?<![\w.])(?:~|/)[^\s'\"`,;)]*|\b[A-Za-z]:\\[^\s'\"`,;)]*")
+_NO_PATH = "(a path: not recorded)"
 _TAG_MAX = 5000
 
 T = TypeVar("T")
@@ -61,6 +70,19 @@ def _number(value: Any) -> float | None:
 def _tag(value: Any) -> str:
     text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
     return text[:_TAG_MAX]
+
+
+def without_paths(value: Any, key: str = "") -> Any:
+    """``value`` (metrics.json, a tag) with every host path replaced by a note; the run config by the audit rule."""
+    if isinstance(value, dict):
+        if key == "config":
+            return settings_for_audit(value)
+        return {k: without_paths(v, str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [without_paths(v) for v in value]
+    if isinstance(value, str):
+        return _PATH_IN_TEXT.sub(_NO_PATH, value)
+    return value
 
 
 def one_line(err: BaseException, limit: int = 240) -> str:
@@ -145,9 +167,12 @@ class Tracker:
         rounds = doc.get("rounds") or []
         last = rounds[-1] if rounds else {}
         chosen = next((r for r in rounds if r.get("round") == export.get("round")), last)
-        for name in ("model_card.md", "metrics.json"):
-            if (run_dir / name).is_file():
-                self.client.log_artifact(self.run_id, str(run_dir / name))
+        if (run_dir / "model_card.md").is_file():
+            self.client.log_artifact(self.run_id, str(run_dir / "model_card.md"))
+        if doc:
+            with tempfile.TemporaryDirectory() as tmp:  # the store gets metrics.json without host paths
+                (Path(tmp) / "metrics.json").write_text(json.dumps(without_paths(doc), indent=2))
+                self.client.log_artifact(self.run_id, str(Path(tmp) / "metrics.json"))
         for plot in sorted(run_dir.glob("*.png")):
             self.client.log_artifact(self.run_id, str(plot), "plots")
         onnx = run_dir / "model.onnx"
@@ -169,7 +194,8 @@ class Tracker:
         }
         if onnx.is_file():
             lineage["onnx_sha256"] = file_sha256(onnx)
-        tags = {f"fedxray.{key}": _tag(value) for key, value in lineage.items() if value not in (None, "", [], {})}
+        tags = {f"fedxray.{key}": _tag(without_paths(value)) for key, value in lineage.items()
+                if value not in (None, "", [], {})}
         self.client.log_batch(self.run_id, tags=_tags(tags))
         result = None
         if onnx.is_file():

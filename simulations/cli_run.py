@@ -58,6 +58,11 @@ def synthetic_patients(n_sites: int, patients: int | None) -> int:
     return max(SYNTHETIC_PATIENTS_MIN, min(SYNTHETIC_PATIENTS, SYNTHETIC_PATIENTS_TOTAL // max(1, n_sites)))
 
 
+def _image_files(folder: Path) -> int:
+    """The image files a simulated hospital holds (its declared size; at least 1)."""
+    return max(1, sum(1 for p in folder.rglob("*") if p.is_file() and p.suffix.lower() not in (".csv", ".json", ".txt")))
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """Simulated hospitals (made or given) -> sites.json -> Flower simulation -> run directory."""
     out = Path(args.out).resolve()
@@ -138,9 +143,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"fl-sim: no hospital folders found in {args.data}", file=sys.stderr)
         return 2
     state_root = Path(args.state_dir).resolve() if args.state_dir else sim_root / "state"
+    # Each simulated hospital declares its size (its weight in the average, and its batch-size sampling rate under
+    # DP), as a hospital does in its node config; the run's cap is the largest, so sizes weigh as they are.
     sites = [{"data-dir": str(d), "state-dir": str(state_root / d.name), "site-name": d.name,
-              "max-epsilon": args.max_epsilon, "allow-no-dp": True} for d in site_dirs]
+              "max-epsilon": args.max_epsilon, "allow-no-dp": True, "declared-images": _image_files(d)}
+             for d in site_dirs]
     write_sites(sim_root, sites)
+    if "max-site-examples" not in sets:
+        raw["max-site-examples"] = max(site["declared-images"] for site in sites)
     # The ONNX parity check runs on real-looking radiographs: in a simulation the coordinator may read the
     # (synthetic or public) hold-out set, or else the first simulated hospital's folder.
     holdout = site_dirs[0].parent / "holdout"

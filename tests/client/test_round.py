@@ -114,7 +114,7 @@ def test_features_are_cached_once_per_image(hospital, tmp_path):
 def test_evaluation_sends_noised_histograms_charged_to_validation_patients(hospital, tmp_path):
     run, site = _run(), _site(hospital, tmp_path / "state", **{"max-evaluations": 1})
     metrics = evaluate_round(run, site, _request(run))
-    assert set(metrics) == {"num-examples", "hist-pos", "hist-neg", "eval-noise", "n-train"}  # no exact score or count
+    assert set(metrics) == {"num-examples", "hist-pos", "hist-neg", "eval-noise"}  # no exact score or count
     assert not all(float(v).is_integer() for v in metrics["hist-pos"])  # Gaussian noise on every count
     ledger = PrivacyLedger(site.state_dir, site="hospital-a", max_epsilon=10, delta=1e-5)
     (entry,) = ledger.contributions()

@@ -1,15 +1,13 @@
-"""client/site.py: where a site's settings come from, the weights digest and the reply cache."""
+"""client/site.py: where a site's settings come from and the weights digest."""
 
 from __future__ import annotations
 
 import json
-import os
-import time
 
 import pytest
 import torch
 
-from client.site import ReplyCache, site_config, weights_digest
+from client.site import site_config, weights_digest
 from common.config_fields import ConfigError
 
 
@@ -35,18 +33,7 @@ def test_weights_digest_changes_with_any_weight():
     assert weights_digest(w) == weights_digest(same) != weights_digest(other)
 
 
-def test_reply_cache_keeps_what_a_retry_needs_and_prunes_the_rest(tmp_path):
-    cache = ReplyCache(tmp_path, "run-x")
-    for r in range(1, 6):
-        cache.put(r, str(r) * 64, {"weights": {"w": torch.full((2,), float(r))}, "metrics": {"round": r}})
-    kept = sorted(p.name.split("-")[1] for p in (tmp_path / "replies" / "run-x").glob("*.pt"))
-    assert kept == ["00004", "00005"]  # the latest round and the one before it (a resume may retry it)
-    assert cache.get(5, "5" * 64)["metrics"]["round"] == 5 and cache.get(1, "1" * 64) is None
-    assert oct((tmp_path / "replies" / "run-x" / f"round-00005-{'5' * 16}.pt").stat().st_mode & 0o777) == "0o600"
-    old = ReplyCache(tmp_path, "old-run")
-    old.put(1, "f" * 64, {"weights": {}, "metrics": {}})
-    stale = time.time() - 40 * 86400
-    for p in [*(tmp_path / "replies" / "old-run").iterdir(), tmp_path / "replies" / "old-run"]:
-        os.utime(p, (stale, stale))
-    cache.put(6, "6" * 64, {"weights": {}, "metrics": {}})
-    assert not (tmp_path / "replies" / "old-run").exists()  # another run, untouched for 40 days
+def test_weights_digest_is_the_full_sha256_and_covers_shapes():
+    flat, square = {"a": torch.zeros(4)}, {"a": torch.zeros(2, 2)}
+    assert weights_digest(flat) != weights_digest(square)  # same bytes, another model
+    assert len(weights_digest(flat)) == 64

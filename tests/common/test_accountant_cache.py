@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from opacus.accountants import RDPAccountant
+
 from common.accountant_cache import FILENAME, AccountantCache
 from common.privacy import EPSILON_REL_TOLERANCE, accountant_cache, epsilon_for, plan_dp
 
@@ -51,6 +53,35 @@ class TestPlanCache:
         plan = plan_dp(**PLAN, target_epsilon=TARGET, cache=accountant_cache(tmp_path))
         assert plan == fresh and plan.epsilon_planned <= TARGET
         assert accountant_cache(tmp_path).noise(*SEARCH) == fresh.noise_multiplier  # the entry was replaced
+
+    def test_a_forged_curve_does_not_make_a_low_noise_pass(self, tmp_path):
+        """Even a signed file (written through the API) whose curve for the low noise says 'free'."""
+        fresh = plan_dp(**PLAN, target_epsilon=TARGET)
+        cache = accountant_cache(tmp_path)
+        cache.put_noise(*SEARCH, fresh.noise_multiplier * 0.1)
+        cache.put_rdp(fresh.noise_multiplier * 0.1, 0.05, tuple(0.0 for _ in RDPAccountant.DEFAULT_ALPHAS))
+        cache.save()
+        plan = plan_dp(**PLAN, target_epsilon=TARGET, cache=accountant_cache(tmp_path))
+        assert plan == fresh  # the accountant itself said the low noise overspends
+        assert plan.epsilon_planned <= TARGET
+
+    def test_a_hand_edited_file_is_ignored_whole(self, tmp_path):
+        _planted(tmp_path, 50.0)
+        path = tmp_path / FILENAME
+        doc = json.loads(path.read_text())
+        doc["noise"] = {key: 0.05 for key in doc["noise"]}
+        path.write_text(json.dumps(doc))
+        assert accountant_cache(tmp_path).noise(*SEARCH) is None  # no longer signed by the site's key
+        assert oct((tmp_path / "accountant_cache.key").stat().st_mode & 0o777) == "0o600"
+
+    def test_a_file_signed_by_another_sites_key_is_ignored(self, tmp_path):
+        (tmp_path / "a").mkdir()
+        (tmp_path / "b").mkdir()
+        _planted(tmp_path / "a", 50.0)
+        accountant_cache(tmp_path / "b")  # site b has its own key
+        (tmp_path / "b" / FILENAME).write_bytes((tmp_path / "a" / FILENAME).read_bytes())
+        assert accountant_cache(tmp_path / "a").noise(*SEARCH) == 50.0
+        assert accountant_cache(tmp_path / "b").noise(*SEARCH) is None
 
     def test_any_other_setting_is_another_search(self, tmp_path):
         _planted(tmp_path, 50.0)

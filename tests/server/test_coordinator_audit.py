@@ -147,3 +147,28 @@ def test_status_lists_only_run_folders(fed):
     (layout.runs / "mlartifacts").mkdir()
     (layout.runs / "mlflow.db").write_bytes(b"")
     assert [p.name for p in coordinator.run_dirs(layout)] == ["lungs"]
+
+
+def test_a_launch_prints_the_logs_head_to_anchor_it(fed, monkeypatch, capsys):
+    """Without an anchor a cut tail verifies; `fl-server run` prints the head, and the anchor then catches the cut."""
+    def fake_flwr(layout, *args, timeout=120.0):  # the SuperLink's answer; the rest is real
+        return subprocess.CompletedProcess(args, 0, stdout=json.dumps({"success": True, "run-id": 7}), stderr="")
+
+    monkeypatch.setattr(runs, "require_running", lambda layout: {})
+    monkeypatch.setattr(runs, "flwr", fake_flwr)
+    assert server_main(["run", "--dir", str(fed), "-c", "run-name=lungs"]) == 0
+    out = capsys.readouterr().out
+    head = verify(coordinator_log(fed)).head
+    assert f"head {head}" in out and f"--anchor {head}" in out
+    log = coordinator_log(fed)
+    log.write_bytes(b"".join(log.read_bytes().splitlines(keepends=True)[:-1]))  # the launch's line cut off
+    assert server_main(["audit", "--verify", "--dir", str(fed)]) == 0  # a cut tail alone still verifies ...
+    assert "not anchored" in capsys.readouterr().out
+    assert server_main(["audit", "--verify", "--dir", str(fed), "--anchor", head]) == 1  # ... the anchor does not
+
+
+def test_audit_help_says_what_the_anchor_is_for(capsys):
+    with pytest.raises(SystemExit):
+        server_main(["audit", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "Without --anchor, a log whose last lines were cut" in text and "prints the log's head hash" in text

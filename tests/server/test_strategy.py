@@ -81,7 +81,7 @@ def _reply(site: str, weights: dict, n: int, node: int | None = None, **metrics)
 def test_bad_update_rejected_others_aggregated(ref, strategy):
     from flwr.app import ArrayRecord
 
-    run = RunConfig(strategy=strategy, min_sites=2)
+    run = RunConfig(strategy=strategy, min_sites=2, max_site_examples=1000)
     s = make_strategy(run)
     s._global = {k: v.copy() for k, v in ref.items()}
     good1 = {k: v + 0.001 for k, v in ref.items()}
@@ -119,7 +119,7 @@ def test_a_site_is_its_node_not_the_name_it_reports(ref):
 
 
 def test_a_site_cannot_grow_its_weight_mid_run(ref):
-    s = make_strategy(RunConfig(min_sites=2))
+    s = make_strategy(RunConfig(min_sites=2, max_site_examples=1_000_000))
     s._global = {k: v.copy() for k, v in ref.items()}
     a = {k: v + 0.001 for k, v in ref.items()}
     b = {k: v + 0.003 for k, v in ref.items()}
@@ -127,6 +127,20 @@ def test_a_site_cannot_grow_its_weight_mid_run(ref):
     arrays, _ = s.aggregate_train(2, [_reply("h1", a, 10), _reply("h2", b, 10_000)])
     out = arrays["a.weight"].numpy()
     assert np.allclose(out, ref["a.weight"] + 0.002, atol=1e-6)  # still weighted 10:10
+
+
+def test_a_site_claiming_a_million_images_from_round_one_is_bounded(ref):
+    a = {k: v + 0.001 for k, v in ref.items()}
+    b = {k: v + 0.003 for k, v in ref.items()}
+    equal = make_strategy(RunConfig(min_sites=2))  # no cap in the run config: every site weighs the same
+    equal._global = {k: v.copy() for k, v in ref.items()}
+    arrays, _ = equal.aggregate_train(1, [_reply("h1", a, 100), _reply("liar", b, 1_000_000)])
+    assert np.allclose(arrays["a.weight"].numpy(), ref["a.weight"] + 0.002, atol=1e-6)
+    capped = make_strategy(RunConfig(min_sites=2, max_site_examples=300))  # the coordinator's own bound
+    capped._global = {k: v.copy() for k, v in ref.items()}
+    arrays, _ = capped.aggregate_train(1, [_reply("h1", a, 100), _reply("liar", b, 1_000_000)])
+    assert np.allclose(arrays["a.weight"].numpy(), ref["a.weight"] + (0.001 * 100 + 0.003 * 300) / 400, atol=1e-6)
+    assert capped.logs[1].train["liar"]["num-examples"] == 300
 
 
 def test_norm_bound_comes_from_the_coordinators_plan_not_the_reply(ref):

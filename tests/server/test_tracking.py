@@ -104,6 +104,28 @@ def test_a_run_is_tracked_and_its_model_registered_with_lineage(store):
     assert hint is not None and tracker.run_id in hint and "mlflow ui --backend-store-uri sqlite:///" in hint
 
 
+def test_the_logged_metrics_json_holds_no_host_path(store):
+    from mlflow import MlflowClient
+
+    run_dir = _run_dir(store, "paths")
+    tracker = start_tracking(run_dir, "paths", CONFIG)
+    config = {**CONFIG, "sim-root": "/home/alice/sims/demo", "resume-from": "/srv/fedxray/runs/paths"}
+    warning = "parity-data /data/hospital-a/SIM-A-0001 had 2 unreadable files; sensitivity/specificity unknown"
+    (run_dir / "metrics.json").write_text(json.dumps({"run": "paths", "config": config, "rounds": [_record(1, 0.7, 1, 1)],
+                                                      "export": {"round": 1, "warnings": [warning]}}))
+    assert tracker.finish(run_dir) is None  # no model.onnx here: nothing registered, the artefacts logged
+    client = MlflowClient(tracking_uri=tracker.tracking_uri)
+    logged = Path(client.download_artifacts(tracker.run_id, "metrics.json", str(store / "download")))
+    text = logged.read_text()
+    for path in ("/srv/fedxray", "/data/radiographs", "/home/alice", "/data/hospital-a"):
+        assert path not in text
+    doc = json.loads(text)
+    assert doc["config"]["runs-dir"] == "(a path: not recorded)" and doc["config"]["labels"] == "opacity"
+    assert doc["export"]["warnings"] == ["parity-data (a path: not recorded) had 2 unreadable files; "
+                                         "sensitivity/specificity unknown"]
+    assert doc["rounds"][0]["pooled_auc"] == 0.7
+
+
 def test_a_resumed_run_continues_the_same_tracking_run(store):
     from mlflow import MlflowClient
 
