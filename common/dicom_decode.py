@@ -190,7 +190,11 @@ def decode_first_frame(ds: Dataset, syntax: UID) -> np.ndarray:
         )
     try:
         arr = pixel_array(ds, index=0)
-    except Exception as err:
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as err:  # noqa: BLE001 - Rust decoders (pylibjpeg-rle) panic with a BaseException
+        if isinstance(err, GeneratorExit):
+            raise
         raise UnusableImageError(
             f"pixel data could not be decoded as {syntax.name} ({type(err).__name__}: {err})",
             "the file is probably truncated or corrupt: export it again",

@@ -462,6 +462,13 @@ class TestBrokenFiles:
         (tmp_path / "dicx.dcm").write_bytes(bytes(data))
         self._raises(tmp_path / "dicx.dcm", "not DICOM")
 
+    def test_a_decoder_panic_is_a_dicom_error(self, tmp_path: Path) -> None:
+        """pylibjpeg-rle panics (a BaseException, not an Exception) on a frame longer than its header says."""
+        ds = _dataset(np.full((512, 512), 100, np.uint16), bits_stored=16)
+        ds.compress(RLELossless)
+        ds.Rows = ds.Columns = 16
+        self._raises(_write(ds, tmp_path / "overrun.dcm"), "could not be decoded")
+
     def test_structured_report_without_pixels(self, tmp_path: Path) -> None:
         ds = _dataset(RAMP, bits_stored=12, SOPClassUID=BasicTextSRStorage, Modality="SR")
         for keyword in ("PixelData", "Rows", "Columns", "BitsAllocated", "PhotometricInterpretation"):
