@@ -23,6 +23,8 @@ This module is plain Python on purpose: the clinic and the site's own evaluation
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +34,13 @@ SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 FRONTAL_VIEWS = ("PA", "AP")
 CHEST_TERMS = ("CHEST", "THORAX", "LUNG")
 GREYSCALE = ("MONOCHROME1", "MONOCHROME2")
+OOD_SCHEMA = "fedxray.ood/1"
+OOD_METADATA_KEY = "fedxray.ood"  # the image check's cut-off and how it was set (JSON), in model.onnx and model.pt
+OOD_OUTPUT = "ood_score"  # the exported graph's second output, float32 [N] (common/ood.py)
+
+
+class OodError(ValueError):
+    """A reference, histogram, metadata or model that the image check cannot use (the message names the fix)."""
 
 
 @dataclass(frozen=True)
@@ -124,3 +133,20 @@ def check_score(score: float, cutoff: float) -> Verdict:
         return ASSESSED
     return Verdict.refuse("image", f"the image does not look like the frontal chest radiographs the model was "
                           f"trained on (out-of-distribution score {score:.3g} above the cut-off {cutoff:.3g})")
+
+
+def parse_ood_metadata(raw: Mapping[str, str]) -> dict[str, Any] | None:
+    """The parsed ``fedxray.ood`` metadata of a model, None when absent; OodError when malformed."""
+    text = raw.get(OOD_METADATA_KEY)
+    if not text:
+        return None
+    try:
+        doc = json.loads(text)
+        if doc.get("schema") != OOD_SCHEMA:
+            raise ValueError(f"schema {doc.get('schema')!r}")
+        doc["cutoff"] = float(doc["cutoff"])
+        if not (doc["cutoff"] > 0 and math.isfinite(doc["cutoff"])):
+            raise ValueError("cutoff must be a positive number")
+    except (ValueError, TypeError, KeyError, AttributeError) as err:
+        raise OodError(f"the model's {OOD_METADATA_KEY} metadata is malformed ({err}); re-export it") from err
+    return doc

@@ -45,12 +45,14 @@ import torch.nn.functional as F
 from numpy.typing import NDArray
 from torch import nn
 
+from common.intended_use import OOD_METADATA_KEY as METADATA_KEY  # noqa: F401  (re-exported)
+from common.intended_use import OOD_OUTPUT as OUTPUT
+from common.intended_use import OOD_SCHEMA as SCHEMA
+from common.intended_use import OodError as OodError
+from common.intended_use import parse_ood_metadata as parse_ood_metadata
 from common.scattering import Scattering2D
 
-SCHEMA = "fedxray.ood/1"
 REFERENCE_SCHEMA = "fedxray.gate-reference/1"
-METADATA_KEY = "fedxray.ood"  # the cut-off and how it was set (JSON), in the ONNX file and model.pt
-OUTPUT = "ood_score"  # the second output of the exported graph, float32 [N]
 EPS = 1e-4  # added before the log: order-1 coefficients of a flat image are 0
 GRID = 4  # where the structure is: a GRID x GRID map of the order-1 energy
 GROUPS = 32  # a CNN's penultimate channels are averaged in this many groups
@@ -61,33 +63,31 @@ Z98 = 2.0537  # standard normal quantile at 0.98
 SCORE_EDGES: tuple[float, ...] = (0.0, *(float(v) for v in np.geomspace(1 / 8, 64, 19)), math.inf)
 
 
-class OodError(ValueError):
-    """A reference, histogram or model that the image check cannot use (the message names the fix)."""
-
-
 # --------------------------------------------------------------------------- descriptor (torch)
 
 
 class Descriptor(nn.Module):
     """Fixed features -> unit descriptor [N, D] (module docstring). No trainable parameters."""
 
-    def __init__(self, front_end: nn.Module, order1: tuple[int, int] | None) -> None:
+    def __init__(self, front_end: nn.Module, order1: tuple[int, int] | None, size: tuple[int, int] | None = None) -> None:
         super().__init__()
         self.front_end = front_end
         self.order1 = order1  # channel range of the order-1 scattering coefficients; None: a feature vector
+        self.size = size  # the feature map's (h, w): fixed, so the exported graph has static pooling
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return describe(self.front_end(image), self.order1)
+        return describe(self.front_end(image), self.order1, self.size)
 
 
-def describe(features: torch.Tensor, order1: tuple[int, int] | None) -> torch.Tensor:
+def describe(features: torch.Tensor, order1: tuple[int, int] | None, size: tuple[int, int] | None = None) -> torch.Tensor:
     """The unit descriptor of fixed features (4-D scattering maps with ``order1``, or 2-D vectors)."""
     if order1 is not None:
         first = features[:, order1[0] : order1[1]].abs()
         profile = torch.log(first.mean(dim=(2, 3)) + EPS)
         energy = first.mean(dim=1, keepdim=True)
-        h, w = (energy.shape[2] // GRID) * GRID, (energy.shape[3] // GRID) * GRID
-        grid = F.avg_pool2d(energy[:, :, :h, :w], (h // GRID, w // GRID))
+        side_h, side_w = size if size is not None else (int(features.shape[2]), int(features.shape[3]))
+        kh, kw = max(1, side_h // GRID), max(1, side_w // GRID)
+        grid = F.avg_pool2d(energy[:, :, : kh * GRID, : kw * GRID], (kh, kw))
         where = torch.log(grid.flatten(1) + EPS)
         parts = [profile - profile.mean(dim=1, keepdim=True), where - where.mean(dim=1, keepdim=True)]
     else:
@@ -124,7 +124,7 @@ def descriptor_for(model: nn.Module) -> Descriptor:
         scattering = next((m for m in front.modules() if isinstance(m, Scattering2D)), None)
         if scattering is None:
             return Descriptor(front, None)
-        return Descriptor(front, (1, 1 + scattering.J * scattering.L))
+        return Descriptor(front, (1, 1 + scattering.J * scattering.L), scattering.out_size)
     if all(hasattr(model, a) for a in ("features", "mean", "std", "final_relu")):
         return Descriptor(Penultimate(model), None)
     raise OodError(f"{type(model).__name__} has neither a fixed front end nor a known penultimate layer: no image check")
@@ -134,7 +134,7 @@ def descriptors(descriptor: Descriptor, features: torch.Tensor | NDArray[np.floa
     """Unit descriptors [N, D] of precomputed front-end features (what a site has cached)."""
     x = torch.as_tensor(np.asarray(features), dtype=torch.float32)
     with torch.inference_mode():
-        out = [describe(x[i : i + batch], descriptor.order1) for i in range(0, x.shape[0], batch)]
+        out = [describe(x[i : i + batch], descriptor.order1, descriptor.size) for i in range(0, x.shape[0], batch)]
     return torch.cat(out).double().numpy() if out else np.zeros((0, 0))
 
 
@@ -287,20 +287,3 @@ def cutoff_from_histograms(hists: Sequence[Sequence[float]], noise_sd: float) ->
     return CutOff(cutoff=round(cutoff, 6), q98=round(q98, 6), margin=MARGIN, validation_images=round(total, 1),
                   refused_estimate=round(max(tail, 0.0) / total, 6),
                   refused_sd=round(noise_sd * math.sqrt(len(rows) * n_tail) / total, 6), noise_sd=noise_sd)
-
-
-def parse_ood_metadata(raw: Mapping[str, str]) -> dict | None:
-    """The parsed ``fedxray.ood`` metadata of a model, None when absent; OodError when malformed."""
-    text = raw.get(METADATA_KEY)
-    if not text:
-        return None
-    try:
-        doc = json.loads(text)
-        if doc.get("schema") != SCHEMA:
-            raise ValueError(f"schema {doc.get('schema')!r}")
-        doc["cutoff"] = float(doc["cutoff"])
-        if not (doc["cutoff"] > 0 and math.isfinite(doc["cutoff"])):
-            raise ValueError("cutoff must be a positive number")
-    except (ValueError, TypeError, KeyError, AttributeError) as err:
-        raise OodError(f"the model's {METADATA_KEY} metadata is malformed ({err}); re-export it") from err
-    return doc
