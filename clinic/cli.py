@@ -76,7 +76,8 @@ def predict_main(args: argparse.Namespace) -> int:
 
     out = Path(args.out) if args.out else None
     state = Path(args.state) if args.state else out
-    scorer = Scorer(args.model, heatmaps=bool(out) and not args.no_heatmap, threads=args.threads, device=args.device)
+    scorer = Scorer(args.model, heatmaps=bool(out) and not args.no_heatmap, threads=args.threads, device=args.device,
+                    gate=not args.no_gate)
     logger.info("scoring on %s", scorer.device)
     window = Window(state, scorer.identity.sha256) if state is not None else None
     observations: list[Observation] = []
@@ -94,7 +95,9 @@ def predict_main(args: argparse.Namespace) -> int:
             continue
         written: dict[str, Any] = {"sr": None, "heatmap_png": None, "heatmap_dcm": None, "heatmaps": {}}
         try:
-            scored = scorer.score(source.pixels)
+            scored = scorer.score(source.pixels, header=source.header)
+            if not scored.assessed:
+                logger.info("not assessed %s: %s", source.sop_instance_uid or source.path.name, scored.reason)
             if out is not None:
                 outputs = build_outputs(source, scored, scorer)
                 for problem in outputs.problems:
@@ -108,7 +111,8 @@ def predict_main(args: argparse.Namespace) -> int:
             _err(f"skipped {source.path}: scoring failed ({type(err).__name__}); report it with this file to the fedxray maintainers")
             skipped += 1
             continue
-        observations.append(Observation.of(scored.model_input, scored.probabilities))
+        if scored.assessed:  # the drift window watches what the model answered for
+            observations.append(Observation.of(scored.model_input, scored.probabilities))
         print(json.dumps(record(source, scored, scorer, written)) if args.json else summary_line(source, scored), flush=True)
         scored_count += 1
     if window is not None and observations:
@@ -242,6 +246,8 @@ def _parsers() -> dict[str, argparse.ArgumentParser]:
     predict.add_argument("--json", action="store_true", help="one JSON object per image on stdout")
     predict.add_argument("--no-heatmap", action="store_true", help="skip the heatmap (PNG and Secondary Capture)")
     predict.add_argument("--state", help="folder of the drift window (default: --out)")
+    predict.add_argument("--no-gate", action="store_true",
+                         help="research only: score every image, also outside the intended use (the SR says so)")
 
     serve = argparse.ArgumentParser(prog="fl-predict serve", parents=[common], description="DICOM C-ECHO / C-STORE listener")
     serve.add_argument("--port", type=int, required=True, help="TCP port to listen on (104 or 11112 are usual)")
@@ -260,6 +266,8 @@ def _parsers() -> dict[str, argparse.ArgumentParser]:
     serve.add_argument("--forward-tls-cert", help="client certificate for --forward over TLS (PEM)")
     serve.add_argument("--forward-tls-key", help="private key of --forward-tls-cert (PEM)")
     serve.add_argument("--drift-every", type=int, default=50, help="log the drift line every N images (default 50)")
+    serve.add_argument("--no-gate", action="store_true",
+                       help="research only: score every image, also outside the intended use (the SR says so)")
 
     drift = argparse.ArgumentParser(prog="fl-predict drift", parents=[common], description="input drift report")
     drift.add_argument("--out", required=True, help="where the report and plot go (and the window, unless --state)")
