@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from client.gate_stats import gate_release
 from client.ledger import (
     BudgetExceeded,
     DeltaTooLargeError,
@@ -85,6 +86,8 @@ class RoundRequest:
     proximal_mu: float = 0.0
     threshold: float = 0.5  # evaluation: the decision threshold the coordinator chose
     reference: bool = False  # evaluation: also send noised image statistics for the drift reference (last round)
+    gate_stats: bool = False  # evaluation: also send the intended-use gate's reference sums (client/gate_stats.py)
+    gate_reference: str = ""  # evaluation: the pooled gate reference (JSON); with `reference`, send the score histogram
 
 
 @dataclass
@@ -306,6 +309,9 @@ def _evaluate_round(run: RunConfig, site: SiteConfig, request: RoundRequest) -> 
         out = eval_metrics(stats, site.eval_noise, n_train=data.n_train)
         if request.reference:
             out.update(_reference_counts(site, data, ledger, f"{run_prefix}{digest[:12]}", request.server_round))
+        out.update(gate_release(site, data, ledger, model, run_name=request.run_name, run_id=f"{run_prefix}{digest[:12]}",
+                                server_round=request.server_round, stats=request.gate_stats,
+                                reference=request.gate_reference if request.reference else ""))
         replies.put(request.server_round, digest, {"weights": {}, "metrics": out})
     return out
 

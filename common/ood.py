@@ -205,20 +205,26 @@ SUMS_SENSITIVITY = math.sqrt(2.0)
 
 
 def pool_reference(parts: Iterable[Mapping[str, object]]) -> GateReference | None:
-    """The reference from the sites' :func:`noised_sums` (None when no site sent any, or too few images)."""
-    total, n = None, 0.0
+    """The reference from the sites' :func:`noised_sums` (None when no site sent any, or too few images).
+
+    Sums are exact (math.fsum), so the same replies in any order give the same reference: the
+    coordinator pools it during the run and the export rebuilds it from the run's history.
+    """
+    sums: list[NDArray[np.float64]] = []
+    counts: list[float] = []
     for part in parts:
         s, c = part.get("gate-sum"), part.get("gate-n")
         if not isinstance(s, list | tuple) or not s or not isinstance(c, int | float):
             continue
         arr = np.asarray(s, dtype=np.float64)
-        if total is not None and arr.shape != total.shape:
-            raise OodError(f"sites sent descriptors of {arr.size} and {total.size} values: they run different models")
-        total = arr if total is None else total + arr
-        n += float(c)
-    if total is None or n < 1.0:
+        if sums and arr.shape != sums[0].shape:
+            raise OodError(f"sites sent descriptors of {arr.size} and {sums[0].size} values: they run different models")
+        sums.append(arr)
+        counts.append(float(c))
+    n = math.fsum(counts)
+    if not sums or n < 1.0:
         return None
-    mean = total / n
+    mean = np.array([math.fsum(col) for col in np.stack(sums).T]) / n
     norm = float(np.linalg.norm(mean))
     if norm > 1.0:  # noise pushed the mean of unit vectors outside the unit ball: project it back
         mean /= norm
