@@ -101,6 +101,7 @@ class Scored:
     more_attributions: dict[str, NDArray[np.float32]] = field(default_factory=dict)
     assessed: bool = True  # False: outside the intended use; no probabilities, no decision, no heatmap
     reason: str = ""  # why not assessed (one line, no patient data)
+    rule: str = ""  # which rule refused it (common.intended_use.Verdict.rule)
     ood_score: float | None = None  # the image check's score (None: not computed, or no check in the model)
 
     @property
@@ -113,7 +114,7 @@ class Scored:
 
 def not_assessed(model_input: NDArray[np.float32], verdict: Verdict, ood_score: float | None = None) -> Scored:
     """The result of an image outside the intended use: no probability is kept, so none can be shown."""
-    return Scored({}, [], "", None, model_input, assessed=False, reason=verdict.reason, ood_score=ood_score)
+    return Scored({}, [], "", None, model_input, assessed=False, reason=verdict.reason, rule=verdict.rule, ood_score=ood_score)
 
 
 class Scorer:
