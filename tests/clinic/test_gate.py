@@ -177,3 +177,46 @@ def test_dcmtk_reads_the_not_assessed_sr(refusing_model, patient_dicom, tmp_path
     done = subprocess.run([DSRDUMP, "+Pl", rec["sr"]], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert "Not assessed: the image does not look like" in done.stdout and "not-assessed,99FEDXRAY" in done.stdout
+
+
+@pytest.fixture(scope="module")
+def kermany_gated(fedxray_data, tmp_path_factory) -> Path:
+    """A ScatterNet whose image check was built the federation's way (pooled sums, histogram cut-off), without
+    noise, from 300 Kermany training images: the reference the real run builds, minus the DP noise."""
+    import csv
+
+    from common.ood import cutoff_from_histograms, noised_histogram, noised_sums, pool_reference
+    from common.preprocess import load_pixels
+
+    root = fedxray_data / "kermany-pneumonia"
+    if not (root / "labels.csv").is_file():
+        pytest.skip("kermany-pneumonia not found")
+    rows = list(csv.DictReader((root / "labels.csv").open()))[::17][:300]
+    images = torch.from_numpy(np.stack([to_model_input(load_pixels(root / r["path"]), (64, 64))[0] for r in rows]))
+    model = build_model("scatternet", num_outputs=1)
+    descriptor = descriptor_for(model)
+    with torch.no_grad():
+        u = descriptor(images).double().numpy()
+    rng = np.random.default_rng(0)
+    reference = pool_reference([noised_sums(u, 0.0, rng)])
+    cut = cutoff_from_histograms([noised_histogram(reference.scores(u), 0.0, rng)], 0.0)
+    path = tmp_path_factory.mktemp("kermany") / "model.onnx"
+    export_onnx(model, path, task="binary", labels=["PNEUMONIA"], input_size=(64, 64), threshold=0.5,
+                metadata={"model": "scatternet", "rounds": "1", "sites": "[]", "epsilon": "{}",
+                          "ood": cut.to_json(reference, "test")}, ood=OodScore(descriptor, reference))
+    return path
+
+
+def test_a_kermany_reference_assesses_every_real_chest_dicom_and_refuses_the_rest(kermany_gated, dicom_dir, capsys):
+    """Adult chest radiographs (RG1, SIIM) pass a pediatric reference; the tibia, the C-spine and the LUT patterns
+    do not, and the tibia and the patterns are refused on their pixels alone (the C-spine by its 16 x 16 matrix)."""
+    assert main(["--model", str(kermany_gated), str(dicom_dir), "--json"]) == 0
+    recs = {Path(r["file"]).name: r for r in _json_lines(capsys)}
+    chest = {n for n in recs if any(k in n for k in ("RG1", "siim", "MONOHR1"))}
+    assert len(chest) == 5 and all(recs[n]["assessed"] for n in chest), {n: recs[n]["ood_score"] for n in chest}
+    assert not any(recs[n]["assessed"] for n in set(recs) - chest)
+    scorer = Scorer(kermany_gated, heatmaps=False)
+    for name in ("pydicomdata_RG3_J2KI.dcm", "pydicomdata_vlut_04.dcm", "pydicomdata_mlut_18.dcm",
+                 "pydicom_dicomdirtests_CR1_6154.dcm"):
+        scored = scorer.score(read_source(dicom_dir / name).pixels)  # no header: pixels only
+        assert not scored.assessed and scored.rule in ("image", "matrix"), (name, scored.ood_score)
