@@ -183,7 +183,10 @@ def _reference_from_folder(scorer: Scorer, folder: Path, state: Path):  # -> Ref
         except ValueError as err:
             _err(f"skipped {_one_line(str(err))}")
             continue
-        scored = scorer.score(source.pixels)
+        scored = scorer.score(source.pixels, header=source.header)
+        if not scored.assessed:  # a trusted folder may still hold an image outside the intended use
+            _err(f"left out of the reference {source.path}: not assessed ({scored.reason})")
+            continue
         observations.append(Observation.of(scored.model_input, scored.probabilities))
     if not observations:
         _err(f"no readable image in {folder}: the reference needs images the hospital trusts")

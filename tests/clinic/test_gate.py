@@ -220,3 +220,12 @@ def test_a_kermany_reference_assesses_every_real_chest_dicom_and_refuses_the_res
                  "pydicom_dicomdirtests_CR1_6154.dcm"):
         scored = scorer.score(read_source(dicom_dir / name).pixels)  # no header: pixels only
         assert not scored.assessed and scored.rule in ("image", "matrix"), (name, scored.ood_score)
+
+
+def test_the_drift_window_keeps_its_score_histogram_when_a_refused_image_comes_first():
+    """serve adds every answered image to the drift window; a refused one has no scores."""
+    from clinic.drift import Observation, histograms_of
+
+    image = to_model_input(chest(), (64, 64))
+    window = histograms_of([Observation.of(image, {}), Observation.of(image, {"opacity": 0.7})])
+    assert window.statistics["score:opacity"].total == 1
