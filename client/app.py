@@ -46,6 +46,7 @@ def _request(msg: Message, context: Context):
         run_name=run_name, proximal_mu=float(config.get("proximal-mu", 0.0)),
         threshold=float(config.get("threshold", 0.5)), reference=bool(config.get("reference-stats", False)),
         flower_run_id=int(context.run_id),  # the SuperLink's id of the launched run: fixed for all its messages
+        gate_stats=bool(config.get("gate-stats", False)), gate_reference=str(config.get("gate-reference", "")),
     )
     return run, site, request
 

@@ -18,7 +18,8 @@ import numpy as np
 
 from common import metrics
 from common.dataset import encode_targets, scan_site
-from common.onnx_export import load_onnx_model
+from common.intended_use import check_header, check_score, facts_from_meta
+from common.onnx_export import OnnxClassifier, load_onnx_model
 
 
 class EvaluationError(ValueError):
@@ -26,8 +27,12 @@ class EvaluationError(ValueError):
 
 
 def evaluate_model(model_path: str | Path, data_dir: str | Path, *, salt: bytes | str, out_dir: str | Path | None = None,
-                   bootstrap: int = 1000, progress: bool = False, positive: str | None = None) -> dict[str, Any]:
+                   bootstrap: int = 1000, progress: bool = False, positive: str | None = None,
+                   gate: bool = True) -> dict[str, Any]:
     """AUC (95% bootstrap CI), sensitivity, specificity at the model's threshold, confusion, ROC plot.
+
+    Behind the intended-use gate (common/intended_use.py), as in the clinic: images it refuses are
+    left out of the figures and counted by reason under ``gate`` (``gate=False``: all are scored).
 
     ``positive`` names the site's own class that is the model's positive finding (binary models),
     when the site labels it otherwise ("PNEUMONIA" for a model trained on "opacity"). An evaluation
@@ -60,6 +65,15 @@ def evaluate_model(model_path: str | Path, data_dir: str | Path, *, salt: bytes 
                 f"both classes.{hint}"
             )
     images = np.stack([index.records[int(i)].pixels for i in targets.keep]).astype(np.float32) / 255.0
+    kept, gate_report = _gate(model, images, [index.records[int(i)].meta for i in targets.keep], on=gate)
+    if gate_report["refused"]:
+        images, targets = images[kept], _subset(targets, kept)
+        if len(images) == 0:
+            raise EvaluationError(f"the intended-use gate refused all {gate_report['refused']} image(s) "
+                                  f"({gate_report['reasons']}): none is a frontal chest radiograph this model may score")
+        if task == "binary" and len(np.unique(targets.y[:, 0])) < 2:
+            raise EvaluationError(f"after the intended-use gate refused {gate_report['refused']} image(s) "
+                                  f"({gate_report['reasons']}) only one class is left: an AUC needs both")
     probs = model.predict(images[:, None])
     threshold = float(model.meta.get("threshold", 0.5))
     report: dict[str, Any] = {
@@ -67,6 +81,7 @@ def evaluate_model(model_path: str | Path, data_dir: str | Path, *, salt: bytes 
         "positive_class": site_labels[0] if task == "binary" else None,
         "images": int(len(images)), "skipped_files": len(index.skipped),
         "skipped_reasons": dict(Counter(s.reason for s in index.skipped).most_common()), "left_out": targets.dropped,
+        "gate": gate_report,
     }
     if task == "binary":
         y = targets.y[:, 0]
@@ -83,6 +98,33 @@ def evaluate_model(model_path: str | Path, data_dir: str | Path, *, salt: bytes 
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         (Path(out_dir) / "evaluation.json").write_text(json.dumps(json_safe(report), indent=2))
     return report
+
+
+def _gate(model: OnnxClassifier, images: np.ndarray, metas: list[dict[str, Any]], *,
+          on: bool) -> tuple[np.ndarray, dict[str, Any]]:
+    """(mask of the images the gate lets through, {"mode", "refused", "reasons": {rule: count}})."""
+    ood = model.ood if on else None
+    mode = "off" if not on else "on" if ood is not None else "header-only"
+    keep = np.ones(len(images), dtype=bool)
+    reasons: Counter[str] = Counter()
+    if on:
+        min_side = min(model.input_size)
+        scores = model.ood_scores(images[:, None]) if ood is not None else None
+        for i, meta in enumerate(metas):
+            verdict = check_header(facts_from_meta(meta), min_side=min_side)
+            if verdict.assessed and scores is not None:
+                verdict = check_score(float(scores[i]), float(ood["cutoff"]))
+            if not verdict.assessed:
+                keep[i] = False
+                reasons[verdict.rule] += 1
+    return keep, {"mode": mode, "refused": int((~keep).sum()), "reasons": dict(reasons.most_common())}
+
+
+def _subset(targets: Any, keep: np.ndarray) -> Any:
+    """``targets`` restricted to the images the gate let through (``y`` and ``keep`` alike)."""
+    from dataclasses import replace
+
+    return replace(targets, y=targets.y[keep], keep=[k for k, ok in zip(targets.keep, keep, strict=True) if ok])
 
 
 def json_safe(obj: Any) -> Any:
@@ -125,6 +167,13 @@ def render_report(report: dict[str, Any]) -> str:
         lines.append(f"  skipped {n}: {reason}")
     for reason, n in report.get("left_out", {}).items():
         lines.append(f"  left out {n}: {reason}")
+    gate = report.get("gate") or {}
+    if gate.get("refused"):
+        by = ", ".join(f"{rule} {n}" for rule, n in gate["reasons"].items())
+        lines.append(f"  not assessed {gate['refused']}: outside the intended use ({by})")
+    if gate.get("mode") in ("off", "header-only"):
+        lines.append("  intended-use gate off" if gate["mode"] == "off" else
+                     "  intended-use gate: header rules only (the model has no image check)")
     if report.get("positive_class") and report["positive_class"] != report["labels"][0]:
         lines.append(f"the site's class '{report['positive_class']}' scored as the model's '{report['labels'][0]}'")
     if "auc" in report:

@@ -49,6 +49,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from client.drift_release import drift_release
+from client.gate_stats import gate_release
 from client.ledger import (
     BudgetExceeded,
     DeltaTooLargeError,
@@ -63,7 +65,6 @@ from client.sampling import SamplingRefused, loader_batch, planned_rate
 from client.site import resolve_device, weights_digest
 from client.train import EvalStats, TrainSettings, evaluate, train_one_round
 from common import metrics as metrics_lib
-from common import reference
 from common.audit import audit_path, try_record
 from common.config import RunConfig
 from common.loaders import SiteData, load_site
@@ -97,6 +98,8 @@ class RoundRequest:
     threshold: float = 0.5  # evaluation: the decision threshold the coordinator chose
     reference: bool = False  # evaluation: also send noised image statistics for the drift reference (last round)
     flower_run_id: int | None = None  # the launched (Flower) run the message came in: the site pins each run to one
+    gate_stats: bool = False  # evaluation: also send the intended-use gate's reference sums (client/gate_stats.py)
+    gate_reference: str = ""  # evaluation: the pooled gate reference (JSON); with `reference`, send the score histogram
 
 
 @dataclass
@@ -354,26 +357,12 @@ def _evaluate_round(run: RunConfig, site: SiteConfig, request: RoundRequest) -> 
             stats = evaluate(model, data.val_dataset(), task=run.task, threshold=request.threshold, device=device)
         out = eval_metrics(stats, site.eval_noise)
         if request.reference:
-            out.update(_reference_counts(site, data, ledger, run_id, request.server_round))
+            out.update(drift_release(site, data, ledger, run_id, request.server_round))
+        out.update(gate_release(site, data, ledger, model, run_name=request.run_name, run_id=run_id,
+                                server_round=request.server_round, stats=request.gate_stats,
+                                reference=request.gate_reference if request.reference else ""))
         replies.put(request.server_round, digest, {"weights": {}, "metrics": out})
     return out
-
-
-def _reference_counts(site: SiteConfig, data: SiteData, ledger: PrivacyLedger, run_id: str,
-                      server_round: int) -> dict[str, list[float]]:
-    """Noised statistics of the validation images for the drift reference, charged like an evaluation."""
-    noise = site.eval_noise / reference.IMAGE_COUNTS_SENSITIVITY
-    try:
-        ledger.reserve(run_id=run_id + "-reference", round=server_round,
-                       fingerprint=dataset_fingerprint(data.val_hashes()), noise_multiplier=noise, sample_rate=1.0,
-                       steps=1, max_grad_norm=1.0, n_train=max(1, data.n_val), delta=site.delta,
-                       patients=data.patients("val"), kind="reference")
-    except BudgetExceeded:
-        log.warning("no drift reference statistics this run: they would pass max-epsilon")
-        return {}
-    images = (data.images[data.split.val].astype(np.float32) / 255.0)
-    counts = reference.noised_image_counts(images, site.eval_noise, np.random.default_rng(secrets.randbits(128)))
-    return {f"ref-{name}": values for name, values in counts.items()}
 
 
 def eval_metrics(stats: EvalStats, eval_noise: float) -> dict[str, Any]:

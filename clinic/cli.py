@@ -77,7 +77,8 @@ def predict_main(args: argparse.Namespace) -> int:
 
     out = Path(args.out) if args.out else None
     state = Path(args.state) if args.state else out
-    scorer = Scorer(args.model, heatmaps=bool(out) and not args.no_heatmap, threads=args.threads, device=args.device)
+    scorer = Scorer(args.model, heatmaps=bool(out) and not args.no_heatmap, threads=args.threads, device=args.device,
+                    gate=not args.no_gate)
     logger.info("scoring on %s", scorer.device)
     window = Window(state, scorer.identity.sha256) if state is not None else None
     observations: list[Observation] = []
@@ -96,7 +97,9 @@ def predict_main(args: argparse.Namespace) -> int:
             continue
         written: dict[str, Any] = {"sr": None, "heatmap_png": None, "heatmap_dcm": None, "heatmaps": {}}
         try:
-            scored = scorer.score(source.pixels)
+            scored = scorer.score(source.pixels, header=source.header)
+            if not scored.assessed:
+                logger.info("not assessed %s: %s", source.sop_instance_uid or source.path.name, scored.reason)
             if out is not None:
                 outputs = build_outputs(source, scored, scorer)
                 for problem in outputs.problems:
@@ -114,7 +117,8 @@ def predict_main(args: argparse.Namespace) -> int:
             _err(f"skipped {source.path}: scoring failed ({type(err).__name__}); report it with this file to the fedxray maintainers")
             skipped += 1
             continue
-        observations.append(Observation.of(scored.model_input, scored.probabilities))
+        if scored.assessed:  # the drift window watches what the model answered for
+            observations.append(Observation.of(scored.model_input, scored.probabilities))
         print(json.dumps(record(source, scored, scorer, written)) if args.json else summary_line(source, scored), flush=True)
         scored_count += 1
     if window is not None and observations:
@@ -185,7 +189,10 @@ def _reference_from_folder(scorer: Scorer, folder: Path, state: Path):  # -> Ref
         except ValueError as err:
             _err(f"skipped {_one_line(str(err))}")
             continue
-        scored = scorer.score(source.pixels)
+        scored = scorer.score(source.pixels, header=source.header)
+        if not scored.assessed:  # a trusted folder may still hold an image outside the intended use
+            _err(f"left out of the reference {source.path}: not assessed ({scored.reason})")
+            continue
         observations.append(Observation.of(scored.model_input, scored.probabilities))
     if not observations:
         _err(f"no readable image in {folder}: the reference needs images the hospital trusts")
@@ -249,6 +256,8 @@ def _parsers() -> dict[str, argparse.ArgumentParser]:
     predict.add_argument("--json", action="store_true", help="one JSON object per image on stdout")
     predict.add_argument("--no-heatmap", action="store_true", help="skip the heatmap (PNG and Secondary Capture)")
     predict.add_argument("--state", help="folder of the drift window (default: --out)")
+    predict.add_argument("--no-gate", action="store_true",
+                         help="research only: score every image, also outside the intended use (the SR says so)")
 
     serve = argparse.ArgumentParser(prog="fl-predict serve", parents=[common], description="DICOM C-ECHO / C-STORE listener",
                                     epilog="Limits, TLS and the PACS checklist: docs/clinic.md")
@@ -282,6 +291,8 @@ def _parsers() -> dict[str, argparse.ArgumentParser]:
     serve.add_argument("--forward-tls-cert", help="client certificate for --forward over TLS (PEM)")
     serve.add_argument("--forward-tls-key", help="private key of --forward-tls-cert (PEM)")
     serve.add_argument("--drift-every", type=int, default=50, help="log the drift line every N images (default 50)")
+    serve.add_argument("--no-gate", action="store_true",
+                       help="research only: score every image, also outside the intended use (the SR says so)")
 
     drift = argparse.ArgumentParser(prog="fl-predict drift", parents=[common], description="input drift report")
     drift.add_argument("--out", required=True, help="where the report and plot go (and the window, unless --state)")

@@ -218,7 +218,8 @@ def histograms_of(observations: list[Observation], source: str = "") -> Referenc
     if observations:
         intensity = add_counts({"intensity": o.intensity} for o in observations)["intensity"]
         stats["intensity"] = Histogram(edges("intensity"), [float(c) for c in intensity])
-        names = [*PER_IMAGE, *sorted(k for k in observations[0].values if k.startswith(SCORE_PREFIX))]
+        # every observation's score names: an image the intended-use gate refused has no scores
+        names = [*PER_IMAGE, *sorted({k for o in observations for k in o.values if k.startswith(SCORE_PREFIX)})]
         for name in names:
             counts = bin_counts(name, [o.values[name] for o in observations if name in o.values])
             stats[name] = Histogram(edges(name), [float(c) for c in counts])

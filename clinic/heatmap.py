@@ -38,6 +38,7 @@ from onnx import numpy_helper
 from PIL import Image, ImageDraw, ImageFont
 
 from common.images import resize_image
+from common.intended_use import OOD_OUTPUT
 from common.onnx_export import INPUT_NAME, OUTPUT_NAME
 
 logger = logging.getLogger(__name__)
@@ -87,6 +88,7 @@ class Explainer:
             proto.graph.output.append(onnx.helper.make_tensor_value_info(self.head.tensor, onnx.TensorProto.FLOAT, None))
             model_bytes = proto.SerializeToString()
         self.session = ort.InferenceSession(model_bytes, sess_options=options, providers=providers or ["CPUExecutionProvider"])
+        self.ood_output = OOD_OUTPUT in [o.name for o in self.session.get_outputs()]  # the intended-use image check
         if self.head is not None:
             error = self._check_decomposition()
             if error <= _CHECK_TOLERANCE:
@@ -97,12 +99,23 @@ class Explainer:
 
     def run(self, images: NDArray[np.float32]) -> tuple[NDArray[np.float32], NDArray[np.float32] | None]:
         """(probabilities [N, C], maps [N, C, h, w] or None with occlusion) for model inputs [N, 1, H, W]."""
+        probs, maps, _ = self._run(images, ood=False)
+        return probs, maps
+
+    def run_with_ood(self, images: NDArray[np.float32]) -> tuple[NDArray[np.float32], NDArray[np.float32] | None,
+                                                                   NDArray[np.float32] | None]:
+        """As :meth:`run`, plus the image check's scores [N] from the same pass (None for a model without the check)."""
+        return self._run(images, ood=self.ood_output)
+
+    def _run(self, images: NDArray[np.float32], *, ood: bool) -> tuple[NDArray[np.float32], NDArray[np.float32] | None,
+                                                                      NDArray[np.float32] | None]:
         names = [OUTPUT_NAME] if self.method != "linear-head" else [OUTPUT_NAME, self.head.tensor]  # type: ignore[union-attr]
-        out = self.session.run(names, {INPUT_NAME: images})
+        out = self.session.run([*names, OOD_OUTPUT] if ood else names, {INPUT_NAME: images})
         probs = np.asarray(out[0], dtype=np.float32)
+        scores = np.asarray(out[-1], dtype=np.float32) if ood else None
         if self.method != "linear-head":
-            return probs, None
-        return probs, self._maps(np.asarray(out[1], dtype=np.float32))
+            return probs, None, scores
+        return probs, self._maps(np.asarray(out[1], dtype=np.float32)), scores
 
     def explain(self, image: NDArray[np.float32], label_index: int) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
         """(probabilities [C], map [h, w] in logit units for ``label_index``) of one input [1, 1, H, W]."""

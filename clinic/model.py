@@ -19,10 +19,12 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
+from pydicom.dataset import Dataset
 
 from clinic.heatmap import Explainer
 from clinic.torchscript import TorchScriptExplainer, open_model
 from common.devices import describe_providers, onnx_providers
+from common.intended_use import ASSESSED, Verdict, check_header, check_matrix, check_score, facts_from_dataset
 from common.onnx_export import OnnxClassifier
 from common.preprocess import to_model_input
 from common.torchscript_export import TorchScriptClassifier
@@ -97,6 +99,22 @@ class Scored:
     model_input: NDArray[np.float32]  # [1, 1, H, W]: what the model saw (drift statistics use it)
     # multilabel: maps for the other findings called positive, most likely first (MAX_HEATMAPS in all)
     more_attributions: dict[str, NDArray[np.float32]] = field(default_factory=dict)
+    assessed: bool = True  # False: outside the intended use; no probabilities, no decision, no heatmap
+    reason: str = ""  # why not assessed (one line, no patient data)
+    rule: str = ""  # which rule refused it (common.intended_use.Verdict.rule)
+    ood_score: float | None = None  # the image check's score (None: not computed, or no check in the model)
+
+    @property
+    def verdict(self) -> str:
+        """The result in a few words, for one log or output line."""
+        if not self.assessed:
+            return f"not assessed ({self.reason})"
+        return "positive " + "+".join(self.positive) if self.positive else "negative"
+
+
+def not_assessed(model_input: NDArray[np.float32], verdict: Verdict, ood_score: float | None = None) -> Scored:
+    """The result of an image outside the intended use: no probability is kept, so none can be shown."""
+    return Scored({}, [], "", None, model_input, assessed=False, reason=verdict.reason, rule=verdict.rule, ood_score=ood_score)
 
 
 class Scorer:
@@ -107,7 +125,7 @@ class Scorer:
     """
 
     def __init__(self, path: str | os.PathLike[str], *, heatmaps: bool = True, threads: int | None = None,
-                 device: str = "cpu") -> None:
+                 device: str = "cpu", gate: bool = True) -> None:
         self.path = Path(path)
         # model.onnx (fp32 or int8) or its TorchScript twin model.pt (clinic/torchscript.py): same metadata, same interface.
         self.classifier: OnnxClassifier | TorchScriptClassifier = open_model(self.path, threads=threads, device=device)
@@ -135,6 +153,33 @@ class Scorer:
             self.explainer = Explainer(data, self.identity.task, threads=threads, attribution=heatmaps,
                                        providers=onnx_providers(device))
         self.heatmaps = heatmaps
+        self.gate = gate
+        self.ood = self.classifier.ood  # the image check's cut-off (common/ood.py); None: a model exported without it
+        if not gate:
+            logger.warning("intended-use gate off (--no-gate): every image is scored, also outside the intended use (research only)")
+        elif self.ood is None:
+            logger.warning("%s has no intended-use image check (exported before it existed: no %s output); "
+                           "only the header rules apply", self.path.name, "ood_score")
+
+    @property
+    def gate_mode(self) -> str:
+        """How images were checked: "on" (header rules and image check), "header-only" (a model without the check), "off"."""
+        return "off" if not self.gate else "on" if self.ood is not None else "header-only"
+
+    def check_header(self, header: Dataset | None, shape: tuple[int, ...]) -> Verdict:
+        """The header rules (common/intended_use.py) and the matrix of the pixels themselves; ASSESSED with the gate off."""
+        if not self.gate:
+            return ASSESSED
+        min_side = min(self.input_size)
+        verdict = check_header(facts_from_dataset(header), min_side=min_side) if header is not None else ASSESSED
+        return verdict if not verdict.assessed else check_matrix((int(shape[0]), int(shape[1])), min_side=min_side)
+
+    def regate(self, scored: Scored, header: Dataset | None) -> Scored:
+        """``scored`` made not assessed when the header rules refuse ``header`` (a caller that scored pixels only)."""
+        if not scored.assessed or header is None:
+            return scored
+        verdict = self.check_header(header, scored.model_input.shape[-2:])
+        return scored if verdict.assessed else not_assessed(scored.model_input, verdict, scored.ood_score)
 
     @property
     def input_size(self) -> tuple[int, int]:
@@ -150,11 +195,25 @@ class Scorer:
     def heatmap_method(self) -> str | None:
         return self.explainer.method if self.heatmaps else None
 
-    def score(self, pixels: NDArray[np.float32]) -> Scored:
-        """Score one display image [H, W] in [0, 1] at native size (resized here, contract 3)."""
+    def score(self, pixels: NDArray[np.float32], *, header: Dataset | None = None) -> Scored:
+        """Score one display image [H, W] in [0, 1] at native size (resized here, contract 3), behind the gate.
+
+        ``header`` (the DICOM header, no pixel data) feeds the header rules; without it only the
+        image check and the matrix rule apply. An image outside the intended use is not scored.
+        """
         image = to_model_input(pixels, self.input_size)
+        verdict = self.check_header(header, np.shape(pixels))
+        if not verdict.assessed:
+            logger.debug("not assessed (%s)", verdict.rule)
+            return not_assessed(image, verdict)
         ident = self.identity
-        batch_probs, maps = self.explainer.run(image)
+        batch_probs, maps, ood = self.explainer.run_with_ood(image)
+        ood_score = float(ood[0]) if ood is not None else None
+        if self.gate and self.ood is not None:
+            verdict = check_score(float("nan") if ood_score is None else ood_score, float(self.ood["cutoff"]))
+            if not verdict.assessed:
+                logger.debug("not assessed (%s)", verdict.rule)
+                return not_assessed(image, verdict, ood_score)
         probs = batch_probs[0]
         explained = self._explained_label(probs)
         probabilities = {label: float(p) for label, p in zip(ident.labels, probs)}
@@ -169,7 +228,7 @@ class Scorer:
             if ident.task == "multilabel":  # a reader wants the evidence for every finding called, not only the top one
                 others = sorted((label for label in positive if label != explained), key=lambda k: -probabilities[k])
                 more = {label: explain(label) for label in others[: MAX_HEATMAPS - 1]}
-        return Scored(probabilities, positive, explained, attribution, image, more)
+        return Scored(probabilities, positive, explained, attribution, image, more, ood_score=ood_score)
 
     def decide(self, probabilities: dict[str, float]) -> list[str]:
         """Labels called positive: ``p >= threshold`` of that label (as common.metrics); multiclass: the argmax."""

@@ -47,6 +47,7 @@ class Outputs:
     label: str = ""  # the finding of ``overlay``
     more_overlays: dict[str, NDArray[np.uint8]] = field(default_factory=dict)  # other findings' maps (multilabel)
     more_captures: dict[str, Dataset] = field(default_factory=dict)
+    scored: Scored | None = None  # the result the outputs state (gated: not assessed when the header rules refuse it)
 
     def datasets(self) -> list[Dataset]:
         """The DICOM objects to send to a PACS: SR first, then the heatmaps."""
@@ -54,9 +55,14 @@ class Outputs:
 
 
 def build_outputs(source: Source, scored: Scored, scorer: Scorer, *, dicom: bool = True) -> Outputs:
-    """Build the outputs of one image. ``dicom=False`` skips the SR and Secondary Capture."""
-    out = Outputs(key=source.key)
-    if scored.attribution is not None:
+    """Build the outputs of one image. ``dicom=False`` skips the SR and Secondary Capture.
+
+    The header rules of the intended-use gate apply here too (a caller may have scored the pixels
+    only): an image outside the intended use gets an SR that says so, and no heatmap.
+    """
+    scored = scorer.regate(scored, source.header)
+    out = Outputs(key=source.key, scored=scored)
+    if scored.assessed and scored.attribution is not None:
         out.label = scored.explained_label
         out.overlay = overlay(source.pixels, scored.attribution, _caption(scorer, scored, scored.explained_label))
         out.more_overlays = {label: overlay(source.pixels, attribution, _caption(scorer, scored, label))
@@ -88,7 +94,8 @@ def _build_dicom(out: Outputs, source: Source, scored: Scored, scorer: Scorer) -
     assert source.header is not None
     header = conformant_header(source.header)
     try:
-        out.sr = build_sr(header, scored, scorer.identity, heatmap_method=scorer.heatmap_method)
+        out.sr = build_sr(header, scored, scorer.identity, heatmap_method=scorer.heatmap_method if scored.assessed else None,
+                          gate=scorer.gate_mode)
     except ReportError as err:
         out.problems.append(str(err))
     except Exception as err:  # highdicom rejects an attribute of the source: the score stands, the SR is skipped

@@ -117,13 +117,21 @@ def read_header(path: str | os.PathLike[str]) -> Dataset:
 
 
 def record(source: Source, scored: Scored, scorer: Scorer, outputs: dict[str, str | None]) -> dict[str, Any]:
-    """The JSON line for one image (contract 7 keys first). No patient identifiers."""
+    """The JSON line for one image (contract 7 keys first). No patient identifiers.
+
+    ``assessed`` false (outside the intended use): ``probabilities`` and ``positive`` are empty and
+    ``reason`` says why; ``gate`` is how images were checked ("on", "header-only", "off").
+    """
     ident = scorer.identity
     return {
         "file": str(source.path),
         "sop_instance_uid": source.sop_instance_uid,
         "probabilities": {label: round(p, 6) for label, p in scored.probabilities.items()},
         "positive": list(scored.positive),
+        "assessed": scored.assessed,
+        "reason": scored.reason or None,
+        "ood_score": None if scored.ood_score is None else round(scored.ood_score, 4),
+        "gate": scorer.gate_mode,
         "threshold": ident.threshold,
         "thresholds": ident.label_thresholds,
         "model": ident.name,
@@ -134,7 +142,9 @@ def record(source: Source, scored: Scored, scorer: Scorer, outputs: dict[str, st
 
 
 def summary_line(source: Source, scored: Scored) -> str:
-    """Human-readable one-liner: where, which label(s) positive, the probabilities."""
+    """Human-readable one-liner: where, which label(s) positive, the probabilities (or why not assessed)."""
+    if not scored.assessed:
+        return f"{source.path}: NOT ASSESSED: {scored.reason}"
     probs = ", ".join(f"{label} {p:.3f}" for label, p in scored.probabilities.items())
     verdict = "POSITIVE " + "+".join(scored.positive) if scored.positive else "negative"
     return f"{source.path}: {verdict} ({probs})"

@@ -21,6 +21,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
 from clinic.model import ModelIdentity
+from clinic.sr import strip_free_text
 
 SC_SERIES_NUMBER = 9902
 _ORIENTATION_DEFAULT = ("L", "F")  # PA chest: rows run to the patient's left, columns to the feet
@@ -62,6 +63,11 @@ def build_secondary_capture(source: Dataset, rgb: NDArray[np.uint8], model: Mode
     reference.ReferencedSOPInstanceUID = source.SOPInstanceUID
     sc.SourceImageSequence = [reference]
     sc.ReferencedImageSequence = [_copy(reference)]
+    # General Series Laterality is type 2C (paired body parts); validators ask for it on a Secondary Capture:
+    # the source's own value (L or R) when it has one, else present and empty (unknown), as type 2 allows.
+    side = str(source.get("Laterality") or source.get("ImageLaterality") or "").strip().upper()
+    sc.Laterality = side if side in ("L", "R") else ""
+    strip_free_text(sc, source)  # the same patient identification as the SR, and no free text about the patient
     return sc
 
 

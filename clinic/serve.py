@@ -296,7 +296,7 @@ class Listener:
         source = job.source or read_source(job.spool)
         if is_valid_uid(source.sop_instance_uid):
             job.sop_instance_uid = str(source.sop_instance_uid)
-        scored = self.scorer.score(source.pixels)
+        scored = self.scorer.score(source.pixels, header=source.header)
         outputs = build_outputs(source, scored, self.scorer)
         for problem in outputs.problems:
             logger.warning("%s: %s", job.sop_instance_uid, loggable(problem, 300))
@@ -309,12 +309,11 @@ class Listener:
         write_outputs(outputs, self.out)
         sent = self._send(outputs.datasets(), job.sop_instance_uid) if self.forward is not None and outputs.datasets() else False
         probs = ", ".join(f"{label} {p:.3f}" for label, p in scored.probabilities.items())
-        verdict = "positive " + "+".join(scored.positive) if scored.positive else "negative"
         where = f"sent to {self.forward}" if sent else "written" if self.forward is None else "written, NOT sent"
         what = "SR + heatmap" if outputs.secondary_capture is not None else "SR" if outputs.sr is not None else "no SR"
-        logger.info("scored %s: %s (%s); %s %s", job.sop_instance_uid, verdict, probs, what, where)
+        logger.info("scored %s: %s (%s); %s %s", job.sop_instance_uid, loggable(scored.verdict, 300), probs, what, where)
         self.scored += 1
-        if self.window is not None:
+        if self.window is not None and scored.assessed:  # the drift window watches what the model answered for
             size = self.window.add([Observation.of(scored.model_input, scored.probabilities)])
             if self.reference is not None and self.scored % self.drift_every == 0:
                 logger.info("%s (window %d)", log_line(compare(self.window.histograms(), self.reference)), size)

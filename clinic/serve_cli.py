@@ -93,7 +93,8 @@ def serve_main(args: argparse.Namespace) -> int:
         out = temporary
         logger.warning("no --out: results are only forwarded (kept in %s until exit); the drift window is not kept", out)
     state = Path(args.state) if args.state else (None if temporary else out)
-    scorer = Scorer(args.model, heatmaps=not args.no_heatmap, threads=args.threads, device=args.device)
+    scorer = Scorer(args.model, heatmaps=not args.no_heatmap, threads=args.threads, device=args.device,
+                    gate=not args.no_gate)
     listener = Listener(scorer, ae_title=args.ae_title, out=out, state=state, forward=forward, heatmaps=not args.no_heatmap,
                         calling_aets=calling, server_tls=tls_in, forward_tls=tls_out, drift_every=args.drift_every, limits=limits)
     stop = threading.Event()

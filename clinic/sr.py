@@ -39,6 +39,11 @@ DECISION_SUPPORT = (
     "images by a qualified reader."
 )
 PROCEDURE = hd.sr.CodedConcept("399208008", "SCT", "Plain chest X-ray")
+NOT_ASSESSED = hd.sr.CodedConcept("not-assessed", LOCAL_SCHEME, "Not assessed: outside the intended use")
+GATE_OFF = ("The intended-use check was switched off (--no-gate, research use): this image was scored whether or not "
+            "it is a frontal chest radiograph.")
+GATE_HEADER_ONLY = ("This model has no image check (it was exported before the check existed): only the DICOM header "
+                    "was checked against the intended use.")
 UNIT_NONE = hd.sr.CodedConcept("1", "UCUM", "no units")
 
 # Labels with a standard code; the key is the label lower-cased with spaces/underscores as "-".
@@ -75,13 +80,35 @@ _TYPE2_COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "
                  "ReferringPhysicianName", "StudyID", "AccessionNumber")
 
 
+# Free text about the patient that a result does not need: never copied into the SR or the heatmap.
+FREE_TEXT = ("PatientComments", "MedicalAlerts", "AdditionalPatientHistory", "Occupation", "Allergies",
+             "PatientState", "PregnancyStatus", "SmokingStatus", "ReasonForStudy", "RequestedProcedureComments")
+
+
 def conformant_header(source: Dataset) -> Dataset:
-    """A copy of ``source`` with the type 2 attributes highdicom copies present (empty when missing)."""
+    """A copy of ``source`` fit to copy from: the type 2 attributes highdicom copies present (empty when
+    missing), free-text patient fields gone, and optional values that break their VR dropped (a malformed
+    value copied from the source would make the result fail validation)."""
     header = source.copy()
     for keyword in _TYPE2_COPIED:
         if keyword not in header:
             setattr(header, keyword, "")
+    for keyword in FREE_TEXT:
+        if keyword in header:
+            delattr(header, keyword)
+    age = str(header.get("PatientAge", "") or "")
+    if "PatientAge" in header and not (len(age) == 4 and age[:3].isdigit() and age[3] in "DWMY"):
+        del header.PatientAge  # type 3; "62" (no unit) is not an Age String
     return header
+
+
+def strip_free_text(result: Dataset, source: Dataset) -> None:
+    """In place: no free-text patient field in ``result``; Issuer of Patient ID as in ``source`` (SR and heatmap alike)."""
+    for keyword in FREE_TEXT:
+        if keyword in result:
+            delattr(result, keyword)
+    if source.get("IssuerOfPatientID"):
+        result.IssuerOfPatientID = source.IssuerOfPatientID
 
 
 def check_source(source: Dataset) -> None:
@@ -91,11 +118,14 @@ def check_source(source: Dataset) -> None:
         raise ReportError(f"no SR: the image lacks {', '.join(missing)}; an SR must reference its study, series and instance")
 
 
-def build_sr(source: Dataset, scored: Scored, model: ModelIdentity, *, heatmap_method: str | None) -> hd.sr.ComprehensiveSR:
+def build_sr(source: Dataset, scored: Scored, model: ModelIdentity, *, heatmap_method: str | None,
+             gate: str = "on") -> hd.sr.ComprehensiveSR:
     """A Comprehensive SR for ``scored`` on ``source`` (the image's header; pixel data not needed).
 
     UIDs derive from the source instance and the model file, so scoring the same image with the
     same model again gives the same SR (a PACS stores it once) and another model a new one.
+    An image outside the intended use (``scored.assessed`` false) gets an SR that says so and why,
+    with no finding; ``gate`` ("on", "header-only", "off") is stated when the check was partial or off.
     """
     check_source(source)
     device = hd.sr.DeviceObserverIdentifyingAttributes(
@@ -107,7 +137,7 @@ def build_sr(source: Dataset, scored: Scored, model: ModelIdentity, *, heatmap_m
     algorithm = hd.sr.AlgorithmIdentification(
         name=f"fedxray {model.name}", version=model.version, parameters=model.parameters(), manufacturer="fedxray"
     )
-    groups = []
+    groups = [] if scored.assessed else [_not_assessed_group(source, model, algorithm)]
     thresholds = model.label_thresholds
     for label, probability in scored.probabilities.items():
         finding = finding_code(label)
@@ -141,14 +171,15 @@ def build_sr(source: Dataset, scored: Scored, model: ModelIdentity, *, heatmap_m
         # source image itself, so the report goes without it.
         logger.debug("SR without Image Library: %s", err)
         report = hd.sr.MeasurementReport(observation_context=context, procedure_reported=PROCEDURE, imaging_measurements=groups)
-    statement = DECISION_SUPPORT
-    if heatmap_method is not None:
+    statement = DECISION_SUPPORT if scored.assessed else not_assessed_text(scored, model)
+    if scored.assessed and heatmap_method is not None:
         statement += (
             f" A heatmap (Secondary Capture, series 'fedxray heatmap') shows where the model found evidence for "
             f"{scored.explained_label} ({heatmap_method})."
         )
         if scored.more_attributions:
             statement += f" Further heatmaps in that series: {', '.join(scored.more_attributions)}."
+    statement += {"off": " " + GATE_OFF, "header-only": " " + GATE_HEADER_ONLY}.get(gate, "")
     report[0].ContentSequence.append(
         hd.sr.TextContentItem(name=codes.DCM.Comment, value=statement, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
     )
@@ -164,7 +195,26 @@ def build_sr(source: Dataset, scored: Scored, model: ModelIdentity, *, heatmap_m
         is_final=False,
         is_verified=False,
     )
-    sr.SeriesDescription = "fedxray AI decision support"
+    sr.SeriesDescription = "fedxray AI decision support" if scored.assessed else "fedxray AI: not assessed"
     sr.ManufacturerModelName = f"fedxray {model.name}"[:64]
     sr.SoftwareVersions = model.version[:64]
+    strip_free_text(sr, source)
     return sr
+
+
+def not_assessed_text(scored: Scored, model: ModelIdentity) -> str:
+    """What the reader is told about an image the model declined: that it saw it, why it declined, no finding."""
+    return (f"Not assessed: {scored.reason}. fedxray {model.name} received this image and did not score it: it is "
+            "outside the model's intended use (frontal PA/AP chest radiographs, CR or DX). No finding is reported; "
+            "read the image without AI support.")
+
+
+def _not_assessed_group(source: Dataset, model: ModelIdentity,
+                        algorithm: hd.sr.AlgorithmIdentification) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """The one measurement group of a not-assessed SR (TID 1500 needs one): the finding "not assessed", no values."""
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=model.uid("tracking", source.SOPInstanceUID, "not-assessed"),
+                                                     identifier="fedxray not assessed"),
+        finding_type=NOT_ASSESSED, algorithm_id=algorithm,
+        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)],
+    )

@@ -49,3 +49,4 @@ class TorchScriptExplainer(Explainer):
         self.head = None
         self.method = "occlusion" if attribution else "none"
         self.session = classifier.session  # type: ignore[assignment]  # run(names, feeds) as onnxruntime's
+        self.ood_output = classifier.session.has_ood()  # type: ignore[attr-defined]

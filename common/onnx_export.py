@@ -16,7 +16,6 @@ silently wrong model in a hospital is worse than no model).
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
@@ -44,6 +43,7 @@ from common.onnx_model import OnnxClassifier as OnnxClassifier
 from common.onnx_model import OnnxModelError as OnnxModelError
 from common.onnx_model import _parse_meta as _parse_meta
 from common.onnx_model import load_onnx_model as load_onnx_model
+from common.ood_export import OOD_OUTPUT, OOD_TOLERANCE, WithOod, copy_with_ood, ood_difference
 
 logger = logging.getLogger(__name__)
 
@@ -185,7 +185,7 @@ def _check_arguments(
 # --------------------------------------------------------------------------- export
 
 
-def _torch_export(wrapped: nn.Module, example: torch.Tensor, path: Path) -> None:
+def _torch_export(wrapped: nn.Module, example: torch.Tensor, path: Path, outputs: tuple[str, ...] = (OUTPUT_NAME,)) -> None:
     """Write the graph with the TorchScript-based exporter (``dynamo=False``).
 
     Why not the default dynamo exporter: on this 2-core machine it took 14.5 s for MobileNetV2
@@ -210,8 +210,8 @@ def _torch_export(wrapped: nn.Module, example: torch.Tensor, path: Path) -> None
             (example,),
             str(path),
             input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
-            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            output_names=list(outputs),
+            dynamic_axes={INPUT_NAME: {0: "batch"}, **{name: {0: "batch"} for name in outputs}},
             opset_version=OPSET,
             do_constant_folding=True,
             dynamo=False,
@@ -238,8 +238,12 @@ def _max_abs_diff(wrapped: nn.Module, path: Path, batches: list[torch.Tensor]) -
     worst = 0.0
     with torch.inference_mode():
         for batch in batches:
-            expected = wrapped(batch).numpy()
-            got = session.run([OUTPUT_NAME], {INPUT_NAME: batch.numpy()})[0]
+            expected, ood = wrapped(batch) if isinstance(wrapped, WithOod) else (wrapped(batch), None)
+            expected = expected.numpy()
+            got, *ood_got = session.run([OUTPUT_NAME] if ood is None else [OUTPUT_NAME, OOD_OUTPUT], {INPUT_NAME: batch.numpy()})
+            if ood is not None and not ood_difference(ood, ood_got[0]) <= OOD_TOLERANCE:
+                raise ExportError(f"onnxruntime's {OOD_OUTPUT} differs from torch by {ood_difference(ood, ood_got[0]):.3g} "
+                                  f"(relative), above {OOD_TOLERANCE:g}: the image check would not be the one the sites calibrated")
             if got.shape != expected.shape:
                 raise ExportError(
                     f"onnxruntime output shape {got.shape} differs from torch {expected.shape} "
@@ -260,8 +264,12 @@ def export_onnx(
     metadata: Mapping[str, str],
     sample_batch: torch.Tensor | None = None,
     tolerance: float = 1e-4,
+    ood: nn.Module | None = None,
 ) -> ExportReport:
     """Export ``model`` (images [N,1,H,W] in [0,1] -> logits [N,C]) to ``path`` as contract 3.
+
+    ``ood`` (common.ood.OodScore, sharing the model's front end) adds the second output
+    ``ood_score`` [N] (common/ood_export.py); ``metadata`` must then hold ``ood`` (its cut-off, JSON).
 
     ``metadata`` must hold model, rounds, sites and epsilon (keys with or without the
     ``fedxray.`` prefix; string values, epsilon as a JSON object site -> epsilon); extra string
@@ -279,11 +287,16 @@ def export_onnx(
         and (sample_batch.ndim != 4 or tuple(sample_batch.shape[1:]) != (1, *tuple(input_size)))
     ):
         problems.append(f"sample_batch must be [N,1,{input_size[0]},{input_size[1]}] like the model input, got {list(sample_batch.shape)}")
+    if (ood is None) == (PREFIX + "ood" in props):
+        problems.append("an ood score module and the fedxray.ood metadata (its cut-off) go together: pass both or neither")
     if problems:
         raise ExportMetadataError(problems)
     input_size = (int(input_size[0]), int(input_size[1]))
 
-    wrapped = _ProbabilityModel(copy.deepcopy(model).to("cpu").eval(), task).eval()
+    model_copy, ood_copy = copy_with_ood(model, ood)
+    wrapped = _ProbabilityModel(model_copy, task).eval()
+    exported = wrapped if ood_copy is None else WithOod(wrapped, ood_copy)
+    outputs = (OUTPUT_NAME,) if ood_copy is None else (OUTPUT_NAME, OOD_OUTPUT)
     example = torch.rand((2, 1, *input_size), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         out = wrapped.model(example)
@@ -311,7 +324,7 @@ def export_onnx(
     tmp = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         try:
-            _torch_export(wrapped, example, tmp)
+            _torch_export(exported, example, tmp, outputs)
         except Exception as err:  # the exporter raises many types; report them as one
             raise ExportError(f"torch.onnx.export failed for {type(model).__name__}: {err}") from err
         proto = onnx.load(str(tmp))
@@ -322,7 +335,7 @@ def export_onnx(
             onnx.checker.check_model(str(tmp), full_check=True)
         except onnx.checker.ValidationError as err:
             raise ExportError(f"onnx.checker rejected the exported graph: {err}") from err
-        diff = _max_abs_diff(wrapped, tmp, _parity_batches(input_size, sample_batch))
+        diff = _max_abs_diff(exported, tmp, _parity_batches(input_size, sample_batch))
         if not diff <= tolerance:  # also catches nan
             raise ExportError(
                 f"onnxruntime differs from torch by {diff:.3g} (max abs, probabilities), above "

@@ -18,6 +18,8 @@ import numpy as np
 import onnxruntime as ort
 from numpy.typing import ArrayLike, NDArray
 
+from common.intended_use import OOD_OUTPUT, parse_ood_metadata
+
 __all__ = [
     "INPUT_NAME",
     "OUTPUT_NAME",
@@ -74,7 +76,8 @@ class OnnxClassifier:
     input_size ((H, W)), threshold (float), model (str), rounds (int), sites (JSON value or
     str), epsilon (dict site -> float, None for a site without DP), created (ISO-8601 str),
     plus any extra keys as strings.
-    ``raw_meta`` keeps every metadata prop exactly as stored.
+    ``raw_meta`` keeps every metadata prop exactly as stored. :attr:`ood` is the intended-use image
+    check (the ``ood_score`` output and its cut-off), None for a model exported without it.
     """
 
     _error: type[OnnxModelError] = OnnxModelError  # what predict raises on bad input (a subclass per format)
@@ -113,6 +116,23 @@ class OnnxClassifier:
         if not chunks:
             return np.zeros((0, len(self.labels)), dtype=np.float32)
         return np.concatenate(chunks).astype(np.float32, copy=False)
+
+    def _has_ood_output(self) -> bool:
+        return OOD_OUTPUT in [o.name for o in self.session.get_outputs()]
+
+    @property
+    def ood(self) -> dict[str, Any] | None:
+        """The parsed ``fedxray.ood`` metadata (``cutoff`` ...) when the graph has the ``ood_score`` output, else None."""
+        meta = parse_ood_metadata(self.raw_meta)
+        return meta if meta is not None and self._has_ood_output() else None
+
+    def ood_scores(self, images: ArrayLike, *, batch_size: int = 32) -> NDArray[np.float32] | None:
+        """The image check's scores [N] for model inputs [N,1,H,W] (None for a model without the check)."""
+        if self.ood is None:
+            return None
+        x = np.asarray(images, dtype=np.float32)
+        chunks = [self.session.run([OOD_OUTPUT], {INPUT_NAME: x[i : i + batch_size]})[0] for i in range(0, x.shape[0], batch_size)]
+        return np.concatenate(chunks).astype(np.float32, copy=False) if chunks else np.zeros(0, np.float32)
 
 
 def load_onnx_model(

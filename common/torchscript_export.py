@@ -25,7 +25,6 @@ written.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
@@ -53,6 +52,7 @@ from common.onnx_export import (
     _parse_meta,
     _ProbabilityModel,
 )
+from common.ood_export import OOD_OUTPUT, OOD_TOLERANCE, TracedWithOod, copy_with_ood, ood_difference
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +95,7 @@ def export_torchscript(
     onnx_model: str | os.PathLike[str],
     sample_batch: torch.Tensor | None = None,
     tolerance: float = 1e-4,
+    ood: nn.Module | None = None,
 ) -> TorchScriptReport:
     """Write ``model`` (images -> logits, the one just exported to ``onnx_model``) as TorchScript to ``path``.
 
@@ -102,6 +103,7 @@ def export_torchscript(
     :func:`common.onnx_export.export_onnx`), so call this right after it with the same model
     and reference batch. The caller's model is not modified. The file appears atomically and only
     after the parity check within ``tolerance`` (absolute, on probabilities) has passed.
+    ``ood``: the image check's score module (as given to export_onnx), traced as the method ``ood_score``.
     """
     source = Path(onnx_model)
     try:
@@ -118,7 +120,9 @@ def export_torchscript(
         raise ExportError(f"sample_batch must be [N,1,{input_size[0]},{input_size[1]}] like the model input, "
                           f"got {list(sample_batch.shape)}")
 
-    wrapped = _ProbabilityModel(copy.deepcopy(model).to("cpu").eval(), meta["task"]).eval()
+    model_copy, ood_copy = copy_with_ood(model, ood)
+    wrapped = _ProbabilityModel(model_copy, meta["task"]).eval()
+    traced_model = wrapped if ood_copy is None else TracedWithOod(wrapped, ood_copy).eval()
     example = torch.rand((2, 1, *input_size), generator=torch.Generator().manual_seed(0))
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -132,11 +136,14 @@ def export_torchscript(
                 # is what the parity check at batch 3 (traced at 2) catches.
                 warnings.filterwarnings("ignore", message=r"Converting a tensor to a Python (boolean|number|index)",
                                         category=torch.jit.TracerWarning)
-                traced = torch.jit.trace(wrapped, example, check_trace=False)
+                if ood_copy is None:
+                    traced = torch.jit.trace(wrapped, example, check_trace=False)
+                else:
+                    traced = torch.jit.trace_module(traced_model, {"forward": example, OOD_OUTPUT: example}, check_trace=False)
                 torch.jit.save(traced, str(tmp), _extra_files={METADATA_FILE: json.dumps(props, sort_keys=True)})
         except Exception as err:  # tracing raises many types; report them as one
             raise ExportError(f"torch.jit.trace failed for {type(model).__name__}: {err}") from err
-        diff = _max_abs_diff(wrapped, tmp, _parity_batches(input_size, sample_batch))
+        diff = _max_abs_diff(traced_model, tmp, _parity_batches(input_size, sample_batch))
         if not diff <= tolerance:  # also catches nan
             raise ExportError(
                 f"TorchScript differs from torch eager by {diff:.3g} (max abs, probabilities), above the tolerance "
@@ -162,6 +169,10 @@ def _max_abs_diff(wrapped: nn.Module, path: Path, batches: list[torch.Tensor]) -
         for batch in batches:
             expected = wrapped(batch)
             got = loaded(batch)
+            ood_diff = ood_difference(wrapped.ood_score(batch), loaded.ood_score(batch).numpy()) \
+                if isinstance(wrapped, TracedWithOod) else 0.0
+            if not ood_diff <= OOD_TOLERANCE:
+                raise ExportError(f"TorchScript's {OOD_OUTPUT} differs from torch eager above {OOD_TOLERANCE:g} (relative)")
             if got.shape != expected.shape:
                 raise ExportError(f"TorchScript output shape {list(got.shape)} differs from torch {list(expected.shape)} "
                                   f"for a batch of {batch.shape[0]}: the trace fixed the batch size")
@@ -183,12 +194,18 @@ class _Session:
     def __init__(self, module: torch.jit.ScriptModule) -> None:
         self.module = module
 
+    def has_ood(self) -> bool:
+        return bool(self.module._c._has_method(OOD_OUTPUT))
+
     def run(self, output_names: Sequence[str] | None, feeds: dict[str, NDArray[np.float32]]) -> list[NDArray[np.float32]]:
-        if output_names not in (None, [OUTPUT_NAME]) or list(feeds) != [INPUT_NAME]:
-            raise TorchScriptModelError(f"a fedxray TorchScript model has input {INPUT_NAME!r} and output {OUTPUT_NAME!r} only")
+        names = [OUTPUT_NAME] if output_names is None else list(output_names)
+        known = [OUTPUT_NAME, OOD_OUTPUT] if self.has_ood() else [OUTPUT_NAME]
+        if not names or any(n not in known for n in names) or list(feeds) != [INPUT_NAME]:
+            raise TorchScriptModelError(f"a fedxray TorchScript model has input {INPUT_NAME!r} and outputs {known} only")
         with torch.inference_mode():
-            out = self.module(torch.from_numpy(np.ascontiguousarray(feeds[INPUT_NAME], dtype=np.float32)))
-        return [out.numpy().astype(np.float32, copy=False)]
+            x = torch.from_numpy(np.ascontiguousarray(feeds[INPUT_NAME], dtype=np.float32))
+            outs = [self.module(x) if n == OUTPUT_NAME else self.module.ood_score(x) for n in names]
+        return [out.numpy().astype(np.float32, copy=False) for out in outs]
 
 
 class TorchScriptClassifier(OnnxClassifier):
@@ -199,6 +216,9 @@ class TorchScriptClassifier(OnnxClassifier):
     """
 
     _error = TorchScriptModelError
+
+    def _has_ood_output(self) -> bool:
+        return self.session.has_ood()  # type: ignore[attr-defined]
 
     def __init__(self, module: torch.jit.ScriptModule, raw_meta: dict[str, str], where: str) -> None:
         self.session = _Session(module)

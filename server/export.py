@@ -18,6 +18,7 @@ from common.models import build_model, describe
 from common.onnx_export import ExportError, export_onnx, reference_batch
 from common.torchscript_export import export_torchscript
 from server.checkpoint import latest_checkpoint, load_best
+from server.gate import export_gate
 from server.report import fitness_warnings, write_metrics, write_model_card, write_plots
 
 log = logging.getLogger("flwr.fedxray")
@@ -64,6 +65,7 @@ def finish(run_dir: Path, run_name: str, run: RunConfig, provenance: dict[str, s
     export_round, weights = (best[0], best[1]) if best is not None else (ckpt.round, ckpt.weights)
     model = build_model(run.model, dp=True, **run.model_kwargs())
     model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in weights.items()})
+    gate = export_gate(ckpt.history, model, exported_last=export_round == ckpt.round)  # intended-use image check
     chosen = next((h for h in ckpt.history if h.get("round") == export_round), ckpt.history[-1] if ckpt.history else {})
     last = ckpt.history[-1] if ckpt.history else {}
     threshold = chosen.get("threshold")
@@ -91,17 +93,21 @@ def finish(run_dir: Path, run_name: str, run: RunConfig, provenance: dict[str, s
     if drift:
         metadata["fedxray.reference"] = drift
     metadata.update(label_metadata(run, chosen))
+    if gate is not None:
+        metadata["fedxray.ood"] = gate[2]
     report = export_onnx(
         model, run_dir / "model.onnx", sample_batch=sample, task=run.task, labels=list(run.labels),
         input_size=(run.image_size, run.image_size), threshold=threshold, metadata=metadata,
+        ood=gate[0] if gate is not None else None,
     )
-    torchscript = torchscript_twin(model, run_dir, sample)
+    torchscript = torchscript_twin(model, run_dir, sample, ood=gate[0] if gate is not None else None)
     problems = fitness_warnings(chosen, threshold)
     for problem in problems:
         log.warning("exported model: %s", problem)
     export = {"max_abs_diff": report.max_abs_diff, "size_bytes": report.size_bytes,
               "parity_images": 0 if sample is None else len(sample), "round": export_round,
-              "pooled_auc": chosen.get("pooled_auc"), "warnings": problems, "torchscript": torchscript, **(provenance or {})}
+              "pooled_auc": chosen.get("pooled_auc"), "warnings": problems, "torchscript": torchscript, **(provenance or {}),
+              "intended_use": json.loads(gate[2]) if gate is not None else None}
     write_metrics(run_dir, run_name, ckpt.run_config, ckpt.history,
                   {"export": export, "threshold": threshold, "warnings": problems, "labels": chosen.get("labels", {})})
     write_plots(run_dir, ckpt.history)
@@ -112,14 +118,15 @@ def finish(run_dir: Path, run_name: str, run: RunConfig, provenance: dict[str, s
     log.info("run %s finished: %s", run_name, run_dir)
 
 
-def torchscript_twin(model: torch.nn.Module, run_dir: Path, sample: torch.Tensor | None) -> dict:
+def torchscript_twin(model: torch.nn.Module, run_dir: Path, sample: torch.Tensor | None, *,
+                     ood: torch.nn.Module | None = None) -> dict:
     """model.pt beside model.onnx (common/torchscript_export.py): its parity figures, or the error that stopped it.
 
     The ONNX model is the primary artefact: a TorchScript failure is logged as an error and named
     on the model card, and the run still ends with its metrics and card.
     """
     try:
-        ts = export_torchscript(model, run_dir / "model.pt", onnx_model=run_dir / "model.onnx", sample_batch=sample)
+        ts = export_torchscript(model, run_dir / "model.pt", onnx_model=run_dir / "model.onnx", sample_batch=sample, ood=ood)
     except ExportError as err:
         log.error("model.pt (TorchScript) not written: %s", err)
         return {"path": None, "error": str(err)}

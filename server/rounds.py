@@ -52,6 +52,7 @@ def round_record(strategy: Any, r: int, seconds: float) -> dict[str, Any]:
                 val_examples=int(m.get("num-examples", 0)), val_positive=int(round(m["num-positive"])) if "num-positive" in m else None,
                 auc=m.get("auc"), eval_noise=m.get("eval-noise"), hist_pos=m.get("hist-pos"), hist_neg=m.get("hist-neg"),
             )
+            sites[site].update({k: v for k, v in m.items() if k.startswith("gate-")})  # intended-use gate (server/gate.py)
             image_counts = {k.removeprefix("ref-"): v for k, v in m.items() if k.startswith("ref-")}
             if image_counts:
                 sites[site]["reference_counts"] = image_counts

@@ -34,6 +34,7 @@ from common import metrics
 from common.config import RunConfig
 from common.pooled_metrics import THRESHOLD_RULES
 from common.privacy import noise_for_target
+from server import gate
 
 log = logging.getLogger("flwr.fedxray.strategy")  # reaches the run log through Flower's handler
 
@@ -163,6 +164,7 @@ class FedxrayMixin:
         self.plan = server_plan(run)
         self.names: dict[int, str] = {}  # node id -> the site name it first reported (one name per node)
         self.registered_examples: dict[int, int] = {}  # node id -> training images first reported this run
+        self.gate_reference = ""  # the intended-use gate's pooled reference (JSON), once the sites sent their sums
 
     # -- who is who ---------------------------------------------------------------------
     def site_of(self, msg: Message) -> tuple[str, str | None]:
@@ -192,6 +194,7 @@ class FedxrayMixin:
         config["threshold"] = float(self.threshold)
         # The last round also asks for the (noised) image statistics of the drift reference.
         config["reference-stats"] = server_round + self.round_offset >= self.run.num_server_rounds
+        config.update(gate.evaluate_config(self.gate_reference))  # server/gate.py
         return super().configure_evaluate(server_round + self.round_offset, arrays, config, grid)  # type: ignore[misc]
 
     # -- validation before aggregation ------------------------------------------------
@@ -280,6 +283,7 @@ class FedxrayMixin:
                 entry.rejected[site] = f"malformed evaluation histograms ({err})"
                 continue
             entry.evaluate[site] = values
+        self.gate_reference = self.gate_reference or gate.pooled_reference(entry.evaluate.values())
         return self.pooled(r)
 
     def pooled(self, r: int) -> MetricRecord | None:
@@ -376,7 +380,8 @@ def make_strategy(run: RunConfig, *, round_offset: int = 0, min_sites: int | Non
 
 def strategy_state(strategy: Any) -> dict[str, Any]:
     """Server-optimiser state to checkpoint (FedAdam moments), as plain numpy dicts."""
-    state: dict[str, Any] = {"threshold": float(getattr(strategy, "threshold", 0.5))}
+    state: dict[str, Any] = {"threshold": float(getattr(strategy, "threshold", 0.5)),
+                             "gate_reference": str(getattr(strategy, "gate_reference", ""))}
     for name in ("m_t", "v_t"):
         value = getattr(strategy, name, None)
         if value is not None:
@@ -386,6 +391,7 @@ def strategy_state(strategy: Any) -> dict[str, Any]:
 
 def load_strategy_state(strategy: Any, state: dict[str, Any]) -> None:
     strategy.threshold = float(state.get("threshold", 0.5))
+    strategy.gate_reference = str(state.get("gate_reference", ""))
     for name in ("m_t", "v_t"):
         if name in state and hasattr(strategy, name):
             setattr(strategy, name, {k: np.asarray(v) for k, v in state[name].items()})

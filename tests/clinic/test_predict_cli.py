@@ -27,7 +27,7 @@ def _run(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
     return subprocess.run([FL_PREDICT, *args], capture_output=True, text=True, timeout=timeout, env=env)
 
 
-def test_real_dicoms_each_get_a_json_line_an_sr_and_a_heatmap(scatter_model, dicom_dir, tmp_path) -> None:
+def test_real_dicoms_each_get_a_json_line_an_sr_and_a_heatmap_or_a_reason(scatter_model, dicom_dir, tmp_path) -> None:
     bad = tmp_path / "inbox" / "truncated.dcm"
     bad.parent.mkdir()
     bad.write_bytes((dicom_dir / "pydicomdata_RG1_UNCR.dcm").read_bytes()[:5000])
@@ -38,19 +38,32 @@ def test_real_dicoms_each_get_a_json_line_an_sr_and_a_heatmap(scatter_model, dic
     lines = [json.loads(line) for line in run.stdout.splitlines()]
     files = sorted(dicom_dir.glob("*.dcm"))
     assert [Path(r["file"]).name for r in lines] == [f.name for f in files]
+    refused = {}
     for rec in lines:
         assert CONTRACT_KEYS <= set(rec)
         uid = pydicom.dcmread(rec["file"], stop_before_pixels=True).SOPInstanceUID
         assert rec["sop_instance_uid"] == uid
-        assert set(rec["probabilities"]) == {"opacity"} and 0.0 <= rec["probabilities"]["opacity"] <= 1.0
-        assert rec["positive"] == (["opacity"] if rec["probabilities"]["opacity"] >= 0.5 else [])
-        assert Path(rec["sr"]).name in (f"{uid}.sr.dcm", f"{uid}-2.sr.dcm") and "heatmap" in Path(rec["heatmap_png"]).name
+        assert Path(rec["sr"]).name in (f"{uid}.sr.dcm", f"{uid}-2.sr.dcm") and Path(rec["sr"]).parent == out
         sr = pydicom.dcmread(rec["sr"])
         assert sr.Modality == "SR" and sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0] \
             .ReferencedSOPSequence[0].ReferencedSOPInstanceUID == uid
+        if not rec["assessed"]:  # outside the intended use: answered with a reason and an SR, no result, no heatmap
+            assert rec["probabilities"] == {} and rec["positive"] == [] and rec["heatmap_png"] is None
+            refused[Path(rec["file"]).name] = rec["reason"].split(":")[0]
+            continue
+        assert set(rec["probabilities"]) == {"opacity"} and 0.0 <= rec["probabilities"]["opacity"] <= 1.0
+        assert rec["positive"] == (["opacity"] if rec["probabilities"]["opacity"] >= 0.5 else [])
+        assert "heatmap" in Path(rec["heatmap_png"]).name
         assert Path(rec["heatmap_dcm"]).is_file() and Image.open(rec["heatmap_png"]).mode == "RGB"
     assert len({rec["sr"] for rec in lines}) == len(lines)  # txv_Fake_MONOHR1.dcm has the SIIM image's UID: both kept
+    # the chest radiographs are assessed; the tibia, the C-spine and the LUT test patterns are not
+    assert refused == {"pydicom_dicomdirtests_CR1_6154.dcm": "Body Part Examined CSPINE",
+                       "pydicomdata_RG3_J2KI.dcm": "Body Part Examined EXTREMITY",
+                       "pydicomdata_mlut_18.dcm": "Modality OT", "pydicomdata_vlut_04.dcm": "Modality OT"}
     errors = run.stderr.strip().splitlines()
+    old_model = [line for line in errors if "has no intended-use image check" in line]
+    assert len(old_model) == 1  # a model exported before the image check: one warning, then the header rules
+    errors = [line for line in errors if line not in old_model]
     assert len(errors) == 2 and "txv_Fake_MONOHR1.dcm: same SOP Instance UID" in errors[0]
     assert "truncated.dcm" in errors[1] and errors[1].startswith("fl-predict: skipped")
 
