@@ -45,6 +45,7 @@ def _request(msg: Message, context: Context):
         server_round=int(config.get("server-round", 0)), weights=msg.content["arrays"].to_torch_state_dict(),
         run_name=run_name, proximal_mu=float(config.get("proximal-mu", 0.0)),
         threshold=float(config.get("threshold", 0.5)), reference=bool(config.get("reference-stats", False)),
+        final=bool(config.get("final-evaluation", False)),
     )
     return run, site, request
 

@@ -21,8 +21,9 @@ in this order, for a training round:
    accounting). Nothing in it identifies a patient or a file.
 
 Evaluation (:func:`evaluate_round`) scores the global model on the site's validation split and
-releases only score histograms with Gaussian noise added (the site's eval-noise), charged to the
-validation patients' budget, at most max-evaluations times per run. docs/privacy.md lists what
+releases only score histograms with Gaussian noise added (scaled from the site's eval-noise, most of
+it spent on the final evaluation: client/eval_noise.py), charged to the validation patients'
+budget, at most max-evaluations times per run. docs/privacy.md lists what
 leaves a site per message and what each costs.
 """
 
@@ -49,6 +50,7 @@ from client.ledger import (
     PrivacyLedger,
     dataset_fingerprint,
 )
+from client.eval_noise import EVALUATION_KINDS, finals_answered, histogram_noise
 from client.site import ReplyCache, resolve_device, weights_digest
 from client.train import EvalStats, TrainSettings, evaluate, train_one_round
 from common import metrics as metrics_lib
@@ -85,6 +87,7 @@ class RoundRequest:
     proximal_mu: float = 0.0
     threshold: float = 0.5  # evaluation: the decision threshold the coordinator chose
     reference: bool = False  # evaluation: also send noised image statistics for the drift reference (last round)
+    final: bool = False  # evaluation: the coordinator will export this model (the site decides what that changes)
 
 
 @dataclass
@@ -281,17 +284,18 @@ def _evaluate_round(run: RunConfig, site: SiteConfig, request: RoundRequest) -> 
             return dict(cached["metrics"])
         ledger = _ledger(site)
         run_prefix = f"{request.run_name}@"
-        done = sum(1 for c in ledger.contributions() if c.kind == "evaluate" and c.run_id.startswith(run_prefix))
+        done = sum(1 for c in ledger.contributions() if c.kind in EVALUATION_KINDS and c.run_id.startswith(run_prefix))
         if done >= site.max_evaluations:
             raise RoundRefused(ERR_BUDGET, f"site {site.site_name} has answered {done} evaluations of this run, its "
                                "limit (node config max-evaluations)")
+        eval_noise, final = histogram_noise(site, request.final, finals_answered(ledger, run_prefix))
         # One image moves one or two counts of each class's (one-vs-rest) histograms: sqrt(2) per class.
-        noise = site.eval_noise / (metrics_lib.HISTOGRAM_SENSITIVITY * math.sqrt(run.num_outputs))
+        noise = eval_noise / (metrics_lib.HISTOGRAM_SENSITIVITY * math.sqrt(run.num_outputs))
         try:
             ledger.reserve(run_id=f"{run_prefix}{digest[:12]}", round=request.server_round,
                            fingerprint=dataset_fingerprint(data.val_hashes()), noise_multiplier=noise, sample_rate=1.0,
                            steps=1, max_grad_norm=1.0, n_train=max(1, data.n_val), delta=site.delta,
-                           patients=data.patients("val"), kind="evaluate")
+                           patients=data.patients("val"), kind="final-evaluate" if final else "evaluate")
         except BudgetExceeded as err:
             raise RoundRefused(ERR_BUDGET, f"site {site.site_name} (evaluation): {err}") from err
         except (LedgerConflictError, DeltaTooLargeError) as err:
@@ -303,7 +307,8 @@ def _evaluate_round(run: RunConfig, site: SiteConfig, request: RoundRequest) -> 
             stats = evaluate(head, val_set, task=run.task, threshold=request.threshold, device=device)
         else:
             stats = evaluate(model, data.val_dataset(), task=run.task, threshold=request.threshold, device=device)
-        out = eval_metrics(stats, site.eval_noise, n_train=data.n_train)
+        out = eval_metrics(stats, eval_noise, n_train=data.n_train)
+        out["eval-final"] = float(final)
         if request.reference:
             out.update(_reference_counts(site, data, ledger, f"{run_prefix}{digest[:12]}", request.server_round))
         replies.put(request.server_round, digest, {"weights": {}, "metrics": out})
@@ -337,8 +342,9 @@ def eval_metrics(stats: EvalStats, eval_noise: float, *, n_train: int) -> dict[s
     out: dict[str, Any] = {"eval-noise": float(eval_noise), "n-train": n_train}
     classes = sorted({k.split("-", 1)[1] for k in stats.histograms if "-" in k})
     pairs = [(f"-{c}", {"pos": stats.histograms[f"pos-{c}"], "neg": stats.histograms[f"neg-{c}"]}) for c in classes]
-    if not pairs:
-        pairs = [("", stats.histograms)]
+    if not pairs:  # binary: the wider bins of the operating point (common/pooled_metrics.py BINARY_EDGES)
+        pairs = [("", {k: metrics_lib.merge_bins(stats.histograms[k], metrics_lib.EVAL_EDGES, metrics_lib.BINARY_EDGES)
+                       for k in ("pos", "neg")})]
     total = 0.0
     for suffix, hist in pairs:
         noised = metrics_lib.noised_histograms(hist, eval_noise, rng)

@@ -178,8 +178,10 @@ class FedxrayMixin:
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         config["threshold"] = float(self.threshold)
-        # The last round also asks for the (noised) image statistics of the drift reference.
+        # The last round also asks for the (noised) image statistics of the drift reference, and tells the
+        # sites this is the evaluation of the model to export (they choose how precisely to answer it).
         config["reference-stats"] = server_round + self.round_offset >= self.run.num_server_rounds
+        config["final-evaluation"] = config["reference-stats"]
         return super().configure_evaluate(server_round + self.round_offset, arrays, config, grid)  # type: ignore[misc]
 
     # -- validation before aggregation ------------------------------------------------
