@@ -127,6 +127,9 @@ def pooled_estimates(hists: Sequence[Mapping[str, Sequence[float]]], noise_sd: S
     if pos.sum() <= 0 or neg.sum() <= 0:
         return PooledEstimates(NAN, threshold, NAN, NAN, positives, negatives, pos, neg)
     estimate = _stats(pos, neg, int(np.searchsorted(e, threshold, side="left")))
+    if draws <= 0:  # the estimates alone
+        auc, sens, spec = (Interval(float(v), math.nan, math.nan) for v in estimate)
+        return PooledEstimates(auc, threshold, sens, spec, positives, negatives, pos, neg)
     rng = np.random.default_rng(seed)
     site_n = {key: np.maximum(np.rint(rows[key].sum(axis=1)), 0).astype(np.int64) for key in rows}
     shapes = {"pos": _site_shapes(rows["pos"], pos), "neg": _site_shapes(rows["neg"], neg)}

@@ -17,6 +17,7 @@ import numpy as np
 from common.metrics import weighted_mean
 from common.pooled_metrics import THRESHOLD_RULES
 from server.checkpoint import Checkpoint, load_best, save_best, save_checkpoint
+from server.pooled_evaluation import round_figures, site_counts
 from server.report import write_metrics
 from server.strategy import strategy_state
 
@@ -51,7 +52,9 @@ def round_record(strategy: Any, r: int, seconds: float) -> dict[str, Any]:
             sites.setdefault(site, {}).update(
                 val_examples=int(m.get("num-examples", 0)), val_positive=int(round(m["num-positive"])) if "num-positive" in m else None,
                 auc=m.get("auc"), eval_noise=m.get("eval-noise"), hist_pos=m.get("hist-pos"), hist_neg=m.get("hist-neg"),
+                eval_final=bool(m.get("eval-final")),
             )
+            sites[site].update(site_counts(m))  # noised counts as estimates: never more positives than images
             image_counts = {k.removeprefix("ref-"): v for k, v in m.items() if k.startswith("ref-")}
             if image_counts:
                 sites[site]["reference_counts"] = image_counts
@@ -65,6 +68,7 @@ def round_record(strategy: Any, r: int, seconds: float) -> dict[str, Any]:
         "sensitivity": pooled.get("sensitivity", math.nan),
         "specificity": pooled.get("specificity", math.nan),
         "threshold": pooled.get("threshold", 0.5),
+        **round_figures(pooled, str(getattr(getattr(strategy, "run", None), "operating_point", "youden"))),
         "epsilon": epsilon,
         "sites": sites,
         "rejected": dict(entry.rejected) if entry else {},
@@ -86,6 +90,17 @@ def per_label(pooled: dict[str, Any], labels: tuple[str, ...]) -> dict[str, dict
         if figures:
             out[name] = figures
     return out
+
+
+def auc_reading(rec: dict[str, Any]) -> str:
+    """The round's pooled AUC for its log line: an estimate from noised counts, so with its interval."""
+    auc, ci = rec.get("pooled_auc"), rec.get("pooled_auc_ci")
+    if auc is None or auc != auc:
+        return "-"
+    if not ci or ci[0] != ci[0]:
+        return f"{auc:.3f}"
+    which = "final evaluation" if rec.get("eval_final") else "noised"
+    return f"{auc:.3f} (95% CI {ci[0]:.3f}-{ci[1]:.3f}, {which})"
 
 
 EPSILON_SITES_LISTED = 8
@@ -132,8 +147,8 @@ class RoundKeeper:
             save_best(self.run_dir, r, weights, auc)
             self.best_saved = auc
         write_metrics(self.run_dir, self.run_name, self.config_map, self.history)
-        log.info("round %d/%d: pooled AUC %.3f, validation loss %.4f, epsilon [%s]%s", r, self.total_rounds,
-                 auc, rec["eval_loss"], epsilon_summary(rec["epsilon"]),
+        log.info("round %d/%d: pooled AUC %s, validation loss %.4f, epsilon [%s]%s", r, self.total_rounds,
+                 auc_reading(rec), rec["eval_loss"], epsilon_summary(rec["epsilon"]),
                  f", rejected {sorted(rec['rejected'])}" if rec["rejected"] else "")
         if self.patience and auc == auc:
             if auc > self.best_auc + 1e-4:

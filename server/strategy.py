@@ -32,6 +32,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrim
 from common import metrics
 from common.config import RunConfig
 from common.pooled_metrics import THRESHOLD_RULES
+from server.pooled_evaluation import DEFAULT_EVAL_NOISE, binary_pooled, site_estimates
 from common.privacy import noise_for_target
 
 log = logging.getLogger("flwr.fedxray.strategy")  # reaches the run log through Flower's handler
@@ -257,9 +258,7 @@ class FedxrayMixin:
             values = {k: (list(v) if isinstance(v, list) else float(v)) for k, v in m.items()}
             try:
                 if values.get("hist-pos") and values.get("hist-neg"):
-                    hist = [{"pos": values["hist-pos"], "neg": values["hist-neg"]}]
-                    values["auc"] = metrics.pooled_auc_from_histograms(hist)
-                    values["num-positive"] = float(max(0.0, sum(values["hist-pos"])))
+                    values.update(site_estimates(values))
                 elif per_class := _class_histograms(values):
                     aucs = [metrics.pooled_auc_from_histograms([h]) for h in per_class.values()]
                     values["auc"] = float(np.nanmean(aucs)) if not all(a != a for a in aucs) else math.nan
@@ -283,10 +282,10 @@ class FedxrayMixin:
         }
         per_class = [_class_histograms(s) for s in sites]
         if hists:
-            out["pooled-auc"] = metrics.pooled_auc_from_histograms(hists)
-            self.threshold = metrics.histogram_threshold(hists, metrics.EVAL_EDGES)
-            out["sensitivity"], out["specificity"] = metrics.histogram_rates(hists, self.threshold, metrics.EVAL_EDGES)
-            out["eval-loss"] = metrics.histogram_loss(hists, metrics.EVAL_EDGES)
+            noise = [float(s.get("eval-noise", DEFAULT_EVAL_NOISE)) for s in sites if s.get("hist-pos")]
+            final = all(bool(s.get("eval-final")) for s in sites if s.get("hist-pos"))
+            out.update(binary_pooled(hists, noise, self.run.operating, final=final))
+            self.threshold = out["threshold"]
         elif any(per_class):
             # Multiclass / multilabel: each class pooled over the sites (one-vs-rest), then the macro AUC.
             classes = sorted({c for p in per_class for c in p}, key=lambda c: (len(c), c))
