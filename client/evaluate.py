@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,40 @@ def evaluate_model(model_path: str | Path, data_dir: str | Path, *, salt: bytes 
         raise EvaluationError(f"--bootstrap {bootstrap}: give 0 (no interval) or a number of resamples such as 1000")
     if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise EvaluationError(f"--out {out_dir} is a file: give a folder for evaluation.json and roc.png")
+    report, scored = score_site(model_path, data_dir, salt=salt, progress=progress, positive=positive)
+    task, labels, probs, y = report["task"], report["labels"], scored.probs, scored.y
+    if task == "binary":
+        br = metrics.binary_report(y, probs[:, 0], report["threshold"], bootstrap=bootstrap)
+        report.update(br.to_dict() if hasattr(br, "to_dict") else asdict(br))
+        if out_dir is not None:
+            _roc_plot(Path(out_dir) / "roc.png", y, probs[:, 0], report)
+    else:
+        report["macro_auc"] = metrics.macro_auc(y, probs)
+        onehot = np.eye(len(labels), dtype=np.float32)[y] if task == "multiclass" else y
+        report["per_label_auc"] = dict(zip(labels, metrics.per_label_auc(onehot, probs), strict=True))
+        report["label_source"] = scored.label_source
+    if out_dir is not None:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(out_dir) / "evaluation.json").write_text(json.dumps(json_safe(report), indent=2))
+    return report
+
+
+@dataclass(frozen=True)
+class SiteScores:
+    """The model's outputs on a site's labelled images (these stay at the site) and their targets."""
+
+    probs: np.ndarray  # [N, C]
+    y: np.ndarray  # binary: [N] 0/1; multiclass: [N] class index; multilabel: [N, C] with NaN masked
+    label_source: str
+
+
+def score_site(model_path: str | Path, data_dir: str | Path, *, salt: bytes | str, progress: bool = False,
+               positive: str | None = None) -> tuple[dict[str, Any], SiteScores]:
+    """Read the site's labelled images as training does, score them with the ONNX model: (report base, scores).
+
+    Shared by ``fl-client evaluate`` and ``fl-client accept``. Binary: an evaluation that would
+    cover one class only raises :class:`EvaluationError`.
+    """
     model = load_onnx_model(model_path)
     height, width = model.input_size
     if height != width:
@@ -68,21 +102,7 @@ def evaluate_model(model_path: str | Path, data_dir: str | Path, *, salt: bytes 
         "images": int(len(images)), "skipped_files": len(index.skipped),
         "skipped_reasons": dict(Counter(s.reason for s in index.skipped).most_common()), "left_out": targets.dropped,
     }
-    if task == "binary":
-        y = targets.y[:, 0]
-        br = metrics.binary_report(y, probs[:, 0], threshold, bootstrap=bootstrap)
-        report.update(br.to_dict() if hasattr(br, "to_dict") else asdict(br))
-        if out_dir is not None:
-            _roc_plot(Path(out_dir) / "roc.png", y, probs[:, 0], report)
-    else:
-        report["macro_auc"] = metrics.macro_auc(targets.y, probs)
-        onehot = np.eye(len(labels), dtype=np.float32)[targets.y] if task == "multiclass" else targets.y
-        report["per_label_auc"] = dict(zip(labels, metrics.per_label_auc(onehot, probs), strict=True))
-        report["label_source"] = targets.source
-    if out_dir is not None:
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        (Path(out_dir) / "evaluation.json").write_text(json.dumps(json_safe(report), indent=2))
-    return report
+    return report, SiteScores(probs, targets.y[:, 0] if task == "binary" else targets.y, targets.source)
 
 
 def json_safe(obj: Any) -> Any:

@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from client.eval_noise import EVALUATION_KINDS, finals_answered, histogram_noise
 from client.ledger import (
     BudgetExceeded,
     DeltaTooLargeError,
@@ -50,7 +51,6 @@ from client.ledger import (
     PrivacyLedger,
     dataset_fingerprint,
 )
-from client.eval_noise import EVALUATION_KINDS, finals_answered, histogram_noise
 from client.site import ReplyCache, resolve_device, weights_digest
 from client.train import EvalStats, TrainSettings, evaluate, train_one_round
 from common import metrics as metrics_lib

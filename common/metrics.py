@@ -33,9 +33,9 @@ from common.pooled_metrics import BINARY_EDGES as BINARY_EDGES
 from common.pooled_metrics import EVAL_EDGES as EVAL_EDGES
 from common.pooled_metrics import HISTOGRAM_SENSITIVITY as HISTOGRAM_SENSITIVITY
 from common.pooled_metrics import _sum_histograms as _sum_histograms
+from common.pooled_metrics import consistent_counts as consistent_counts
 from common.pooled_metrics import histogram_loss as histogram_loss
 from common.pooled_metrics import histogram_rates as histogram_rates
-from common.pooled_metrics import consistent_counts as consistent_counts
 from common.pooled_metrics import histogram_threshold as histogram_threshold
 from common.pooled_metrics import merge_bins as merge_bins
 from common.pooled_metrics import noised_histograms as noised_histograms

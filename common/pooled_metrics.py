@@ -64,7 +64,8 @@ def consistent_counts(noised: ArrayLike, total: float | None = None) -> NDArray[
     return np.maximum(v - excess[rho] / (rho + 1), 0.0)
 
 
-def pooled_counts(hists: Sequence[Mapping[str, Sequence[float]]], noise_sd: Sequence[float]) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+def pooled_counts(hists: Sequence[Mapping[str, Sequence[float]]],
+                  noise_sd: Sequence[float]) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
     """The pooled (positive, negative) counts per bin from the sites' noised histograms, consistent.
 
     Per class, the total is the sum of every noised count (unbiased). The shape (the share of the

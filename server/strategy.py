@@ -32,8 +32,8 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrim
 from common import metrics
 from common.config import RunConfig
 from common.pooled_metrics import THRESHOLD_RULES
-from server.pooled_evaluation import DEFAULT_EVAL_NOISE, binary_pooled, site_estimates
 from common.privacy import noise_for_target
+from server.pooled_evaluation import DEFAULT_EVAL_NOISE, binary_pooled, site_estimates
 
 log = logging.getLogger("flwr.fedxray.strategy")  # reaches the run log through Flower's handler
 
