@@ -76,10 +76,9 @@ def data_table(sites: list[str], last: dict[str, Any]) -> list[str]:
              "|---|---|---|---|---|"]
     for s in sites:
         info = last.get("sites", {}).get(s, {})
-        half = info.get("val_counts_ci95")
-        pm = f" +- {half:.0f}" if half is not None else ""
-        examples = f"about {_num(info.get('val_examples'))}{pm}" if info.get("val_examples") is not None else "-"
-        positives = f"about {_num(info.get('val_positive'))}{pm}" if info.get("val_positive") is not None else "-"
+        examples, positives = (
+            f"about {_num(info.get(key))}" + (f" +- {info[key + '_ci95']:.0f}" if info.get(key + "_ci95") is not None else "")
+            if info.get(key) is not None else "-" for key in ("val_examples", "val_positive"))
         lines.append(f"| {s} | {_num(info.get('num_examples'))} | {examples} | {positives} | "
                      f"{_num(last.get('epsilon', {}).get(s))} |")
     return lines

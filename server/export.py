@@ -114,7 +114,7 @@ def finish(run_dir: Path, run_name: str, run: RunConfig, provenance: dict[str, s
     write_metrics(run_dir, run_name, ckpt.run_config, ckpt.history,
                   {"export": export, "threshold": threshold, "warnings": problems, "labels": chosen.get("labels", {}),
                    **({"operating_point": operating} if operating else {})})
-    write_plots(run_dir, ckpt.history)
+    write_plots(run_dir, ckpt.history, export_round=export_round)
     kwargs = run.model_kwargs()
     info = describe(run.model, num_outputs=kwargs.pop("num_outputs"), **kwargs)
     write_model_card(run_dir, run_name=run_name, run_config=ckpt.run_config, rounds=ckpt.history,

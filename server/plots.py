@@ -27,8 +27,10 @@ def _ci_bars(values: list[float], cis: list[Any]) -> np.ndarray:
     return np.asarray([below, above])
 
 
-def write_plots(run_dir: Path, rounds: list[dict[str, Any]], simulation: dict[str, Any] | None = None) -> list[Path]:
-    """rounds.png and, when the last round has binary histograms, roc.png; ``simulation``: metrics.json's entry."""
+def write_plots(run_dir: Path, rounds: list[dict[str, Any]], simulation: dict[str, Any] | None = None,
+                export_round: int | None = None) -> list[Path]:
+    """rounds.png and, when the exported round (default: the last) has binary histograms, roc.png;
+    ``simulation``: metrics.json's entry of that name (fl-sim adds it after the run)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -52,11 +54,11 @@ def write_plots(run_dir: Path, rounds: list[dict[str, Any]], simulation: dict[st
     a1.plot(r, auc, "-", color="tab:blue", alpha=0.3)
     exact = simulation.get("exact_validation") or {}
     if exact.get("auc") is not None:
-        a1.plot([exact["round"]], [exact["auc"]], "*", ms=12, color="tab:green",
+        a1.plot([exact["round"] + 0.1], [exact["auc"]], "*", ms=12, color="tab:green",  # beside the estimate, not on it
                 label=f"exact pooled validation AUC {exact['auc']:.3f} (simulation only)")
     held = simulation.get("holdout") or {}
     if held.get("auc") is not None:
-        a1.plot([exact.get("round", r[-1])], [held["auc"]], "D", color="tab:purple",
+        a1.plot([(exact.get("round") or export_round or r[-1]) + 0.2], [held["auc"]], "D", color="tab:purple",
                 label=f"held-out patients AUC {held['auc']:.3f} (simulation only)")
     lows = [ci[0] for x in rounds if (ci := x.get("pooled_auc_ci")) and ci[0] is not None]
     a1.set(xlabel="round", ylabel="pooled validation AUC", ylim=(min([0.4, *lows]), 1.02), title="Pooled AUC")
@@ -75,13 +77,14 @@ def write_plots(run_dir: Path, rounds: list[dict[str, Any]], simulation: dict[st
     fig.savefig(path, dpi=110)
     plt.close(fig)
     out.append(path)
-    roc = _roc_plot(run_dir, rounds, simulation, plt)
+    roc = _roc_plot(run_dir, rounds, simulation, plt, export_round)
     return out + ([roc] if roc else [])
 
 
-def _roc_plot(run_dir: Path, rounds: list[dict[str, Any]], simulation: dict[str, Any], plt: Any) -> Path | None:
+def _roc_plot(run_dir: Path, rounds: list[dict[str, Any]], simulation: dict[str, Any], plt: Any,
+              export_round: int | None) -> Path | None:
     """The pooled ROC of the exported round (the last unless told), its operating point with the intervals."""
-    chosen_round = (simulation.get("exact_validation") or {}).get("round")
+    chosen_round = export_round or (simulation.get("exact_validation") or {}).get("round")
     chosen = next((x for x in rounds if x.get("round") == chosen_round), rounds[-1])
     sites = [s for s in chosen.get("sites", {}).values() if s.get("hist_pos")]
     if not sites:

@@ -75,6 +75,6 @@ def site_counts(m: Mapping[str, Any]) -> dict[str, Any]:
     if "num-negative" not in m:
         return {}
     pos, neg = float(m["num-positive"]), float(m["num-negative"])
-    half = count_interval(0.0, [float(m.get("count-sd", 0.0))], 1).high
-    return {"val_examples": int(round(pos + neg)), "val_positive": int(round(pos)), "val_counts_ci95": half,
-            "val_counts_estimate": True}
+    half = count_interval(0.0, [float(m.get("count-sd", 0.0))], 1).high  # one class's total
+    return {"val_examples": int(round(pos + neg)), "val_positive": int(round(pos)), "val_positive_ci95": half,
+            "val_examples_ci95": half * math.sqrt(2.0), "val_counts_estimate": True}

@@ -264,7 +264,7 @@ def add_simulation_figures(run_dir: Path, simulation: dict[str, Any]) -> None:
     doc = json.loads(path.read_text())
     doc["simulation"] = json_safe(simulation)
     atomic_write_bytes(path, json.dumps(doc, indent=2).encode())
-    write_plots(run_dir, doc.get("rounds") or [], doc["simulation"])
+    write_plots(run_dir, doc.get("rounds") or [], doc["simulation"], (doc.get("export") or {}).get("round"))
     card = Path(run_dir) / "model_card.md"
     if not card.is_file():
         return

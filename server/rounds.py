@@ -96,8 +96,8 @@ def auc_reading(rec: dict[str, Any]) -> str:
     """The round's pooled AUC for its log line: an estimate from noised counts, so with its interval."""
     auc, ci = rec.get("pooled_auc"), rec.get("pooled_auc_ci")
     if auc is None or auc != auc:
-        return "-"
-    if not ci or ci[0] != ci[0]:
+        return "- (not estimable: a class's noised validation count is not positive this round)"
+    if not ci or ci[0] is None or ci[0] != ci[0]:
         return f"{auc:.3f}"
     which = "final evaluation" if rec.get("eval_final") else "noised"
     return f"{auc:.3f} (95% CI {ci[0]:.3f}-{ci[1]:.3f}, {which})"

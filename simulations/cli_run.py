@@ -181,6 +181,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(exact_summary(sim_root, run_dir))
     if holdout.is_dir() and (run_dir / "model.onnx").is_file():
         print(score_holdout(run_dir / "model.onnx", holdout, sim_root))
+    add_simulation_figures(sim_root, run_dir)
     print(f"\nrun directory: {run_dir}  ({time.monotonic() - started:.0f} s)")
     print("  model.onnx, model_card.md, metrics.json, rounds.png, roc.png, checkpoints/")
     _print_tracking(run_dir)
@@ -243,6 +244,28 @@ def exact_summary(sim_root: Path, run_dir: Path) -> str:
         parts.append(f"exported round ({exact['exported']['round']}) {exact['exported']['auc']:.3f}")
     return ("\nexact pooled validation AUC over the sites' " + f"{exact['images']} validation images (a simulation can "
             "measure it; the coordinator above saw noised histograms): " + ", ".join(parts))
+
+
+def add_simulation_figures(sim_root: Path, run_dir: Path) -> None:
+    """The exact figures only a simulation has (exact-validation.json, holdout.json) into the run's metrics.json,
+    plots and model card, labelled as simulation-only (server/report.py)."""
+    from server.report import add_simulation_figures as add_figures
+
+    figures: dict[str, Any] = {}
+    for key, name in (("exact_validation", "exact-validation.json"), ("holdout", "holdout.json")):
+        try:
+            figures[key] = json.loads((sim_root / name).read_text())
+        except (OSError, ValueError):
+            continue
+    exact = figures.get("exact_validation") or {}
+    if exact:  # the exported round's model: "exported" with export-round = best, else the last round's
+        chosen = exact.get("exported") or exact.get("last") or {}
+        figures["exact_validation"] = {"round": chosen.get("round"), "auc": chosen.get("auc"), "images": exact.get("images")}
+    held = figures.get("holdout") or {}
+    if held:
+        figures["holdout"] = {k: held.get(k) for k in ("images", "auc", "auc_ci", "threshold", "sensitivity", "specificity")}
+    if figures and (run_dir / "metrics.json").is_file():
+        add_figures(run_dir, figures)
 
 
 def _positive_class(hospitals: Path) -> str | None:
