@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from common.operating_point import OperatingPoint, threshold_from_counts
+from common.operating_point import OperatingPoint, bin_position, position_from_counts, rates_at, threshold_from_counts
 from common.pooled_metrics import consistent_counts, pooled_counts
 from common.roc import _auc_from_counts
 
@@ -90,11 +90,10 @@ def plain_counts(pos_rows: ArrayLike, neg_rows: ArrayLike) -> tuple[NDArray[np.f
             consistent_counts(np.sum(np.asarray(neg_rows, dtype=np.float64), axis=0)))
 
 
-def _stats(pos: NDArray[np.float64], neg: NDArray[np.float64], k: int) -> NDArray[np.float64]:
-    """AUC, and sensitivity and specificity of 'positive from bin k up'."""
-    p, n = pos.sum(), neg.sum()
-    return np.asarray([float(_auc_from_counts(pos, neg)), pos[k:].sum() / p if p > 0 else math.nan,
-                       neg[:k].sum() / n if n > 0 else math.nan])
+def _stats(pos: NDArray[np.float64], neg: NDArray[np.float64], position: float) -> NDArray[np.float64]:
+    """AUC, and sensitivity and specificity at a bin position (common.operating_point.rates_at)."""
+    sens, spec = rates_at(pos, neg, position)
+    return np.asarray([float(_auc_from_counts(pos, neg)), float(sens), float(spec)])
 
 
 def _site_shapes(rows: NDArray[np.float64], pooled: NDArray[np.float64]) -> list[NDArray[np.float64]]:
@@ -126,7 +125,7 @@ def pooled_estimates(hists: Sequence[Mapping[str, Sequence[float]]], noise_sd: S
     threshold = threshold_from_counts(*weighted, e, point)
     if pos.sum() <= 0 or neg.sum() <= 0:
         return PooledEstimates(NAN, threshold, NAN, NAN, positives, negatives, pos, neg)
-    estimate = _stats(pos, neg, int(np.searchsorted(e, threshold, side="left")))
+    estimate = _stats(pos, neg, bin_position(threshold, e))
     if draws <= 0:  # the estimates alone
         auc, sens, spec = (Interval(float(v), math.nan, math.nan) for v in estimate)
         return PooledEstimates(auc, threshold, sens, spec, positives, negatives, pos, neg)
@@ -145,8 +144,8 @@ def pooled_estimates(hists: Sequence[Mapping[str, Sequence[float]]], noise_sd: S
         drawn = [{"pos": p, "neg": n} for p, n in zip(noised["pos"], noised["neg"], strict=True)]
         # The threshold is chosen again in every world: the noise that made a bin edge look best also
         # flatters its rates (the winner's curse), and the interval must hold that too.
-        k = int(np.searchsorted(e, threshold_from_counts(*pooled_counts(drawn, sd), e, point), side="left"))
-        errors[d] = _stats(*plain_counts(noised["pos"], noised["neg"]), k) - _stats(world["pos"], world["neg"], k)
+        x = position_from_counts(*pooled_counts(drawn, sd), point)
+        errors[d] = _stats(*plain_counts(noised["pos"], noised["neg"]), x) - _stats(world["pos"], world["neg"], x)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a figure no world could estimate stays nan
         err_high, err_low = np.nanquantile(errors, [0.975, 0.025], axis=0)
