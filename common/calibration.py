@@ -63,7 +63,7 @@ def fit_platt(pos: Sequence[float], neg: Sequence[float], edges: Sequence[float]
     a, b = 1.0, float(np.log((p.sum() + 1.0) / (n.sum() + 1.0)))
     current = loss(a, b)
     for _ in range(100):
-        q = 1.0 / (1.0 + np.exp(-(a * zz + b)))
+        q = 0.5 * (1.0 + np.tanh((a * zz + b) / 2.0))  # the sigmoid, without overflow far out
         g = weight * (q - target)
         h = weight * q * (1.0 - q)
         grad = np.array([np.sum(g * zz), np.sum(g)])

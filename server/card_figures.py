@@ -91,7 +91,7 @@ def round_table(rounds: list[dict[str, Any]]) -> list[str]:
              "|---|---|---|---|---|---|---|"]
     for x in rounds:
         eps = ", ".join(f"{k} {_num(v, 2)}" for k, v in sorted(x.get("epsilon", {}).items()))
-        kind = "final" if x.get("eval_final") else "routine"
+        kind = ("final" if x.get("eval_final") else "routine") + (" (rough: counts within noise)" if x.get("intervals_rough") else "")
         lines.append(f"| {x['round']} | {_num(x.get('pooled_auc'))}{_ci(x.get('pooled_auc_ci'))} | "
                      f"{_num(x.get('sensitivity'))}{_ci(x.get('sensitivity_ci'), 2)} | "
                      f"{_num(x.get('specificity'))}{_ci(x.get('specificity_ci'), 2)} | {kind} | "

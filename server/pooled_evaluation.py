@@ -44,12 +44,27 @@ def binary_pooled(hists: Sequence[Mapping[str, Sequence[float]]], noise_sd: Sequ
     edges = release_edges(len(hists[0]["pos"]))
     est = pooled_estimates(hists, noise_sd, edges, point)
     out: dict[str, float] = {"threshold": est.threshold, "eval-final": float(final),
-                             "eval-noise-pooled": float(math.sqrt(np.sum(np.square(noise_sd))))}
+                             "eval-noise-pooled": float(math.sqrt(np.sum(np.square(noise_sd)))),
+                             "counts-within-noise": float(est.counts_within_noise)}
     for key, interval in (("pooled-auc", est.auc), ("sensitivity", est.sensitivity), ("specificity", est.specificity),
                           ("positives", est.positives), ("negatives", est.negatives)):
         out[key], out[f"{key}-low"], out[f"{key}-high"] = interval.value, interval.low, interval.high
     out["eval-loss"] = histogram_loss([{"pos": est.pos, "neg": est.neg}], edges)
     return out
+
+
+def class_auc_interval(c: str, hists: Sequence[tuple[Mapping[str, Sequence[float]], float]]) -> dict[str, float]:
+    """A class's (or finding's) one-vs-rest pooled AUC with its interval, noise included: ``pooled-auc-<c>`` and
+    ``pooled-auc-low-<c>`` / ``-high-<c>`` (common/noised_estimates.py; the AUC from consistent counts, as for a
+    binary model, so that the interval is around the figure shown). ``hists``: each site's histograms of the
+    class with its noise std."""
+    est = pooled_estimates([h for h, _ in hists], [sd for _, sd in hists], release_edges(len(hists[0][0]["pos"])),
+                           OperatingPoint(), draws=CLASS_DRAWS)
+    return {f"pooled-auc-{c}": est.auc.value, f"pooled-auc-low-{c}": est.auc.low, f"pooled-auc-high-{c}": est.auc.high}
+
+
+#: Fewer draws per class than for a binary model's one AUC: a multilabel model has a dozen findings.
+CLASS_DRAWS = 150
 
 
 def round_figures(pooled: Mapping[str, float], operating_point: str) -> dict[str, Any]:
@@ -66,6 +81,8 @@ def round_figures(pooled: Mapping[str, float], operating_point: str) -> dict[str
         "validation_counts": {"positives": pooled["positives"], "positives_ci": ci("positives"),
                               "negatives": pooled["negatives"], "negatives_ci": ci("negatives"), "estimate": True},
         "eval_final": bool(pooled.get("eval-final")), "eval_noise_pooled": pooled.get("eval-noise-pooled"),
+        # A class's count is within the noise of zero: the intervals above may be too narrow (a coarse routine round).
+        "intervals_rough": bool(pooled.get("counts-within-noise")),
         "operating_point": operating_point,
     }
 

@@ -121,14 +121,15 @@ def label_lines(record: dict[str, Any], task: str) -> list[str]:
     if not figures:
         return []
     lines = ["", f"Per {'finding' if task == 'multilabel' else 'class'} (one-vs-rest, pooled over the sites' validation "
-             "data; every figure is an estimate from counts noised at the sites, and the interval is the sampling's "
-             "alone: the noise is not in it):", "",
-             "| label | AUC (95% CI, sampling) | threshold | sensitivity | specificity | positives (estimate) | "
+             "data; every figure is an estimate from counts noised at the sites, and the AUC's interval holds that "
+             "noise, the binning and the sampling):", "",
+             "| label | AUC (95% CI) | threshold | sensitivity | specificity | positives (estimate) | "
              "negatives (estimate) |",
              "|---|---|---|---|---|---|---|"]
     few = []
     for label, f in figures.items():
-        ci = hanley_mcneil_ci(f.get("auc"), f.get("positives") or 0, f.get("negatives") or 0)
+        ci = f.get("auc_ci") or hanley_mcneil_ci(f.get("auc"), f.get("positives") or 0, f.get("negatives") or 0)
+        ci = ci if ci and ci[0] is not None else None
         auc = _fmt(f.get("auc")) + (f" ({ci[0]:.3f}-{ci[1]:.3f})" if ci else "")
         rule = f" ({f['threshold_rule']})" if f.get("threshold_rule") else ""
         lines.append(f"| {label} | {auc} | "

@@ -85,6 +85,8 @@ def per_label(pooled: dict[str, Any], labels: tuple[str, ...]) -> dict[str, dict
             ("auc", "pooled-auc"), ("threshold", "threshold"), ("sensitivity", "sensitivity"),
             ("specificity", "specificity"), ("positives", "positives"), ("negatives", "negatives"))
             if f"{key}-{c}" in pooled}
+        if f"pooled-auc-low-{c}" in pooled:  # the AUC's 95% interval, the sites' noise included
+            figures["auc_ci"] = [pooled[f"pooled-auc-low-{c}"], pooled[f"pooled-auc-high-{c}"]]
         if f"threshold-rule-{c}" in pooled:  # how the threshold was chosen (common.pooled_metrics.THRESHOLD_RULES)
             figures["threshold_rule"] = THRESHOLD_RULES[int(pooled[f"threshold-rule-{c}"])]
         if figures:
@@ -100,7 +102,8 @@ def auc_reading(rec: dict[str, Any]) -> str:
     if not ci or ci[0] is None or ci[0] != ci[0]:
         return f"{auc:.3f}"
     which = "final evaluation" if rec.get("eval_final") else "noised"
-    return f"{auc:.3f} (95% CI {ci[0]:.3f}-{ci[1]:.3f}, {which})"
+    rough = "; a class's count is within the noise of zero, so the interval is rough" if rec.get("intervals_rough") else ""
+    return f"{auc:.3f} (95% CI {ci[0]:.3f}-{ci[1]:.3f}, {which}{rough})"
 
 
 EPSILON_SITES_LISTED = 8

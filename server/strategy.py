@@ -33,7 +33,7 @@ from common import metrics
 from common.config import RunConfig
 from common.pooled_metrics import THRESHOLD_RULES
 from common.privacy import noise_for_target
-from server.pooled_evaluation import DEFAULT_EVAL_NOISE, binary_pooled, site_estimates
+from server.pooled_evaluation import DEFAULT_EVAL_NOISE, binary_pooled, class_auc_interval, site_estimates
 
 log = logging.getLogger("flwr.fedxray.strategy")  # reaches the run log through Flower's handler
 
@@ -291,6 +291,8 @@ class FedxrayMixin:
             classes = sorted({c for p in per_class for c in p}, key=lambda c: (len(c), c))
             for c in classes:
                 out.update(class_metrics(c, [p[c] for p in per_class if c in p], multilabel=self.run.task == "multilabel"))
+                out.update(class_auc_interval(c, [(p[c], float(s.get("eval-noise", DEFAULT_EVAL_NOISE)))
+                                                  for p, s in zip(per_class, sites, strict=True) if c in p]))
             aucs = [out[f"pooled-auc-{c}"] for c in classes]
             out["pooled-auc"] = float(np.nanmean(aucs)) if any(a == a for a in aucs) else math.nan
             if self.run.task == "multilabel":

@@ -156,3 +156,26 @@ def test_a_simulation_adds_its_exact_figures_labelled_as_such(exported_run):
     assert card.index("## Simulation only") < card.index("## Model")
     doc = json.loads((run_dir / "metrics.json").read_text())
     assert doc["simulation"]["holdout"]["auc"] == 0.993 and len(doc["rounds"]) == 2
+
+
+def test_each_findings_auc_interval_holds_the_noise_too():
+    """Multilabel: the card's per-finding interval was Hanley-McNeil from the noised counts, blind to the noise."""
+    strategy = make_strategy(RunConfig(task="multilabel", labels=("Effusion", "Nodule")))
+    rng = np.random.default_rng(3)
+    ys, ps, sites = [], [], {}
+    for name in ("a", "b", "c"):
+        y = rng.random(300) < 0.3
+        p = 1 / (1 + np.exp(-(rng.normal(-2, 1.5, y.size) + 3 * y)))
+        site = {"num-examples": 300.0, "eval-noise": 4.0}
+        for c in (0, 1):
+            h = noised_histograms(score_histograms(y, p, edges=EVAL_EDGES), 4.0, rng)
+            site[f"hist-pos-{c}"], site[f"hist-neg-{c}"] = h["pos"], h["neg"]
+        sites[name] = site
+        ys.append(y)
+        ps.append(p)
+    strategy.logs[1] = RoundLog(evaluate=sites)
+    rec = round_record(strategy, 1, 1.0)
+    effusion = rec["labels"]["Effusion"]
+    low, high = effusion["auc_ci"]
+    assert low <= effusion["auc"] <= high and low <= roc_auc(np.concatenate(ys), np.concatenate(ps)) <= high
+    assert high - low > 0.03  # noise in 16 bins per site: wider than Hanley-McNeil's sampling alone
