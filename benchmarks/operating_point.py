@@ -112,6 +112,7 @@ def main() -> int:
     ap.add_argument("--data", default=str(DATA), help="scores captured by operating_point_capture.py")
     ap.add_argument("--runs", type=int, default=10, help="runs judged one by one (the goal: 9 of 10 hold)")
     ap.add_argument("--replays", type=int, default=1000, help="replays for the rates and the interval coverage")
+    ap.add_argument("--rules", default=",".join(RULES), help=f"operating points to replay (default {','.join(RULES)})")
     args = ap.parse_args()
     data = load(Path(args.data))
     y_val = np.concatenate([y for y, _ in data["sites"]])
@@ -137,7 +138,7 @@ def main() -> int:
         "rules": {},
     }
     ece_exact = expected_calibration_error(y_held, _sigmoid(exact_fit[0] * z_held + exact_fit[1]))
-    for rule in RULES:
+    for rule in args.rules.split(","):
         point = parse_operating_point(rule)
         t_exact = threshold_from_scores(y_val, z_val, point)
         reference = np.asarray(sens_spec(y_held, z_held, t_exact))

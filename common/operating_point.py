@@ -96,8 +96,8 @@ def rates_at(pos: ArrayLike, neg: ArrayLike, position: ArrayLike) -> tuple[NDArr
     above = np.concatenate([np.cumsum(p[::-1])[::-1], [0.0]])  # above[k]: positives in bins k and up
     below = np.concatenate([[0.0], np.cumsum(n)])  # below[k]: negatives in bins under k
     with np.errstate(invalid="ignore", divide="ignore"):
-        sens = (above[k + 1] + (1.0 - f) * p[k]) / p.sum()
-        spec = (below[k] + f * n[k]) / n.sum()
+        sens = np.clip((above[k + 1] + (1.0 - f) * p[k]) / p.sum(), 0.0, 1.0)  # clip: sums of floats, not above 1
+        spec = np.clip((below[k] + f * n[k]) / n.sum(), 0.0, 1.0)
     return sens, spec
 
 

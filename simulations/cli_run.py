@@ -296,11 +296,12 @@ def render_rounds(rounds: list[dict]) -> str:
     sites = sorted({s for r in rounds for s in r.get("epsilon", {})})
     many = len(sites) > MAX_SITES_LISTED  # then the range over the sites, not a column per site
     columns = [f"{'eps min':>8}", f"{'eps max':>8}", f"{'sites':>6}"] if many else [f"{'eps ' + s:>16}" for s in sites]
-    head = f"{'round':>5}  {'pooled AUC':>10}  {'val loss':>8}  " + "  ".join(columns)
+    head = f"{'round':>5}  {'pooled AUC (95% CI)':>22}  {'val loss':>8}  " + "  ".join(columns)
     lines = ["", head, "-" * len(head)]
     for r in rounds:
-        auc, loss = r.get("pooled_auc"), r.get("eval_loss")
+        auc, loss, ci = r.get("pooled_auc"), r.get("eval_loss"), r.get("pooled_auc_ci") or (None, None)
         auc_s = "-" if auc is None or auc != auc else f"{auc:.3f}"
+        auc_s += f" ({ci[0]:.2f}-{ci[1]:.2f})" if ci[0] is not None and auc_s != "-" else ""  # an estimate: its 95% CI
         loss_s = "-" if loss is None or loss != loss else f"{loss:.4f}"
         spent = r.get("epsilon", {})
         if many:
@@ -309,6 +310,7 @@ def render_rounds(rounds: list[dict]) -> str:
         else:
             eps = "  ".join(f"{spent.get(s, float('nan')):>16.2f}" for s in sites)
         note = f"  refused/failed: {len(r['failures'])}" if r.get("failures") else ""
-        lines.append(f"{r['round']:>5}  {auc_s:>10}  {loss_s:>8}  {eps}{note}")
-    lines.append("(pooled AUC and validation loss as the coordinator sees them: from the sites' noised histograms)")
+        note += "  final evaluation" if r.get("eval_final") else ""
+        lines.append(f"{r['round']:>5}  {auc_s:>22}  {loss_s:>8}  {eps}{note}")
+    lines.append("(pooled AUC and validation loss as the coordinator sees them: estimates from the sites' noised histograms)")
     return "\n".join(lines)
