@@ -52,6 +52,9 @@ def write_plots(run_dir: Path, rounds: list[dict[str, Any]], simulation: dict[st
             a1.errorbar(r[mask], np.asarray(auc)[mask], yerr=bars[:, mask], fmt=style, capsize=3, color="tab:blue",
                         mfc="white" if style == "o" else "tab:blue", label=label)
     a1.plot(r, auc, "-", color="tab:blue", alpha=0.3)
+    missing = np.isnan(np.asarray(auc, dtype=float))
+    if missing.any():  # a round whose noised counts left a class without images: said, not drawn
+        a1.plot(r[missing], np.full(missing.sum(), 0.42), "x", color="grey", label="not estimable (noise)")
     exact = simulation.get("exact_validation") or {}
     if exact.get("auc") is not None:
         a1.plot([exact["round"] + 0.1], [exact["auc"]], "*", ms=12, color="tab:green",  # beside the estimate, not on it
@@ -66,7 +69,8 @@ def write_plots(run_dir: Path, rounds: list[dict[str, Any]], simulation: dict[st
     a1.grid(alpha=0.3)
     if any(x.get("train_loss") is not None for x in rounds):  # sites send no training loss under DP
         a2.plot(r, [x.get("train_loss") or np.nan for x in rounds], "o-", label="train (weighted)")
-    a2.plot(r, [x.get("eval_loss") or np.nan for x in rounds], "s--", label="validation (estimate, noised histograms)")
+    a2.plot(r, [x.get("eval_loss") or np.nan for x in rounds], "s--",
+            label="validation (rough estimate from noised histograms, no interval)")
     a2.set(xlabel="round", ylabel="loss", title="Loss")
     a2.legend(fontsize=7)
     a2.grid(alpha=0.3)
