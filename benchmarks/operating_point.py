@@ -1,11 +1,13 @@
 """Does the exported operating point hold? Replays the sites' noised releases of a real run, as JSON.
 
-    .venv/bin/python benchmarks/operating_point.py                 # 10 runs, plus 1000 replays for the rates
-    .venv/bin/python benchmarks/operating_point.py --replays 200   # quicker
+    nice -n 10 .venv/bin/python benchmarks/operating_point.py --replays 500
+    nice -n 10 .venv/bin/python benchmarks/operating_point.py --data benchmarks/data/operating_point_kermany_run2.json \
+        --replays 500 --rules youden
 
 The exact scores come from one run of the default Kermany command (`fl-sim --data
 ../shared/data/kermany-pneumonia --sites 5 --target-epsilon 3`), captured by
-benchmarks/operating_point_capture.py into benchmarks/data/operating_point_kermany.json: each of the
+benchmarks/operating_point_capture.py into benchmarks/data/operating_point_kermany.json (a second run,
+after this release's change: operating_point_kermany_run2.json): each of the
 5 sites' validation split (894 images, 220 normal) and the 727 held-out patients' images, scored
 by the exported round's model (raw logits). A "run" here replays what the sites release about that
 model and what the coordinator makes of it, with fresh noise; the model is the same in every run,
@@ -27,7 +29,8 @@ threshold the same rule gives on the exact pooled validation scores: the run hol
 held-out sensitivity and specificity are both within 0.05 of that. Also: the share of replays that
 hold, the calibration on the held-out images (expected calibration error of the exported
 probabilities, against Platt fitted on the exact scores), and how often the reported 95% intervals
-contain the exact validation figures. No torch; about a minute at 1000 replays.
+contain the exact validation figures. No torch; the parametric bootstrap of every replay dominates:
+about 3 minutes per rule at 500 replays on an idle core (20 minutes for all three on the shared 2 cores).
 """
 
 from __future__ import annotations
