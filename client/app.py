@@ -47,6 +47,7 @@ def _request(msg: Message, context: Context):
         threshold=float(config.get("threshold", 0.5)), reference=bool(config.get("reference-stats", False)),
         flower_run_id=int(context.run_id),  # the SuperLink's id of the launched run: fixed for all its messages
         gate_stats=bool(config.get("gate-stats", False)), gate_reference=str(config.get("gate-reference", "")),
+        final=bool(config.get("final-evaluation", False)),
     )
     return run, site, request
 

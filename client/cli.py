@@ -2,8 +2,9 @@
 
 Subcommands: ``check`` (what the site folder holds, before joining), ``init`` (the site's keys and
 request), ``approve`` (app bundles this site runs), ``start`` (join the federation), ``evaluate`` (a
-model on the site's own labelled data), ``status`` (the privacy budget) and ``audit`` (the site's
-audit log).
+model on the site's own labelled data), ``accept`` (the acceptance test before go-live, and a site
+copy of the model with the site's own operating point), ``status`` (the privacy budget) and
+``audit`` (the site's audit log).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import os
 import sys
 from pathlib import Path
 
+from client.accept_cli import add_accept_parser
 from common.cli import fedxray_version
 from common.dataset import NEGATIVE_NAMES, DatasetError, scan_site
 
@@ -357,6 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "finding, when named otherwise here (e.g. PNEUMONIA for a model of 'opacity')")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_evaluate)
+
+    add_accept_parser(sub)
 
     p = sub.add_parser("status", help="this site's privacy budget: spent epsilon per patient group, every charge, refusals")
     p.add_argument("--state-dir", default="fedxray-site/state", help="the site's state dir (default ./fedxray-site/state)")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,41 @@ def evaluate_model(model_path: str | Path, data_dir: str | Path, *, salt: bytes 
         raise EvaluationError(f"--bootstrap {bootstrap}: give 0 (no interval) or a number of resamples such as 1000")
     if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise EvaluationError(f"--out {out_dir} is a file: give a folder for evaluation.json and roc.png")
+    report, scored = score_site(model_path, data_dir, salt=salt, progress=progress, positive=positive, gate=gate)
+    task, labels, probs, y = report["task"], report["labels"], scored.probs, scored.y
+    if task == "binary":
+        br = metrics.binary_report(y, probs[:, 0], report["threshold"], bootstrap=bootstrap)
+        report.update(br.to_dict() if hasattr(br, "to_dict") else asdict(br))
+        if out_dir is not None:
+            _roc_plot(Path(out_dir) / "roc.png", y, probs[:, 0], report)
+    else:
+        report["macro_auc"] = metrics.macro_auc(y, probs)
+        onehot = np.eye(len(labels), dtype=np.float32)[y] if task == "multiclass" else y
+        report["per_label_auc"] = dict(zip(labels, metrics.per_label_auc(onehot, probs), strict=True))
+        report["label_source"] = scored.label_source
+    if out_dir is not None:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(out_dir) / "evaluation.json").write_text(json.dumps(json_safe(report), indent=2))
+    return report
+
+
+@dataclass(frozen=True)
+class SiteScores:
+    """The model's outputs on a site's labelled images (these stay at the site) and their targets."""
+
+    probs: np.ndarray  # [N, C]
+    y: np.ndarray  # binary: [N] 0/1; multiclass: [N] class index; multilabel: [N, C] with NaN masked
+    label_source: str
+
+
+def score_site(model_path: str | Path, data_dir: str | Path, *, salt: bytes | str, progress: bool = False,
+               positive: str | None = None, gate: bool = True) -> tuple[dict[str, Any], SiteScores]:
+    """Read the site's labelled images as training does, score them with the ONNX model: (report base, scores).
+
+    Shared by ``fl-client evaluate`` and ``fl-client accept``, both behind the intended-use gate
+    (``gate=False`` scores every image). Binary: an evaluation that would cover one class only
+    raises :class:`EvaluationError`.
+    """
     model = load_onnx_model(model_path)
     height, width = model.input_size
     if height != width:
@@ -83,21 +118,7 @@ def evaluate_model(model_path: str | Path, data_dir: str | Path, *, salt: bytes 
         "skipped_reasons": dict(Counter(s.reason for s in index.skipped).most_common()), "left_out": targets.dropped,
         "gate": gate_report,
     }
-    if task == "binary":
-        y = targets.y[:, 0]
-        br = metrics.binary_report(y, probs[:, 0], threshold, bootstrap=bootstrap)
-        report.update(br.to_dict() if hasattr(br, "to_dict") else asdict(br))
-        if out_dir is not None:
-            _roc_plot(Path(out_dir) / "roc.png", y, probs[:, 0], report)
-    else:
-        report["macro_auc"] = metrics.macro_auc(targets.y, probs)
-        onehot = np.eye(len(labels), dtype=np.float32)[targets.y] if task == "multiclass" else targets.y
-        report["per_label_auc"] = dict(zip(labels, metrics.per_label_auc(onehot, probs), strict=True))
-        report["label_source"] = targets.source
-    if out_dir is not None:
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        (Path(out_dir) / "evaluation.json").write_text(json.dumps(json_safe(report), indent=2))
-    return report
+    return report, SiteScores(probs, targets.y[:, 0] if task == "binary" else targets.y, targets.source)
 
 
 def _gate(model: OnnxClassifier, images: np.ndarray, metas: list[dict[str, Any]], *,
@@ -161,19 +182,26 @@ def _roc_plot(path: Path, y: np.ndarray, scores: np.ndarray, report: dict[str, A
     plt.close(fig)
 
 
-def render_report(report: dict[str, Any]) -> str:
-    lines = [f"images scored: {report['images']}  (skipped files: {report['skipped_files']})"]
-    for reason, n in report.get("skipped_reasons", {}).items():
-        lines.append(f"  skipped {n}: {reason}")
-    for reason, n in report.get("left_out", {}).items():
-        lines.append(f"  left out {n}: {reason}")
+def gate_lines(report: dict[str, Any]) -> list[str]:
+    """What the intended-use gate did to a site's images, for evaluate's and accept's reports."""
     gate = report.get("gate") or {}
+    lines = []
     if gate.get("refused"):
         by = ", ".join(f"{rule} {n}" for rule, n in gate["reasons"].items())
         lines.append(f"  not assessed {gate['refused']}: outside the intended use ({by})")
     if gate.get("mode") in ("off", "header-only"):
         lines.append("  intended-use gate off" if gate["mode"] == "off" else
                      "  intended-use gate: header rules only (the model has no image check)")
+    return lines
+
+
+def render_report(report: dict[str, Any]) -> str:
+    lines = [f"images scored: {report['images']}  (skipped files: {report['skipped_files']})"]
+    for reason, n in report.get("skipped_reasons", {}).items():
+        lines.append(f"  skipped {n}: {reason}")
+    for reason, n in report.get("left_out", {}).items():
+        lines.append(f"  left out {n}: {reason}")
+    lines += gate_lines(report)
     if report.get("positive_class") and report["positive_class"] != report["labels"][0]:
         lines.append(f"the site's class '{report['positive_class']}' scored as the model's '{report['labels'][0]}'")
     if "auc" in report:

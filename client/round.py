@@ -29,9 +29,10 @@ in this order, for a training round:
    the cause.
 
 Evaluation (:func:`evaluate_round`) scores the global model on the site's validation split and
-releases only score histograms with Gaussian noise added (the site's eval-noise), charged to the
-validation patients' budget, at most max-evaluations times per run and max-evaluations-per-day
-over all runs. docs/privacy.md lists what leaves a site per message and what each costs.
+releases only score histograms with Gaussian noise added (scaled from the site's eval-noise, most of
+it spent on the final evaluation: client/eval_noise.py), charged to the validation patients'
+budget, at most max-evaluations times per run and max-evaluations-per-day over all runs.
+docs/privacy.md lists what leaves a site per message and what each costs.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ import numpy as np
 import torch
 
 from client.drift_release import drift_release
+from client.eval_noise import finals_answered, histogram_noise
 from client.gate_stats import gate_release
 from client.ledger import (
     BudgetExceeded,
@@ -100,6 +102,7 @@ class RoundRequest:
     flower_run_id: int | None = None  # the launched (Flower) run the message came in: the site pins each run to one
     gate_stats: bool = False  # evaluation: also send the intended-use gate's reference sums (client/gate_stats.py)
     gate_reference: str = ""  # evaluation: the pooled gate reference (JSON); with `reference`, send the score histogram
+    final: bool = False  # evaluation: the coordinator will export this model (the site decides what that changes)
 
 
 @dataclass
@@ -337,13 +340,14 @@ def _evaluate_round(run: RunConfig, site: SiteConfig, request: RoundRequest) -> 
         if too_many:
             raise RoundRefused(ERR_BUDGET, f"site {site.site_name}: {too_many}")
         run_id = release_id(request.run_name, digest, replies.releases(request.server_round, digest))
+        eval_noise, final = histogram_noise(site, request.final, finals_answered(ledger, f"{request.run_name}@"))
         # One image moves one or two counts of each class's (one-vs-rest) histograms: sqrt(2) per class.
-        noise = site.eval_noise / (metrics_lib.HISTOGRAM_SENSITIVITY * math.sqrt(run.num_outputs))
+        noise = eval_noise / (metrics_lib.HISTOGRAM_SENSITIVITY * math.sqrt(run.num_outputs))
         try:
             ledger.reserve(run_id=run_id, round=request.server_round,
                            fingerprint=dataset_fingerprint(data.val_hashes()), noise_multiplier=noise, sample_rate=1.0,
                            steps=1, max_grad_norm=1.0, n_train=max(1, data.n_val), delta=site.delta,
-                           patients=data.patients("val"), kind="evaluate")
+                           patients=data.patients("val"), kind="final-evaluate" if final else "evaluate")
         except BudgetExceeded as err:
             raise data_refusal(site) from err  # the ledger logged the figures at the site
         except (LedgerConflictError, DeltaTooLargeError) as err:
@@ -355,7 +359,8 @@ def _evaluate_round(run: RunConfig, site: SiteConfig, request: RoundRequest) -> 
             stats = evaluate(head, val_set, task=run.task, threshold=request.threshold, device=device)
         else:
             stats = evaluate(model, data.val_dataset(), task=run.task, threshold=request.threshold, device=device)
-        out = eval_metrics(stats, site.eval_noise)
+        out = eval_metrics(stats, eval_noise)
+        out["eval-final"] = float(final)
         if request.reference:
             out.update(drift_release(site, data, ledger, run_id, request.server_round))
         out.update(gate_release(site, data, ledger, model, run_name=request.run_name, run_id=run_id,
@@ -375,8 +380,9 @@ def eval_metrics(stats: EvalStats, eval_noise: float) -> dict[str, Any]:
     out: dict[str, Any] = {"eval-noise": float(eval_noise)}
     classes = sorted({k.split("-", 1)[1] for k in stats.histograms if "-" in k})
     pairs = [(f"-{c}", {"pos": stats.histograms[f"pos-{c}"], "neg": stats.histograms[f"neg-{c}"]}) for c in classes]
-    if not pairs:
-        pairs = [("", stats.histograms)]
+    if not pairs:  # binary: the wider bins of the operating point (common/pooled_metrics.py BINARY_EDGES)
+        pairs = [("", {k: metrics_lib.merge_bins(stats.histograms[k], metrics_lib.EVAL_EDGES, metrics_lib.BINARY_EDGES)
+                       for k in ("pos", "neg")})]
     total = 0.0
     for suffix, hist in pairs:
         noised = metrics_lib.noised_histograms(hist, eval_noise, rng)

@@ -25,6 +25,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
+from client.eval_noise import EVALUATION_KINDS
 from client.ledger import Contribution, PrivacyLedger
 from client.run_pin import RunPinError, RunPins
 from client.run_policy import PolicyError, load_policy, policy_refusals
@@ -102,8 +103,8 @@ def plan_step(plan: DpPlan) -> PlannedStep:
 
 def evaluation_problem(site: SiteConfig, ledger: PrivacyLedger, run_key: str, *, now: datetime | None = None) -> str | None:
     """Why one more evaluation would pass max-evaluations (this run) or max-evaluations-per-day (the site), or None."""
-    entries = [c for c in ledger.contributions() if c.kind == "evaluate"]
-    done = len(_of_run(entries, run_key, "evaluate"))
+    entries = [c for c in ledger.contributions() if c.kind in EVALUATION_KINDS]
+    done = sum(len(_of_run(entries, run_key, kind)) for kind in EVALUATION_KINDS)
     if done >= site.max_evaluations:
         return f"this site has answered {done} evaluations of this run, its limit (node config max-evaluations)"
     since = (now or datetime.now(UTC)) - _DAY

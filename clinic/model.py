@@ -79,10 +79,42 @@ class ModelIdentity:
         chosen = chosen if isinstance(chosen, dict) else {}
         return {label: float(chosen.get(label, self.threshold)) for label in self.labels}
 
+    @property
+    def operating_point(self) -> dict[str, Any]:
+        """Which rule set the threshold and where (``fedxray.operating_point``): set by the federation on pooled
+        validation data, or by a site on its own images (``fl-client accept`` writes a site copy of the model)."""
+        try:
+            point = json.loads(self.extra.get("operating_point", "{}"))
+        except ValueError:
+            point = {}
+        point = point if isinstance(point, dict) else {}
+        return {"rule": str(point.get("rule", "not recorded")), "set_by": str(point.get("set_by", "federation")),
+                **({"site": str(point["site"])} if point.get("site") else {}), "threshold": self.threshold}
+
+    @property
+    def operating_point_text(self) -> str:
+        """For the SR: the operating point and where it was set, and the model's warnings when it has any."""
+        point = self.operating_point
+        where = f"site {point['site']} on its own images" if point["set_by"] == "site" and "site" in point else \
+            "the federation on pooled validation data"
+        warned = f" Model warnings: {'; '.join(self.warnings)}." if self.warnings else ""
+        return f"Operating point {point['rule']} (threshold {self.threshold:.4g}), set by {where}.{warned}"
+
+    @property
+    def warnings(self) -> list[str]:
+        """The model's warnings (``fedxray.warnings``): why it is not fit for use, e.g. not for use on patients."""
+        try:
+            found = json.loads(self.extra.get("warnings", "[]"))
+        except ValueError:
+            return [self.extra["warnings"]]
+        return [str(w) for w in found] if isinstance(found, list) else [str(found)]
+
     def parameters(self) -> list[str]:
         """Training facts as ``key=value`` strings (the SR's Algorithm Parameters)."""
+        point = self.operating_point
         params = [f"task={self.task}", f"threshold={self.threshold:g}", f"rounds={self.rounds}",
-                  f"sites={json.dumps(self.sites)}", f"epsilon={json.dumps(self.epsilon, sort_keys=True)}"]
+                  f"sites={json.dumps(self.sites)}", f"epsilon={json.dumps(self.epsilon, sort_keys=True)}",
+                  f"operating_point={point['rule']} set by {point['set_by']}"]
         if self.export_round:
             params.append(f"export_round={self.export_round}")
         return params

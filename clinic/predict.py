@@ -134,6 +134,8 @@ def record(source: Source, scored: Scored, scorer: Scorer, outputs: dict[str, st
         "gate": scorer.gate_mode,
         "threshold": ident.threshold,
         "thresholds": ident.label_thresholds,
+        "operating_point": ident.operating_point,  # the rule, and set_by: federation | site (fl-client accept)
+        "warnings": ident.warnings,  # the model's own (e.g. not for use on patients): they travel with every result
         "model": ident.name,
         "model_sha256": ident.sha256[:12],
         "heatmap_label": scored.explained_label if scored.attribution is not None else None,

@@ -171,7 +171,7 @@ def build_sr(source: Dataset, scored: Scored, model: ModelIdentity, *, heatmap_m
         # source image itself, so the report goes without it.
         logger.debug("SR without Image Library: %s", err)
         report = hd.sr.MeasurementReport(observation_context=context, procedure_reported=PROCEDURE, imaging_measurements=groups)
-    statement = DECISION_SUPPORT if scored.assessed else not_assessed_text(scored, model)
+    statement = f"{DECISION_SUPPORT} {model.operating_point_text}" if scored.assessed else not_assessed_text(scored, model)
     if scored.assessed and heatmap_method is not None:
         statement += (
             f" A heatmap (Secondary Capture, series 'fedxray heatmap') shows where the model found evidence for "

@@ -6,7 +6,8 @@ or 1, so the exported model could no longer rank them (AUC 0.945 instead of 0.95
 and its threshold sat at 0.99-1.0. A monotone map ``sigmoid(a * logit + b)`` fitted on validation
 data fixes both without changing the ranking of unsaturated scores. The coordinator has no scores,
 only the sites' (noised) validation histograms, so the fit treats every image of a bin as lying
-at the bin's logit midpoint (the two open end bins one half bin beyond the last edge). It is
+at the bin's logit midpoint (the two open end bins one half bin beyond the last edge), on the
+pooled counts made consistent (non-negative, each class keeping its noised total). It is
 post-processing of what the sites released: no privacy cost.
 """
 
@@ -34,30 +35,51 @@ def bin_logits(edges: Sequence[float]) -> np.ndarray:
 
 
 def fit_platt(pos: Sequence[float], neg: Sequence[float], edges: Sequence[float]) -> tuple[float, float]:
-    """(a, b) minimising the binomial deviance of ``sigmoid(a * z + b)`` over the bins.
+    """(a, b) of Platt's fit of ``sigmoid(a * z + b)`` to the binned validation scores, without bounds.
 
-    Searched on a grid, then refined: ``a`` in [0.01, 1] (the map only ever softens the model,
-    never sharpens it, and stays increasing: the ranking does not change), ``b`` in [-8, 8].
-    Bounded on purpose: with few, noised counts the unbounded maximum-likelihood fit can run off
-    to infinity (separable bins); a bounded fit cannot.
+    Platt (1999) with the refinement of Lin, Lin and Weng (2007): the targets are
+    ``(N+ + 1) / (N+ + 2)`` for positives and ``1 / (N- + 2)`` for negatives instead of 1 and 0,
+    so the likelihood always has one finite maximum, even when the noised bins separate the
+    classes completely; Newton steps with a backtracking line search find it. No search box: a
+    fit that needs a > 1 (an under-confident model) or a large shift gets it, where the earlier
+    grid pinned it at its edge. Negative counts (noise) are taken as zero; pass consistent
+    counts (common.pooled_metrics.consistent_counts). CalibrationError when a class is empty or
+    the bins rank negatives above positives (a <= 0 would reverse the model's ranking).
     """
     p = np.clip(np.asarray(pos, dtype=np.float64), 0.0, None)
     n = np.clip(np.asarray(neg, dtype=np.float64), 0.0, None)
     if p.sum() <= 0 or n.sum() <= 0:
         raise CalibrationError("both classes are needed in the validation histograms to calibrate")
     z = bin_logits(edges)
+    hi, lo = (p.sum() + 1.0) / (p.sum() + 2.0), 1.0 / (n.sum() + 2.0)
+    weight = np.concatenate([p, n])
+    target = np.concatenate([np.full(p.size, hi), np.full(n.size, lo)])
+    zz = np.concatenate([z, z])
 
-    def deviance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        t = a[..., None] * z + b[..., None]
-        return (p * np.logaddexp(0.0, -t) + n * np.logaddexp(0.0, t)).sum(axis=-1)
+    def loss(a: float, b: float) -> float:
+        t = a * zz + b
+        return float(np.sum(weight * (target * np.logaddexp(0.0, -t) + (1.0 - target) * np.logaddexp(0.0, t))))
 
-    a_grid, b_grid = np.meshgrid(np.logspace(-2, 0, 61), np.linspace(-8, 8, 161), indexing="ij")
-    i, j = np.unravel_index(np.argmin(deviance(a_grid, b_grid)), a_grid.shape)
-    a0, b0 = float(a_grid[i, j]), float(b_grid[i, j])
-    fine_a, fine_b = np.meshgrid(np.clip(a0 * np.logspace(-0.04, 0.04, 41), 0.01, 1.0),
-                                 np.clip(b0 + np.linspace(-0.1, 0.1, 41), -8, 8), indexing="ij")
-    k, m = np.unravel_index(np.argmin(deviance(fine_a, fine_b)), fine_a.shape)
-    return float(fine_a[k, m]), float(fine_b[k, m])
+    a, b = 1.0, float(np.log((p.sum() + 1.0) / (n.sum() + 1.0)))
+    current = loss(a, b)
+    for _ in range(100):
+        q = 0.5 * (1.0 + np.tanh((a * zz + b) / 2.0))  # the sigmoid, without overflow far out
+        g = weight * (q - target)
+        h = weight * q * (1.0 - q)
+        grad = np.array([np.sum(g * zz), np.sum(g)])
+        hess = np.array([[np.sum(h * zz * zz), np.sum(h * zz)], [np.sum(h * zz), np.sum(h)]]) + 1e-12 * np.eye(2)
+        step = np.linalg.solve(hess, grad)
+        scale = 1.0
+        while scale > 1e-10 and loss(a - scale * step[0], b - scale * step[1]) > current + 1e-4 * scale * float(grad @ step):
+            scale /= 2.0
+        a, b = a - scale * step[0], b - scale * step[1]
+        previous, current = current, loss(a, b)
+        if abs(previous - current) <= 1e-10 * max(1.0, abs(current)) and np.abs(grad).max() < 1e-6 * weight.sum():
+            break
+    if not (np.isfinite(a) and np.isfinite(b)) or a <= 0:
+        raise CalibrationError(f"the validation bins do not rank positives above negatives (Platt slope {a:.3g}); "
+                               "the model is not calibrated")
+    return float(a), float(b)
 
 
 def calibrated_threshold(threshold: float, a: float, b: float) -> float:

@@ -22,6 +22,7 @@ from typing import Any
 
 from common.config_fields import build_config, check_one_of, check_range, fields_to_mapping
 from common.labels import BLANK_CHOICES, UNCERTAIN_CHOICES, LabelError, parse_pos_weight
+from common.operating_point import OperatingPoint, parse_operating_point
 
 MODEL_CHOICES = ("scatternet", "mobilenet_v2", "densenet121")
 HEAD_CHOICES = ("linear", "cnn")
@@ -96,6 +97,7 @@ class RunConfig:
     wait_timeout: float = 600.0  # seconds to wait for min-sites before giving up
     early_stop_patience: int = 0  # stop after this many rounds without pooled AUC gain (0: never)
     export_round: str = "last"  # last | best (by the noised pooled validation AUC; docs/models.md: last did better)
+    operating_point: str = "youden"  # binary: youden | sensitivity:X | specificity:X, the rule for the exported threshold
     run_name: str = ""  # run directory name under runs-dir; empty: a timestamped name
     runs_dir: str = "runs"  # where run directories go (absolute, or relative to the coordinator's cwd)
     resume_from: str = ""  # run directory to continue from its last checkpoint (fl-server resume sets it)
@@ -140,6 +142,11 @@ class RunConfig:
         batch = min(self.batch_size, n)
         return batch / n, batch
 
+    @property
+    def operating(self) -> OperatingPoint:
+        """The operating-point rule (common/operating_point.py), parsed; validated with the rest of the config."""
+        return parse_operating_point(self.operating_point)
+
     def epochs_per_round(self, sample_rate: float) -> int:
         """Local epochs per round: as configured, or (0) enough for MIN_DP_STEPS steps over the run."""
         if self.local_epochs > 0:
@@ -179,6 +186,10 @@ def _check_run(c: RunConfig) -> list[str]:
     check_range(p, "round-timeout", c.round_timeout, 1.0, 7 * 86400.0)
     check_range(p, "wait-timeout", c.wait_timeout, 1.0, 7 * 86400.0)
     check_range(p, "early-stop-patience", c.early_stop_patience, 0, 10_000)
+    try:
+        parse_operating_point(c.operating_point)
+    except ValueError as err:
+        p.append(f"`operating-point`: {err}")
     if c.dp:
         if c.noise_multiplier == 0.0:
             check_range(p, "target-epsilon", c.target_epsilon, 0.0, 1000.0, lo_open=True)

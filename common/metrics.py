@@ -29,14 +29,18 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from common.pooled_metrics import BINARY_EDGES as BINARY_EDGES
 from common.pooled_metrics import EVAL_EDGES as EVAL_EDGES
 from common.pooled_metrics import HISTOGRAM_SENSITIVITY as HISTOGRAM_SENSITIVITY
 from common.pooled_metrics import _sum_histograms as _sum_histograms
+from common.pooled_metrics import consistent_counts as consistent_counts
 from common.pooled_metrics import histogram_loss as histogram_loss
 from common.pooled_metrics import histogram_rates as histogram_rates
 from common.pooled_metrics import histogram_threshold as histogram_threshold
+from common.pooled_metrics import merge_bins as merge_bins
 from common.pooled_metrics import noised_histograms as noised_histograms
 from common.pooled_metrics import pooled_auc_from_histograms as pooled_auc_from_histograms
+from common.pooled_metrics import pooled_counts as pooled_counts
 from common.pooled_metrics import pooled_roc_from_histograms as pooled_roc_from_histograms
 from common.pooled_metrics import robust_histogram_threshold as robust_histogram_threshold
 from common.pooled_metrics import score_histograms as score_histograms
@@ -75,6 +79,10 @@ __all__ = [
     "histogram_rates",
     "histogram_loss",
     "EVAL_EDGES",
+    "BINARY_EDGES",
+    "merge_bins",
+    "consistent_counts",
+    "pooled_counts",
     "sens_spec",
     "weighted_mean",
 ]

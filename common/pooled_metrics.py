@@ -27,6 +27,71 @@ from common.roc import MetricsError, _auc_from_counts, _check_binary, _check_pro
 EVAL_EDGES: NDArray[np.float64] = np.concatenate([[0.0], 1.0 / (1.0 + np.exp(-np.linspace(-10.0, 10.0, 15))), [1.0]])
 
 
+#: Bin edges of the binary task's released histograms: every other inner edge of :data:`EVAL_EDGES`
+#: (logit -8.57 to 8.57 in steps of 2.86), so 8 bins. Each bin of a released histogram carries the
+#: same noise however few images it holds, and a sensitivity or specificity sums the noise of every
+#: bin on one side of the threshold: fewer, wider bins keep the operating point where the sites'
+#: validation data put it (benchmarks/operating_point.py measured 16 bins against 8). A site bins
+#: with :data:`EVAL_EDGES` and merges (:func:`merge_bins`): the fine counts never leave it.
+BINARY_EDGES: NDArray[np.float64] = np.concatenate([[0.0], EVAL_EDGES[2:-2:2], [1.0]])
+
+
+def merge_bins(counts: Sequence[float], edges_from: ArrayLike, edges_to: ArrayLike) -> list[float]:
+    """Counts over ``edges_from`` summed into the wider bins of ``edges_to`` (a subset of the same edges)."""
+    fine, coarse = np.asarray(edges_from, dtype=np.float64), np.asarray(edges_to, dtype=np.float64)
+    at = np.searchsorted(fine, coarse)
+    if len(counts) != fine.size - 1 or not np.array_equal(fine[np.clip(at, 0, fine.size - 1)], coarse):
+        raise MetricsError(f"cannot merge {len(counts)} bins into {coarse.size - 1}: the wide edges must be a subset of the "
+                           "fine ones")
+    return np.add.reduceat(np.asarray(counts, dtype=np.float64), at[:-1]).tolist()
+
+
+def consistent_counts(noised: ArrayLike, total: float | None = None) -> NDArray[np.float64]:
+    """The non-negative counts nearest (least squares) to ``noised`` that sum to ``total`` (default: their sum).
+
+    A noised count can be negative and an empty bin reads as a few images; clipping at zero adds
+    images that were never there. The Euclidean projection onto {x >= 0, sum x = total} removes
+    one common amount from every bin that stays positive and zeroes the rest, so the class keeps
+    its noised total (an unbiased estimate) and no bin is negative. Post-processing: no privacy cost.
+    """
+    v = np.asarray(noised, dtype=np.float64)
+    t = float(v.sum()) if total is None else float(total)
+    if t <= 0 or v.size == 0:
+        return np.zeros_like(v)
+    u = np.sort(v)[::-1]
+    excess = np.cumsum(u) - t
+    rho = int(np.flatnonzero(u - excess / np.arange(1, u.size + 1) > 0)[-1])
+    return np.maximum(v - excess[rho] / (rho + 1), 0.0)
+
+
+def pooled_counts(hists: Sequence[Mapping[str, Sequence[float]]],
+                  noise_sd: Sequence[float]) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """The pooled (positive, negative) counts per bin from the sites' noised histograms, consistent.
+
+    Per class, the total is the sum of every noised count (unbiased). The shape (the share of the
+    class in each bin) is the sites' histograms averaged with weight ``n / (sd^2 + n / bins)``:
+    a site's noised count ``n`` of the class over the variance its histogram carries (its noise
+    ``sd`` per count, plus about ``n / bins`` of sampling). A site with a handful of images of a
+    class sends mostly noise; the plain sum would let it blur the class's distribution as much as
+    a site with hundreds (benchmarks/operating_point.py: 86% against 99% of replays keeping the
+    held-out sensitivity and specificity within 0.05). When every site has the same distribution
+    this is the minimum-variance estimate; large sites weigh a little more than their share
+    otherwise. The result is projected onto non-negative counts summing to the total.
+    """
+    if len(noise_sd) != len(hists):
+        raise MetricsError(f"{len(hists)} histograms but {len(noise_sd)} noise levels; give each site's eval-noise")
+    _sum_histograms(hists, clip=False)  # the same checks: both classes, one binning, finite counts
+    out = []
+    for key in ("pos", "neg"):
+        rows = np.asarray([np.asarray(h[key], dtype=np.float64) for h in hists])
+        total = max(0.0, float(rows.sum()))
+        n = np.maximum(rows.sum(axis=1), 0.0)
+        weights = n / (np.asarray(noise_sd, dtype=np.float64) ** 2 + n / rows.shape[1])
+        shape = consistent_counts((weights[:, None] * rows).sum(axis=0))
+        out.append(shape / shape.sum() * total if shape.sum() > 0 else consistent_counts(rows.sum(axis=0), total))
+    return out[0], out[1]
+
+
 def score_histograms(y_true: ArrayLike, probs: ArrayLike, *, bins: int = 200,
                      edges: ArrayLike | None = None) -> dict[str, list[int]]:
     """Per-class counts of positive-class probabilities in ``bins`` equal-width bins over [0,1].

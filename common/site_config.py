@@ -29,10 +29,11 @@ class SiteConfig:
     allow_no_dp: bool = False  # whether this site ever trains without DP when a run asks for it
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda
     val_fraction: float = 0.2  # share of this site's patients kept for validation (the split is the site's own)
-    eval_noise: float = 10.0  # std of the Gaussian noise on each count of the validation score histograms
+    eval_noise: float = 10.0  # evaluation noise scale: histograms get 2x (routine) or 0.4x (final) per count; image statistics 1x
     max_evaluations: int = 100  # evaluate replies this site sends per run (each is charged to its budget)
     max_evaluations_per_day: int = 1000  # evaluate replies over all runs in any 24 hours (new runs do not reset it)
     declared_images: int = 0  # the training-set size this site declares: its weight in the average, never a count; 0: weight 1
+    max_final_evaluations: int = 2  # of them answered at the final (precise) noise per run (client/eval_noise.py)
     # Run settings this site accepts (a run outside them is refused before anything is read or spent):
     max_image_size: int = 512
     max_local_epochs: int = 200
@@ -82,6 +83,7 @@ def _check_site(c: SiteConfig) -> list[str]:
     check_range(p, "max-evaluations", c.max_evaluations, 0, 100_000)
     check_range(p, "max-evaluations-per-day", c.max_evaluations_per_day, 0, 1_000_000)
     check_range(p, "declared-images", c.declared_images, 0, 100_000_000)
+    check_range(p, "max-final-evaluations", c.max_final_evaluations, 0, 100)
     check_range(p, "max-image-size", c.max_image_size, 16, 4096)
     check_range(p, "max-local-epochs", c.max_local_epochs, 1, 1000)
     check_range(p, "max-batch-size", c.max_batch_size, 1, 100_000)

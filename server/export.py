@@ -19,7 +19,8 @@ from common.onnx_export import ExportError, export_onnx, reference_batch
 from common.torchscript_export import export_torchscript
 from server.checkpoint import latest_checkpoint, load_best
 from server.gate import export_gate
-from server.report import fitness_warnings, write_metrics, write_model_card, write_plots
+from server.pooled_evaluation import release_edges
+from server.report import json_safe, model_warnings, write_metrics, write_model_card, write_plots
 
 log = logging.getLogger("flwr.fedxray")
 
@@ -89,6 +90,13 @@ def finish(run_dir: Path, run_name: str, run: RunConfig, provenance: dict[str, s
     if calibration is not None:
         metadata["fedxray.calibration"] = json.dumps({"method": "platt, on pooled validation histograms",
                                                       "a": calibration[0], "b": calibration[1]})
+    # The warnings travel with the model (fl-predict shows them with every result); the operating point says
+    # which rule set the threshold, where, and how well it is known.
+    problems = model_warnings(chosen, threshold, str((provenance or {}).get("data_source", "")))
+    operating = operating_point_record(run, chosen, threshold)
+    metadata["fedxray.warnings"] = json.dumps(problems)
+    if operating:
+        metadata["fedxray.operating_point"] = json.dumps(json_safe(operating))
     drift = drift_reference(ckpt.history, chosen, run)
     if drift:
         metadata["fedxray.reference"] = drift
@@ -101,16 +109,18 @@ def finish(run_dir: Path, run_name: str, run: RunConfig, provenance: dict[str, s
         ood=gate[0] if gate is not None else None,
     )
     torchscript = torchscript_twin(model, run_dir, sample, ood=gate[0] if gate is not None else None)
-    problems = fitness_warnings(chosen, threshold)
     for problem in problems:
         log.warning("exported model: %s", problem)
     export = {"max_abs_diff": report.max_abs_diff, "size_bytes": report.size_bytes,
               "parity_images": 0 if sample is None else len(sample), "round": export_round,
               "pooled_auc": chosen.get("pooled_auc"), "warnings": problems, "torchscript": torchscript, **(provenance or {}),
               "intended_use": json.loads(gate[2]) if gate is not None else None}
+    if calibration is not None:
+        export["calibration"] = {"a": calibration[0], "b": calibration[1]}
     write_metrics(run_dir, run_name, ckpt.run_config, ckpt.history,
-                  {"export": export, "threshold": threshold, "warnings": problems, "labels": chosen.get("labels", {})})
-    write_plots(run_dir, ckpt.history)
+                  {"export": export, "threshold": threshold, "warnings": problems, "labels": chosen.get("labels", {}),
+                   **({"operating_point": operating} if operating else {})})
+    write_plots(run_dir, ckpt.history, export_round=export_round)
     kwargs = run.model_kwargs()
     info = describe(run.model, num_outputs=kwargs.pop("num_outputs"), **kwargs)
     write_model_card(run_dir, run_name=run_name, run_config=ckpt.run_config, rounds=ckpt.history,
@@ -156,7 +166,6 @@ def drift_reference(history: list[dict], chosen: dict, run: RunConfig) -> str | 
     Image statistics: the last round's noised site counts (model-independent). Scores: the pooled
     noised evaluation histograms of the exported round, rebinned to the reference's score bins.
     """
-    from common.metrics import EVAL_EDGES
     from common.reference import ReferenceError, rebin_scores, reference_from_sites
 
     last = history[-1] if history else {}
@@ -166,7 +175,7 @@ def drift_reference(history: list[dict], chosen: dict, run: RunConfig) -> str | 
         return None
     pos = np.sum([np.asarray(p, float) for p, _ in hists], axis=0)
     neg = np.sum([np.asarray(n, float) for _, n in hists], axis=0)
-    scores = {f"score:{run.labels[0]}": rebin_scores(pos, neg, EVAL_EDGES)}
+    scores = {f"score:{run.labels[0]}": rebin_scores(pos, neg, release_edges(pos.size))}
     try:
         return reference_from_sites(parts, scores, (run.image_size, run.image_size))
     except ReferenceError as err:
@@ -174,18 +183,31 @@ def drift_reference(history: list[dict], chosen: dict, run: RunConfig) -> str | 
         return None
 
 
+def operating_point_record(run: RunConfig, chosen: dict, threshold: float) -> dict | None:
+    """``fedxray.operating_point`` and metrics.json's ``operating_point``: the rule, who set it (the federation),
+    on which round's evaluation, the exported threshold and its estimated rates with their 95% intervals."""
+    if run.task != "binary":
+        return None
+    return {"rule": str(run.operating), "set_by": "federation", "round": chosen.get("round"),
+            "final_evaluation": bool(chosen.get("eval_final")), "threshold": threshold,
+            "sensitivity": chosen.get("sensitivity"), "sensitivity_ci": chosen.get("sensitivity_ci"),
+            "specificity": chosen.get("specificity"), "specificity_ci": chosen.get("specificity_ci"),
+            "estimate": "from the sites' noised validation histograms"}
+
+
 def platt_from_round(record: dict, run: RunConfig) -> tuple[float, float] | None:
     """Platt scaling (common/calibration.py) fitted on the round's pooled validation histograms; None if impossible."""
     from common.calibration import CalibrationError, fit_platt
-    from common.metrics import EVAL_EDGES
+    from common.noised_estimates import plain_counts
 
     hists = [(s["hist_pos"], s["hist_neg"]) for s in record.get("sites", {}).values() if s.get("hist_pos")]
     if run.task != "binary" or not hists:
         return None
-    pos = np.sum([np.asarray(p, float) for p, _ in hists], axis=0)
-    neg = np.sum([np.asarray(n, float) for _, n in hists], axis=0)
+    # Consistent counts (non-negative, each class keeping its noised total): clipping each count at zero put
+    # images in empty bins at the far ends, and the fit flattened to reach them.
+    pos, neg = plain_counts([p for p, _ in hists], [n for _, n in hists])
     try:
-        return fit_platt(pos, neg, EVAL_EDGES)
+        return fit_platt(pos, neg, release_edges(pos.size))
     except CalibrationError as err:
         log.warning("exported probabilities not calibrated: %s", err)
         return None

@@ -16,8 +16,11 @@ from typing import Any
 
 import numpy as np
 
-from common import metrics
 from common.cache import atomic_write_bytes
+from common.noised_estimates import plain_counts
+from server import card_figures
+from server.plots import write_plots as write_plots
+from server.pooled_evaluation import release_edges
 
 
 def json_safe(obj: Any) -> Any:
@@ -44,9 +47,11 @@ def write_metrics(run_dir: Path, run_name: str, run_config: dict[str, Any], roun
 
 
 def fitness_warnings(record: dict[str, Any], threshold: float) -> list[str]:
-    """Plain reasons the exported model is not fit for use, for the card, metrics.json and the summary."""
-    from common.metrics import EVAL_EDGES
+    """Plain reasons the exported model is not fit for use, for the card, metrics.json and the summary.
 
+    ``threshold`` is the exported one (on the calibrated probabilities); the share of images called
+    positive is read at the round's own threshold, on the scores the histograms were made of.
+    """
     out = []
     auc = record.get("pooled_auc")
     if auc is None or auc != auc:
@@ -55,10 +60,10 @@ def fitness_warnings(record: dict[str, Any], threshold: float) -> list[str]:
         out.append(f"pooled validation AUC {auc:.3f} is near chance (0.5): the model is not fit for use")
     hists = pooled_histograms(record)
     if hists:
-        pos = np.sum([np.asarray(h["pos"], float) for h in hists], axis=0)
-        neg = np.sum([np.asarray(h["neg"], float) for h in hists], axis=0)
-        counts = np.clip(pos + neg, 0.0, None)
-        k = int(np.searchsorted(EVAL_EDGES, threshold, side="left"))
+        pos, neg = plain_counts([h["pos"] for h in hists], [h["neg"] for h in hists])
+        counts = pos + neg
+        edges = release_edges(counts.size)
+        k = int(np.searchsorted(edges, float(record.get("threshold", threshold)), side="left"))
         share = float(counts[k:].sum() / counts.sum()) if counts.sum() > 0 else float("nan")
         if share == share and (share > 0.98 or share < 0.02):
             side = "positive" if share > 0.98 else "negative"
@@ -67,54 +72,25 @@ def fitness_warnings(record: dict[str, Any], threshold: float) -> list[str]:
     return out
 
 
+def data_warnings(data_source: str) -> list[str]:
+    """Why a model trained in a simulation is not for patients (fl-sim's data source, from provenance)."""
+    if data_source == "synthetic":
+        return ["trained on synthetic phantom radiographs (fl-sim): a demonstration, not for use on patients"]
+    if data_source:
+        return [f"trained on simulated hospitals made from a public research set ({data_source.removeprefix('images:')}), "
+                "not on a hospital's own patients: not for use on patients"]
+    return []
+
+
+def model_warnings(record: dict[str, Any], threshold: float, data_source: str = "") -> list[str]:
+    """Every warning the exported model carries: in the card, metrics.json, the ONNX metadata
+    (``fedxray.warnings``), the MLflow registry tags and fl-predict's output."""
+    return fitness_warnings(record, threshold) + data_warnings(data_source)
+
+
 def pooled_histograms(round_record: dict[str, Any]) -> list[dict[str, list[int]]]:
     sites = round_record.get("sites", {})
     return [{"pos": s["hist_pos"], "neg": s["hist_neg"]} for s in sites.values() if s.get("hist_pos")]
-
-
-def write_plots(run_dir: Path, rounds: list[dict[str, Any]]) -> list[Path]:
-    """Per-round pooled AUC and loss, and the pooled ROC of the last round (PNG)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    out: list[Path] = []
-    if not rounds:
-        return out
-    r = [x["round"] for x in rounds]
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.4))
-    a1.plot(r, [x.get("pooled_auc") or np.nan for x in rounds], "o-", color="tab:blue")
-    a1.set(xlabel="round", ylabel="pooled validation AUC", ylim=(0.4, 1.0), title="Pooled AUC")
-    a1.grid(alpha=0.3)
-    if any(x.get("train_loss") is not None for x in rounds):  # sites send no training loss under DP
-        a2.plot(r, [x.get("train_loss") or np.nan for x in rounds], "o-", label="train (weighted)")
-    a2.plot(r, [x.get("eval_loss") or np.nan for x in rounds], "s--", label="validation (from noised histograms)")
-    a2.set(xlabel="round", ylabel="loss", title="Loss")
-    a2.legend()
-    a2.grid(alpha=0.3)
-    for axis in (a1, a2):
-        axis.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
-    fig.tight_layout()
-    path = Path(run_dir) / "rounds.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    out.append(path)
-    hists = pooled_histograms(rounds[-1])
-    if hists:
-        fpr, tpr = metrics.pooled_roc_from_histograms(hists)
-        fig, ax = plt.subplots(figsize=(4, 4))
-        ax.plot(fpr, tpr, color="tab:red", label=f"pooled AUC {rounds[-1].get('pooled_auc') or float('nan'):.3f}")
-        ax.plot([0, 1], [0, 1], ":", color="grey")
-        ax.set(xlabel="1 - specificity", ylabel="sensitivity", title=f"Pooled ROC, round {rounds[-1]['round']}")
-        ax.legend(loc="lower right")
-        fig.tight_layout()
-        path = Path(run_dir) / "roc.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        out.append(path)
-    return out
 
 
 def _fmt(v: Any, digits: int = 3) -> str:
@@ -123,19 +99,6 @@ def _fmt(v: Any, digits: int = 3) -> str:
     if isinstance(v, float):
         return f"{v:.{digits}f}"
     return str(v)
-
-
-def _auc_with_ci(record: dict[str, Any]) -> str:
-    """AUC with a 95% interval (Hanley & McNeil 1982 standard error from the pooled counts)."""
-    auc = record.get("pooled_auc")
-    sites = record.get("sites", {}).values()
-    n_pos = sum(float(s.get("val_positive") or 0) for s in sites)
-    n_neg = sum(float(s.get("val_examples") or 0) for s in sites) - n_pos
-    ci = hanley_mcneil_ci(auc, n_pos, n_neg)
-    if ci is None:
-        return _fmt(auc)
-    return (f"{auc:.3f} (95% CI {ci[0]:.3f}-{ci[1]:.3f}, Hanley-McNeil, from about "
-            f"{n_pos:.0f} positive and {n_neg:.0f} negative validation images; counts are noised at the sites)")
 
 
 def hanley_mcneil_ci(auc: float | None, n_pos: float, n_neg: float) -> tuple[float, float] | None:
@@ -158,12 +121,15 @@ def label_lines(record: dict[str, Any], task: str) -> list[str]:
     if not figures:
         return []
     lines = ["", f"Per {'finding' if task == 'multilabel' else 'class'} (one-vs-rest, pooled over the sites' validation "
-             "data; counts are noised at the sites):", "",
-             "| label | AUC (95% CI) | threshold | sensitivity | specificity | positives | negatives |",
+             "data; every figure is an estimate from counts noised at the sites, and the AUC's interval holds that "
+             "noise, the binning and the sampling):", "",
+             "| label | AUC (95% CI) | threshold | sensitivity | specificity | positives (estimate) | "
+             "negatives (estimate) |",
              "|---|---|---|---|---|---|---|"]
     few = []
     for label, f in figures.items():
-        ci = hanley_mcneil_ci(f.get("auc"), f.get("positives") or 0, f.get("negatives") or 0)
+        ci = f.get("auc_ci") or hanley_mcneil_ci(f.get("auc"), f.get("positives") or 0, f.get("negatives") or 0)
+        ci = ci if ci and ci[0] is not None else None
         auc = _fmt(f.get("auc")) + (f" ({ci[0]:.3f}-{ci[1]:.3f})" if ci else "")
         rule = f" ({f['threshold_rule']})" if f.get("threshold_rule") else ""
         lines.append(f"| {label} | {auc} | "
@@ -197,19 +163,16 @@ def _sampling(run_config: dict[str, Any]) -> str:
 
 
 def write_model_card(run_dir: Path, *, run_name: str, run_config: dict[str, Any], rounds: list[dict[str, Any]],
-                     model_info: dict[str, Any], threshold: float, export: dict[str, Any] | None) -> Path:
+                     model_info: dict[str, Any], threshold: float, export: dict[str, Any] | None,
+                     simulation: dict[str, Any] | None = None) -> Path:
     """model_card.md: data per site (counts, prevalence), training and DP setup, metrics, use and limits."""
     last = rounds[-1] if rounds else {}
     sites = sorted({s for x in rounds for s in x.get("sites", {})})
     export = export or {}
-    problems = list(export.get("warnings", []))
-    source = str(export.get("data_source", ""))
-    if source == "synthetic":
-        problems.append("trained on synthetic phantom radiographs (fl-sim): a demonstration, not a model for patients")
-    elif source:
-        problems.append(f"trained on simulated hospitals made from a public research set ({source.removeprefix('images:')}), "
-                        "not on a hospital's own patients")
+    problems = list(export.get("warnings", []))  # model_warnings: fitness and data source, as everywhere
+    problems += [w for w in data_warnings(str(export.get("data_source", ""))) if w not in problems]
     chosen = next((x for x in rounds if x.get("round") == export.get("round")), last)
+    binary = run_config.get("task") == "binary"
     lines = [
         f"# Model card: {run_config.get('task')} {run_config.get('labels')} classifier, run {run_name}",
         "",
@@ -219,9 +182,12 @@ def write_model_card(run_dir: Path, *, run_name: str, run_config: dict[str, Any]
         "",
         "## Fitness for use",
         *([f"- **WARNING**: {w}" for w in problems] or ["- no warning: see the figures and limits below before any use"]),
-        f"- pooled validation AUC of the exported round: {_auc_with_ci(chosen)}",
+        f"- pooled validation AUC of the exported round: {card_figures.auc_line(chosen, hanley_mcneil_ci)}",
+        *(card_figures.operating_point_lines(chosen, threshold, run_config, export.get("calibration"))
+          if binary and card_figures.has_intervals(chosen) else []),
         *label_lines(chosen, str(run_config.get("task"))),
         "",
+        *card_figures.simulation_lines(simulation or {}),
         "## Model",
         f"- architecture: {model_info.get('name')}: {model_info.get('architecture', '')}; "
         f"{model_info.get('parameters', '?')} trained parameters; {model_info.get('dp_form', '')}; "
@@ -230,8 +196,9 @@ def write_model_card(run_dir: Path, *, run_name: str, run_config: dict[str, Any]
         f"- task: {run_config.get('task')}; labels: {run_config.get('labels')}; input: 1 x "
         f"{run_config.get('image-size')} x {run_config.get('image-size')} grey, values in [0, 1] "
         "(presentation-correct, bone bright), whole image resized bilinear",
-        f"- decision threshold: {threshold:.3f} (maximises sensitivity + specificity on pooled validation data)"
-        if run_config.get("task") == "binary" else
+        f"- decision threshold: {threshold:.3f} (operating point `{run_config.get('operating-point', 'youden')}` on pooled "
+        "validation data; see Fitness for use)"
+        if binary else
         "- decision: " + ("the most likely class (softmax)" if run_config.get("task") == "multiclass" else
                           "per finding, at its own threshold (table above; ONNX metadata fedxray.thresholds)"),
         *([f"- exported weights: round {export['round']} of {len(rounds)}, the round with the best pooled validation AUC "
@@ -250,19 +217,7 @@ def write_model_card(run_dir: Path, *, run_name: str, run_config: dict[str, Any]
             lines.append(f"- TorchScript: `model.pt`, same metadata, parity with torch max abs diff {ts['max_abs_diff']:.2e} "
                          "on the same images"
                          if ts.get("path") else f"- TorchScript: `model.pt` **not written**: {ts.get('error')}")
-    lines += [
-        "",
-        "## Data (per site; counts only)",
-        "",
-        "| site | train images | validation images | validation positives | epsilon spent (cumulative) |",
-        "|---|---|---|---|---|",
-    ]
-    for s in sites:
-        info = last.get("sites", {}).get(s, {})
-        lines.append(
-            f"| {s} | {_fmt(info.get('num_examples'))} | {_fmt(info.get('val_examples'))} | "
-            f"{_fmt(info.get('val_positive'))} | {_fmt(last.get('epsilon', {}).get(s))} |"
-        )
+    lines += card_figures.data_table(sites, last)
     dp = run_config.get("dp")
     lines += [
         "",
@@ -275,18 +230,8 @@ def write_model_card(run_dir: Path, *, run_name: str, run_config: dict[str, Any]
         + (f"; target epsilon {run_config.get('target-epsilon')} per site for the planned rounds, delta "
            f"{run_config.get('delta')}, clipping norm {run_config.get('max-grad-norm')}; each site accounts "
            "its own spend (RDP) in its ledger and refuses rounds past its own max-epsilon" if dp else ""),
-        "",
-        "## Per-round metrics (pooled over all sites' validation data)",
-        "",
-        "| round | pooled AUC | sensitivity | specificity | train loss | epsilon per site |",
-        "|---|---|---|---|---|---|",
+        *card_figures.round_table(rounds),
     ]
-    for x in rounds:
-        eps = ", ".join(f"{k} {_fmt(v, 2)}" for k, v in sorted(x.get("epsilon", {}).items()))
-        lines.append(
-            f"| {x['round']} | {_fmt(x.get('pooled_auc'))} | {_fmt(x.get('sensitivity'))} | "
-            f"{_fmt(x.get('specificity'))} | {_fmt(x.get('train_loss'))} | {eps or '-'} |"
-        )
     use = ("- **Not for use on patients**: see the warnings at the top." if problems else
            "- Research use: triage support for chest radiographs of the kind the sites trained on. Not a medical "
            "device; not for diagnosis without a radiologist.")
@@ -301,14 +246,43 @@ def write_model_card(run_dir: Path, *, run_name: str, run_config: dict[str, Any]
         "(`fl-client evaluate`).",
         "- Differential privacy bounds what the weights reveal about any one training image at the epsilon above; "
         "it also costs accuracy, more so for small sites.",
-        "- Metrics are pooled from per-site score histograms (200 bins): AUC is exact to within a bin.",
+        card_figures.method_line(chosen),
         "",
-        "Plots: `rounds.png` (pooled AUC and loss per round), `roc.png` (pooled ROC, last round).",
+        "Plots: `rounds.png` (pooled AUC per round with its 95% interval, and loss), `roc.png` (pooled ROC of the "
+        "exported round with its operating point)" + ("; both also show the simulation-only exact figures" if simulation
+                                                       else "") + ".",
     ]
     path = Path(run_dir) / "model_card.md"
     atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
     _like_other_files(path)
     return path
+
+
+def add_simulation_figures(run_dir: Path, simulation: dict[str, Any]) -> None:
+    """fl-sim, after the run: the exact figures only a simulation has, into metrics.json (``simulation``),
+    the plots and the model card's section of their own (card_figures.SIMULATION_HEADING)."""
+    path = Path(run_dir) / "metrics.json"
+    doc = json.loads(path.read_text())
+    doc["simulation"] = json_safe(simulation)
+    atomic_write_bytes(path, json.dumps(doc, indent=2).encode())
+    write_plots(run_dir, doc.get("rounds") or [], doc["simulation"], (doc.get("export") or {}).get("round"))
+    card = Path(run_dir) / "model_card.md"
+    if not card.is_file():
+        return
+    text = card.read_text()
+    head = card_figures.SIMULATION_HEADING
+    if head in text:  # a second call replaces the section
+        start = text.index(head)
+        end = text.find("\n## ", start + len(head))
+        text = text[:start] + (text[end + 1:] if end >= 0 else "")
+    section = "\n".join(card_figures.simulation_lines(doc["simulation"])) + "\n"
+    at = text.find("## Model\n")
+    text = text[:at] + section + text[at:] if at >= 0 else text + "\n" + section
+    text = text.replace("(pooled ROC of the exported round with its operating point).",
+                        "(pooled ROC of the exported round with its operating point); both also show the "
+                        "simulation-only exact figures.")
+    atomic_write_bytes(card, text.encode())
+    _like_other_files(card)
 
 
 def _like_other_files(path: Path) -> None:

@@ -17,6 +17,7 @@ import numpy as np
 from common.metrics import weighted_mean
 from common.pooled_metrics import THRESHOLD_RULES
 from server.checkpoint import Checkpoint, load_best, save_best, save_checkpoint
+from server.pooled_evaluation import round_figures, site_counts
 from server.report import write_metrics
 from server.strategy import strategy_state
 
@@ -51,8 +52,10 @@ def round_record(strategy: Any, r: int, seconds: float) -> dict[str, Any]:
             sites.setdefault(site, {}).update(
                 val_examples=int(m.get("num-examples", 0)), val_positive=int(round(m["num-positive"])) if "num-positive" in m else None,
                 auc=m.get("auc"), eval_noise=m.get("eval-noise"), hist_pos=m.get("hist-pos"), hist_neg=m.get("hist-neg"),
+                eval_final=bool(m.get("eval-final")),
             )
             sites[site].update({k: v for k, v in m.items() if k.startswith("gate-")})  # intended-use gate (server/gate.py)
+            sites[site].update(site_counts(m))  # noised counts as estimates: never more positives than images
             image_counts = {k.removeprefix("ref-"): v for k, v in m.items() if k.startswith("ref-")}
             if image_counts:
                 sites[site]["reference_counts"] = image_counts
@@ -66,6 +69,7 @@ def round_record(strategy: Any, r: int, seconds: float) -> dict[str, Any]:
         "sensitivity": pooled.get("sensitivity", math.nan),
         "specificity": pooled.get("specificity", math.nan),
         "threshold": pooled.get("threshold", 0.5),
+        **round_figures(pooled, str(getattr(getattr(strategy, "run", None), "operating_point", "youden"))),
         "epsilon": epsilon,
         "sites": sites,
         "rejected": dict(entry.rejected) if entry else {},
@@ -82,11 +86,25 @@ def per_label(pooled: dict[str, Any], labels: tuple[str, ...]) -> dict[str, dict
             ("auc", "pooled-auc"), ("threshold", "threshold"), ("sensitivity", "sensitivity"),
             ("specificity", "specificity"), ("positives", "positives"), ("negatives", "negatives"))
             if f"{key}-{c}" in pooled}
+        if f"pooled-auc-low-{c}" in pooled:  # the AUC's 95% interval, the sites' noise included
+            figures["auc_ci"] = [pooled[f"pooled-auc-low-{c}"], pooled[f"pooled-auc-high-{c}"]]
         if f"threshold-rule-{c}" in pooled:  # how the threshold was chosen (common.pooled_metrics.THRESHOLD_RULES)
             figures["threshold_rule"] = THRESHOLD_RULES[int(pooled[f"threshold-rule-{c}"])]
         if figures:
             out[name] = figures
     return out
+
+
+def auc_reading(rec: dict[str, Any]) -> str:
+    """The round's pooled AUC for its log line: an estimate from noised counts, so with its interval."""
+    auc, ci = rec.get("pooled_auc"), rec.get("pooled_auc_ci")
+    if auc is None or auc != auc:
+        return "- (not estimable: a class's noised validation count is not positive this round)"
+    if not ci or ci[0] is None or ci[0] != ci[0]:
+        return f"{auc:.3f}"
+    which = "final evaluation" if rec.get("eval_final") else "noised"
+    rough = "; a class's count is within the noise of zero, so the interval is rough" if rec.get("intervals_rough") else ""
+    return f"{auc:.3f} (95% CI {ci[0]:.3f}-{ci[1]:.3f}, {which}{rough})"
 
 
 EPSILON_SITES_LISTED = 8
@@ -133,8 +151,8 @@ class RoundKeeper:
             save_best(self.run_dir, r, weights, auc)
             self.best_saved = auc
         write_metrics(self.run_dir, self.run_name, self.config_map, self.history)
-        log.info("round %d/%d: pooled AUC %.3f, validation loss %.4f, epsilon [%s]%s", r, self.total_rounds,
-                 auc, rec["eval_loss"], epsilon_summary(rec["epsilon"]),
+        log.info("round %d/%d: pooled AUC %s, validation loss %.4f, epsilon [%s]%s", r, self.total_rounds,
+                 auc_reading(rec), rec["eval_loss"], epsilon_summary(rec["epsilon"]),
                  f", rejected {sorted(rec['rejected'])}" if rec["rejected"] else "")
         if self.patience and auc == auc:
             if auc > self.best_auc + 1e-4:

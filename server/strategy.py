@@ -35,6 +35,7 @@ from common.config import RunConfig
 from common.pooled_metrics import THRESHOLD_RULES
 from common.privacy import noise_for_target
 from server import gate
+from server.pooled_evaluation import DEFAULT_EVAL_NOISE, binary_pooled, class_auc_interval, site_estimates
 
 log = logging.getLogger("flwr.fedxray.strategy")  # reaches the run log through Flower's handler
 
@@ -192,9 +193,11 @@ class FedxrayMixin:
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         config["threshold"] = float(self.threshold)
-        # The last round also asks for the (noised) image statistics of the drift reference.
+        # The last round also asks for the (noised) image statistics of the drift reference, and tells the
+        # sites this is the evaluation of the model to export (they choose how precisely to answer it).
         config["reference-stats"] = server_round + self.round_offset >= self.run.num_server_rounds
         config.update(gate.evaluate_config(self.gate_reference))  # server/gate.py
+        config["final-evaluation"] = config["reference-stats"]
         return super().configure_evaluate(server_round + self.round_offset, arrays, config, grid)  # type: ignore[misc]
 
     # -- validation before aggregation ------------------------------------------------
@@ -273,9 +276,7 @@ class FedxrayMixin:
             values = {k: (list(v) if isinstance(v, list) else float(v)) for k, v in m.items()}
             try:
                 if values.get("hist-pos") and values.get("hist-neg"):
-                    hist = [{"pos": values["hist-pos"], "neg": values["hist-neg"]}]
-                    values["auc"] = metrics.pooled_auc_from_histograms(hist)
-                    values["num-positive"] = float(max(0.0, sum(values["hist-pos"])))
+                    values.update(site_estimates(values))
                 elif per_class := _class_histograms(values):
                     aucs = [metrics.pooled_auc_from_histograms([h]) for h in per_class.values()]
                     values["auc"] = float(np.nanmean(aucs)) if not all(a != a for a in aucs) else math.nan
@@ -300,15 +301,17 @@ class FedxrayMixin:
         }
         per_class = [_class_histograms(s) for s in sites]
         if hists:
-            out["pooled-auc"] = metrics.pooled_auc_from_histograms(hists)
-            self.threshold = metrics.histogram_threshold(hists, metrics.EVAL_EDGES)
-            out["sensitivity"], out["specificity"] = metrics.histogram_rates(hists, self.threshold, metrics.EVAL_EDGES)
-            out["eval-loss"] = metrics.histogram_loss(hists, metrics.EVAL_EDGES)
+            noise = [float(s.get("eval-noise", DEFAULT_EVAL_NOISE)) for s in sites if s.get("hist-pos")]
+            final = all(bool(s.get("eval-final")) for s in sites if s.get("hist-pos"))
+            out.update(binary_pooled(hists, noise, self.run.operating, final=final))
+            self.threshold = out["threshold"]
         elif any(per_class):
             # Multiclass / multilabel: each class pooled over the sites (one-vs-rest), then the macro AUC.
             classes = sorted({c for p in per_class for c in p}, key=lambda c: (len(c), c))
             for c in classes:
                 out.update(class_metrics(c, [p[c] for p in per_class if c in p], multilabel=self.run.task == "multilabel"))
+                out.update(class_auc_interval(c, [(p[c], float(s.get("eval-noise", DEFAULT_EVAL_NOISE)))
+                                                  for p, s in zip(per_class, sites, strict=True) if c in p]))
             aucs = [out[f"pooled-auc-{c}"] for c in classes]
             out["pooled-auc"] = float(np.nanmean(aucs)) if any(a == a for a in aucs) else math.nan
             if self.run.task == "multilabel":

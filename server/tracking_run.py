@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 from common.cache import atomic_write_bytes, file_sha256
 from common.cli import fedxray_version
 from server.audit import settings_for_audit
+from server.report import data_warnings
 
 log = logging.getLogger("fedxray.tracking")
 
@@ -136,8 +137,13 @@ class Tracker:
         now = int(time.time() * 1000)
         values: dict[str, float | None] = {
             key: _number(record.get(key))
-            for key in ("pooled_auc", "eval_loss", "train_loss", "sensitivity", "specificity", "threshold", "seconds")
+            for key in ("pooled_auc", "eval_loss", "train_loss", "sensitivity", "specificity", "seconds")
         }
+        # The round's threshold is on its raw scores; the metric `threshold` is the exported model's (finish).
+        values["round_threshold"] = _number(record.get("threshold"))
+        for key in ("pooled_auc", "sensitivity", "specificity"):  # the estimates' 95% intervals
+            ci = record.get(f"{key}_ci") or (None, None)
+            values[f"{key}_ci_low"], values[f"{key}_ci_high"] = _number(ci[0]), _number(ci[1])
         epsilon = record.get("epsilon") or {}
         for site, eps in epsilon.items():
             values[_metric_key("epsilon", site)] = _number(eps)
@@ -176,7 +182,9 @@ class Tracker:
         for plot in sorted(run_dir.glob("*.png")):
             self.client.log_artifact(self.run_id, str(plot), "plots")
         onnx = run_dir / "model.onnx"
-        warnings = list(export.get("warnings") or [])
+        # Every warning of the model, the data source's included ("not for use on patients" for a simulation).
+        warnings = list(export.get("warnings") or doc.get("warnings") or [])
+        warnings += [w for w in data_warnings(str(export.get("data_source") or "")) if w not in warnings]
         lineage: dict[str, Any] = {
             "run_name": self.run_name,
             "run_id": _read_text(run_dir / "run-id"),
@@ -190,13 +198,21 @@ class Tracker:
             "data_source": export.get("data_source") or "",
             "bundle_sha256": export.get("bundle_sha256") or "",
             "version": export.get("version") or fedxray_version(),
-            "warnings": warnings or "none",  # fitness_warnings: why the model is not fit for use, if it is not
+            "warnings": warnings or "none",  # model_warnings: why the model is not fit for use, if it is not
+            "threshold": _number(doc.get("threshold")),  # the exported model's (ONNX fedxray.threshold)
+            "operating_point": doc.get("operating_point") or "",
         }
         if onnx.is_file():
             lineage["onnx_sha256"] = file_sha256(onnx)
         tags = {f"fedxray.{key}": _tag(without_paths(value)) for key, value in lineage.items()
                 if value not in (None, "", [], {})}
         self.client.log_batch(self.run_id, tags=_tags(tags))
+        if lineage["threshold"] is not None:  # the metric `threshold` is the model's own threshold
+            from mlflow.entities import Metric  # deferred: MLflow
+
+            step = int(export.get("round") or last.get("round") or 0)
+            self.client.log_batch(self.run_id, metrics=[Metric("threshold", lineage["threshold"], int(time.time() * 1000),
+                                                               step)])
         result = None
         if onnx.is_file():
             self.client.log_artifact(self.run_id, str(onnx), "model")

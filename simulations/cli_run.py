@@ -191,6 +191,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(exact_summary(sim_root, run_dir))
     if holdout.is_dir() and (run_dir / "model.onnx").is_file():
         print(score_holdout(run_dir / "model.onnx", holdout, sim_root))
+    add_simulation_figures(sim_root, run_dir)
     print(f"\nrun directory: {run_dir}  ({time.monotonic() - started:.0f} s)")
     print("  model.onnx, model_card.md, metrics.json, rounds.png, roc.png, checkpoints/")
     _print_tracking(run_dir)
@@ -255,6 +256,28 @@ def exact_summary(sim_root: Path, run_dir: Path) -> str:
             "measure it; the coordinator above saw noised histograms): " + ", ".join(parts))
 
 
+def add_simulation_figures(sim_root: Path, run_dir: Path) -> None:
+    """The exact figures only a simulation has (exact-validation.json, holdout.json) into the run's metrics.json,
+    plots and model card, labelled as simulation-only (server/report.py)."""
+    from server.report import add_simulation_figures as add_figures
+
+    figures: dict[str, Any] = {}
+    for key, name in (("exact_validation", "exact-validation.json"), ("holdout", "holdout.json")):
+        try:
+            figures[key] = json.loads((sim_root / name).read_text())
+        except (OSError, ValueError):
+            continue
+    exact = figures.get("exact_validation") or {}
+    if exact:  # the exported round's model: "exported" with export-round = best, else the last round's
+        chosen = exact.get("exported") or exact.get("last") or {}
+        figures["exact_validation"] = {"round": chosen.get("round"), "auc": chosen.get("auc"), "images": exact.get("images")}
+    held = figures.get("holdout") or {}
+    if held:
+        figures["holdout"] = {k: held.get(k) for k in ("images", "auc", "auc_ci", "threshold", "sensitivity", "specificity")}
+    if figures and (run_dir / "metrics.json").is_file():
+        add_figures(run_dir, figures)
+
+
 def _positive_class(hospitals: Path) -> str | None:
     """The positive finding of simulated hospitals (their manifest's non-normal class), if known."""
     try:
@@ -283,11 +306,12 @@ def render_rounds(rounds: list[dict]) -> str:
     sites = sorted({s for r in rounds for s in r.get("epsilon", {})})
     many = len(sites) > MAX_SITES_LISTED  # then the range over the sites, not a column per site
     columns = [f"{'eps min':>8}", f"{'eps max':>8}", f"{'sites':>6}"] if many else [f"{'eps ' + s:>16}" for s in sites]
-    head = f"{'round':>5}  {'pooled AUC':>10}  {'val loss':>8}  " + "  ".join(columns)
+    head = f"{'round':>5}  {'pooled AUC (95% CI)':>22}  {'val loss':>8}  " + "  ".join(columns)
     lines = ["", head, "-" * len(head)]
     for r in rounds:
-        auc, loss = r.get("pooled_auc"), r.get("eval_loss")
+        auc, loss, ci = r.get("pooled_auc"), r.get("eval_loss"), r.get("pooled_auc_ci") or (None, None)
         auc_s = "-" if auc is None or auc != auc else f"{auc:.3f}"
+        auc_s += f" ({ci[0]:.2f}-{ci[1]:.2f})" if ci[0] is not None and auc_s != "-" else ""  # an estimate: its 95% CI
         loss_s = "-" if loss is None or loss != loss else f"{loss:.4f}"
         spent = r.get("epsilon", {})
         if many:
@@ -296,6 +320,7 @@ def render_rounds(rounds: list[dict]) -> str:
         else:
             eps = "  ".join(f"{spent.get(s, float('nan')):>16.2f}" for s in sites)
         note = f"  refused/failed: {len(r['failures'])}" if r.get("failures") else ""
-        lines.append(f"{r['round']:>5}  {auc_s:>10}  {loss_s:>8}  {eps}{note}")
-    lines.append("(pooled AUC and validation loss as the coordinator sees them: from the sites' noised histograms)")
+        note += "  final evaluation" if r.get("eval_final") else ""
+        lines.append(f"{r['round']:>5}  {auc_s:>22}  {loss_s:>8}  {eps}{note}")
+    lines.append("(pooled AUC and validation loss as the coordinator sees them: estimates from the sites' noised histograms)")
     return "\n".join(lines)

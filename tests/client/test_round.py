@@ -21,6 +21,7 @@ from client.round import (
 )
 from common.config import RunConfig
 from common.models import build_model
+from common.pooled_metrics import BINARY_EDGES
 from common.site_config import SiteConfig
 from simulations.hospitals import make_synthetic_hospitals
 
@@ -114,15 +115,37 @@ def test_features_are_cached_once_per_image(hospital, tmp_path):
 def test_evaluation_sends_noised_histograms_charged_to_validation_patients(hospital, tmp_path):
     run, site = _run(), _site(hospital, tmp_path / "state", **{"max-evaluations": 1})
     metrics = evaluate_round(run, site, _request(run))
-    assert set(metrics) == {"num-examples", "hist-pos", "hist-neg", "eval-noise"}  # no exact score or count
+    assert set(metrics) == {"num-examples", "hist-pos", "hist-neg", "eval-noise", "eval-final"}  # no exact score or count
     assert not all(float(v).is_integer() for v in metrics["hist-pos"])  # Gaussian noise on every count
+    assert len(metrics["hist-pos"]) == len(BINARY_EDGES) - 1 and metrics["eval-final"] == 0.0
     ledger = PrivacyLedger(site.state_dir, site="hospital-a", max_epsilon=10, delta=1e-5)
     (entry,) = ledger.contributions()
-    assert entry.kind == "evaluate" and entry.noise_multiplier == pytest.approx(10.0 / math.sqrt(2))
+    # A routine round: twice eval-noise per count (most of the budget is kept for the final evaluation).
+    assert entry.kind == "evaluate" and entry.noise_multiplier == pytest.approx(20.0 / math.sqrt(2))
+    assert metrics["eval-noise"] == 20.0
     assert evaluate_round(run, site, _request(run)) == metrics  # a retry re-sends, charges nothing
     assert len(ledger.contributions()) == 1
     with pytest.raises(RoundRefused, match="max-evaluations"):  # the site's limit per run
         evaluate_round(run, site, _request(run, server_round=2))
+
+
+def test_the_final_evaluation_is_precise_charged_at_its_noise_and_limited_per_run(hospital, tmp_path):
+    """Issue 20: the site spends most of its evaluation budget on the exported model's evaluation, from its own
+    eval-noise; a coordinator calling every evaluation final is charged for each, and past max-final-evaluations
+    gets routine answers."""
+    run, site = _run(), _site(hospital, tmp_path / "state", **{"max-final-evaluations": 1})
+    base = _request(run)
+
+    def final(server_round: int) -> dict:
+        return evaluate_round(run, site, RoundRequest(server_round, base.weights, base.run_name, final=True))
+
+    first, second = final(1), final(2)
+    assert first["eval-final"] == 1.0 and first["eval-noise"] == pytest.approx(4.0)
+    assert second["eval-final"] == 0.0 and second["eval-noise"] == pytest.approx(20.0)  # the limit: routine noise
+    entries = PrivacyLedger(site.state_dir, site="hospital-a", max_epsilon=10, delta=1e-5).contributions()
+    assert [e.kind for e in entries] == ["final-evaluate", "evaluate"]
+    assert entries[0].noise_multiplier == pytest.approx(4.0 / math.sqrt(2))  # charged at the noise it released
+    assert entries[0].epsilon_after > 1.0  # a precise answer costs the validation patients far more than a routine one
 
 
 def test_the_last_evaluation_adds_noised_reference_statistics_and_charges_them(hospital, tmp_path):
@@ -173,4 +196,4 @@ def test_multiclass_evaluation_sends_one_vs_rest_histograms_per_class(hospital, 
     metrics = evaluate_round(run, site, _request(run))
     assert {"hist-pos-0", "hist-neg-0", "hist-pos-1", "hist-neg-1"} <= set(metrics) and "hist-pos" not in metrics
     (entry,) = PrivacyLedger(site.state_dir, site="hospital-a", max_epsilon=10, delta=1e-5).contributions()
-    assert entry.noise_multiplier == pytest.approx(10.0 / math.sqrt(2 * 2))  # sqrt(2) per class, 2 classes
+    assert entry.noise_multiplier == pytest.approx(20.0 / math.sqrt(2 * 2))  # sqrt(2) per class, 2 classes

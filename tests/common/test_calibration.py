@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from common.calibration import Calibrated, CalibrationError, calibrated_threshold, fit_platt
-from common.metrics import EVAL_EDGES, score_histograms
+from common.metrics import BINARY_EDGES, EVAL_EDGES, score_histograms
 
 
 def test_recovers_the_temperature_of_an_overconfident_model():
@@ -36,3 +36,22 @@ def test_threshold_moves_with_the_map_and_one_class_is_refused():
     assert calibrated_threshold(0.99, 0.2, 0.0) < 0.99
     with pytest.raises(CalibrationError):
         fit_platt([0] * 16, [5] * 16, EVAL_EDGES)
+
+
+def test_an_underconfident_model_is_sharpened_not_pinned_at_a_search_bound():
+    """Issue 20: the old grid kept a in [0.01, 1] and b in [-8, 8]; a model 3 times too timid needs a = 3."""
+    rng = np.random.default_rng(1)
+    z_true = rng.normal(0, 3.0, 20_000)
+    y = rng.random(z_true.size) < 1 / (1 + np.exp(-z_true))
+    edges = np.concatenate([[0.0], 1 / (1 + np.exp(-np.linspace(-5, 5, 101))), [1.0]])  # bins fine enough for its spread
+    hist = score_histograms(y, 1 / (1 + np.exp(-z_true / 3.0)), edges=edges)
+    a, b = fit_platt(hist["pos"], hist["neg"], edges)
+    assert a == pytest.approx(3.0, rel=0.1) and abs(b) < 0.2
+
+
+def test_separated_noised_bins_still_give_one_finite_fit():
+    pos, neg = [0, 0, 0, 0, 0, 3, 40, 90], [80, 30, 5, 0, 0, 0, 0, 0]  # no bin holds both classes
+    a, b = fit_platt(pos, neg, BINARY_EDGES)
+    assert 0 < a < 10 and abs(b) < 10
+    with pytest.raises(CalibrationError, match="rank"):
+        fit_platt(neg, pos, BINARY_EDGES)  # positives below negatives: no increasing map

@@ -42,6 +42,18 @@ class TestRunConfig:
         with pytest.raises(ConfigError, match="exactly one positive"):
             RunConfig.from_mapping({"labels": "a,b"})
 
+    def test_operating_point_is_validated_with_the_rest(self):
+        """Issue 20: the rule for the exported threshold is a run setting, checked in one place."""
+        cfg = RunConfig.from_mapping({"operating-point": "sensitivity:0.95"})
+        assert cfg.operating.rule == "sensitivity" and cfg.operating.target == 0.95
+        assert str(RunConfig().operating) == "youden"
+        with pytest.raises(ConfigError) as info:
+            RunConfig.from_mapping({"operating-point": "sensitivity:95", "model": "resnet"})
+        assert len(info.value.problems) == 2 and "`operating-point`" in str(info.value) and "sensitivity:0.95" in str(info.value)
+        for bad in ("specificity", "recall:0.9", "youden:1", "specificity:1.0"):
+            with pytest.raises(ConfigError, match="operating-point"):
+                RunConfig.from_mapping({"operating-point": bad})
+
     def test_round_trip_mapping(self):
         cfg = RunConfig(model="densenet121", labels=("x", "y"), task="multilabel")
         assert RunConfig.from_mapping(cfg.to_mapping()) == cfg

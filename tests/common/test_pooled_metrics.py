@@ -6,11 +6,15 @@ import numpy as np
 import pytest
 
 from common.pooled_metrics import (
+    BINARY_EDGES,
     EVAL_EDGES,
     MIN_RATE,
+    consistent_counts,
     histogram_rates,
     histogram_threshold,
+    merge_bins,
     noised_histograms,
+    pooled_counts,
     robust_histogram_threshold,
     score_histograms,
 )
@@ -64,3 +68,44 @@ class TestRobustHistogramThreshold:
     @pytest.mark.parametrize("hist", [{"pos": [0] * 16, "neg": [5] * 16}, {"pos": [-9.0] + [0.5] * 15, "neg": [5] * 16}])
     def test_an_absent_class_gives_the_default(self, hist):
         assert robust_histogram_threshold([hist], EVAL_EDGES) == (0.5, "default")
+
+
+class TestConsistentCounts:
+    """Issue 20: noised counts made non-negative while keeping each class's noised total."""
+
+    def test_non_negative_summing_to_the_noised_total(self):
+        noised = np.array([5.0, -3.0, 2.0, -1.0, 10.0])
+        out = consistent_counts(noised)
+        assert (out >= 0).all() and out.sum() == pytest.approx(noised.sum())
+        assert np.array_equal(consistent_counts([1.0, 0.0, 4.0]), [1.0, 0.0, 4.0])  # already consistent: unchanged
+        assert consistent_counts([-4.0, 1.0]).sum() == 0.0  # a negative total: nothing
+
+    def test_clipping_would_add_images_that_were_never_there(self):
+        noised = np.array([-6.0, 3.0, -5.0, 40.0, -2.0, 4.0])
+        assert np.clip(noised, 0, None).sum() > noised.sum() == pytest.approx(consistent_counts(noised).sum())
+
+
+def test_merge_bins_sums_the_fine_bins_of_each_wide_one():
+    fine = list(range(16))
+    assert merge_bins(fine, EVAL_EDGES, BINARY_EDGES) == [1.0, 5.0, 9.0, 13.0, 17.0, 21.0, 25.0, 29.0]
+    with pytest.raises(ValueError, match="subset"):
+        merge_bins(fine, EVAL_EDGES, np.linspace(0, 1, 9))
+
+
+def test_precision_weighting_keeps_a_small_noisy_site_from_blurring_the_pooled_distribution():
+    """A site with 3 negatives sends 8 noised counts: summed as they are, they smear noise over every bin."""
+    rng = np.random.default_rng(0)
+    big = {"pos": np.zeros(8), "neg": np.array([0, 0, 60, 100, 30, 10, 0, 0.0])}
+    tiny = {"pos": np.zeros(8), "neg": np.array([0, 0, 1, 2, 0, 0, 0, 0.0])}
+    big["pos"][5:] = [50, 100, 80]
+    tiny["pos"][6] = 3
+    truth = (big["neg"] + tiny["neg"]) / (big["neg"] + tiny["neg"]).sum()
+    err_plain, err_weighted = [], []
+    for _ in range(200):
+        sent = [noised_histograms(h, 4.0, rng) for h in (big, tiny)]
+        plain = consistent_counts(np.sum([s["neg"] for s in sent], axis=0))
+        _, weighted = pooled_counts(sent, [4.0, 4.0])
+        err_plain.append(np.abs(plain / plain.sum() - truth).sum())
+        err_weighted.append(np.abs(weighted / weighted.sum() - truth).sum())
+        assert weighted.sum() == pytest.approx(max(0.0, sum(np.sum(s["neg"]) for s in sent)))  # the noised total kept
+    assert np.mean(err_weighted) < 0.8 * np.mean(err_plain)

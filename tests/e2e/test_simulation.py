@@ -42,7 +42,9 @@ def test_metrics_have_two_rounds(sim_run):
     assert [r["round"] for r in rounds] == [1, 2]
     for r in rounds:
         # Under DP the sites send no training loss (it is not accounted); the loss shown is validation's.
-        assert 0.0 <= r["pooled_auc"] <= 1.0 and r["train_loss"] is None and r["eval_loss"] > 0
+        # A handful of validation images under the sites' noise: the AUC may be "not estimable" (null), never invented.
+        assert (r["pooled_auc"] is None or 0.0 <= r["pooled_auc"] <= 1.0) and r["train_loss"] is None
+        assert r["eval_loss"] is None or r["eval_loss"] > 0
         assert set(r["epsilon"]) == {"hospital-a", "hospital-b", "hospital-c"}
         assert set(r["sites"]) == set(r["epsilon"])
 

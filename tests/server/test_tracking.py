@@ -126,6 +126,32 @@ def test_the_logged_metrics_json_holds_no_host_path(store):
     assert doc["rounds"][0]["pooled_auc"] == 0.7
 
 
+def test_a_phantom_model_is_tagged_not_for_patients_and_its_threshold_metric_is_the_models(store):
+    """Issue 24: the registry said `fedxray.warnings = none` for a phantom-trained model whose card said "not for use
+    on patients", and its `threshold` metric was the raw round's, not the exported model's."""
+    from mlflow import MlflowClient
+
+    run_dir = _run_dir(store, "phantom")
+    tracker = start_tracking(run_dir, "phantom", CONFIG)
+    rounds = [_record(1, 0.9, 1.0, 1.0), _record(2, 0.95, 2.0, 2.0)]
+    for rec in rounds:
+        tracker.log_round(rec)  # each round's own threshold (0.4, on its raw scores)
+    _write_run_files(run_dir, rounds)
+    doc = json.loads((run_dir / "metrics.json").read_text())
+    doc.update(threshold=0.731, operating_point={"rule": "youden", "set_by": "federation"},
+               export={"round": 2, "pooled_auc": 0.95, "warnings": [], "data_source": "synthetic"})
+    (run_dir / "metrics.json").write_text(json.dumps(doc))
+    assert tracker.finish(run_dir) is not None
+    client = MlflowClient(tracking_uri=tracker.tracking_uri, registry_uri=tracker.tracking_uri)
+    (version,) = client.search_model_versions("name='fedxray-binary-opacity' and run_id='" + tracker.run_id + "'")
+    assert "not for use on patients" in version.tags["fedxray.warnings"]
+    assert "NOT FIT FOR USE" in version.description
+    assert json.loads(version.tags["fedxray.operating_point"])["set_by"] == "federation"
+    run = client.get_run(tracker.run_id)
+    assert run.data.metrics["threshold"] == 0.731 and float(version.tags["fedxray.threshold"]) == 0.731
+    assert [m.value for m in client.get_metric_history(tracker.run_id, "round_threshold")] == [0.4, 0.4]
+
+
 def test_a_resumed_run_continues_the_same_tracking_run(store):
     from mlflow import MlflowClient
 
