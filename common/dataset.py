@@ -19,7 +19,8 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from common.labels import (  # noqa: F401 - NEGATIVE_NAMES, POSITIVE_FLAGS: re-e
     LabelPolicy,
     encode,
 )
+from common.progress import progress as progress_of
 from common.site_files import LABELS_FILE as LABELS_FILE
 from common.site_files import NON_IMAGE_SUFFIXES as NON_IMAGE_SUFFIXES
 from common.site_files import candidate_files
@@ -200,17 +202,14 @@ def _read_all(todo: list[tuple[Path, str, tuple[str, ...]]], salt: bytes | str, 
                     out.append((key, None, None, str(entry.get("reason", "unreadable"))))
             else:
                 return out
-    iterator: Iterable[int] = range(len(todo))
-    if progress:
-        from tqdm.auto import tqdm
-
-        iterator = tqdm(iterator, desc="reading images", unit="file", leave=False)
     results: list[_Read] = []
-    for i in iterator:
-        if i in failed:
-            results.append(("", None, None, failed[i]))
-        else:
-            results.append(_read_one(todo[i][0], salt, image_size, cache, keys[i]))
+    with closing(progress_of(len(todo), "reading images", "file", bar=progress, leave=False)) as shown:
+        for i in range(len(todo)):  # a bar on a terminal, else a line every few seconds (common/progress.py)
+            if i in failed:
+                results.append(("", None, None, failed[i]))
+            else:
+                results.append(_read_one(todo[i][0], salt, image_size, cache, keys[i]))
+            shown.update(1)
     if packable and all(r[1] is not None or (cache.get_meta(r[0]) or {}).get("ok") is False for r in results):  # type: ignore[union-attr]
         entries = [{"key": k, "ok": True, "meta": m} if m is not None else {"key": k, "ok": False, "reason": why}
                    for k, m, _, why in results]

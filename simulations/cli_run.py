@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +23,11 @@ from common.cli import parse_settings
 from common.config import RunConfig, recommended_settings
 from common.config_fields import ConfigError
 from common.dataset import site_salt
+from common.supervisor import StopSignal
 from server.tracking import tracking_hint
 from simulations.hospitals import MANIFEST_FILE, SimulationError, make_hospitals_from_images, make_synthetic_hospitals
 from simulations.progress import MAX_SITES_LISTED
+from simulations.run_guard import RunLock, SimulationBusyError, describe, finished, last_checkpoint, run_processes
 
 # The phantom's opacity is faint against the anatomy's variation; a linear head on its scattering
 # features needs about 500 DP steps to find it (docs/models.md, "the synthetic demo"), more than the
@@ -63,7 +66,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     out = Path(args.out).resolve()
     name = args.name or time.strftime("sim-%Y%m%d-%H%M%S")
     sim_root = out / name
-    hospitals = sim_root / "hospitals"
     if sim_root.exists():
         print(f"fl-sim: {sim_root} already exists; pass another --name (or `fl-sim resume {sim_root}`)",
               file=sys.stderr)
@@ -105,14 +107,50 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ConfigError as err:
         print(f"fl-sim: {err}", file=sys.stderr)
         return 2
+    return _guarded(sim_root, "fl-sim", int(raw["num-server-rounds"]),
+                    lambda: _make_and_run(args, sim_root, raw, sets, data, image_set, partition))
+
+
+def _guarded(sim_root: Path, command: str, rounds: int, work: Callable[[], int]) -> int:
+    """``work()`` holding the folder's lock (simulations/run_guard.py); a SIGINT or SIGTERM stops the run's every
+    process and says how to go on (the lock's exit stops them; the checkpoints stay)."""
+    try:
+        with RunLock(sim_root):
+            return work()
+    except SimulationBusyError as err:
+        print(f"{command}: {err}", file=sys.stderr)
+        return 2
+    except StopSignal as stop:
+        print(stopped_message(sim_root, stop.name, rounds), file=sys.stderr, flush=True)
+        return stop.exit_code
+
+
+def stopped_message(sim_root: Path, signal_name: str, rounds: int) -> str:
+    """What fl-sim says when a signal stopped it: how far the run got, that nothing of it runs on, how to go on."""
+    how = "Ctrl-C (SIGINT)" if signal_name == "SIGINT" else signal_name
+    left = run_processes(sim_root)
+    stopped = (f"{len(left)} of its processes did not stop ({describe(left)}): `fl-sim stop {sim_root}`" if left
+               else "every process it started has stopped")
+    done = last_checkpoint(sim_root / "run")
+    if done is None:
+        return (f"fl-sim: stopped by {how} before any round was checkpointed; {stopped}. Nothing to resume: "
+                f"start again with `fl-sim run` (remove {sim_root} first, or pass another --name)")
+    return (f"fl-sim: stopped by {how} after round {done} of {rounds} (checkpointed); {stopped}.\n"
+            f"resume with: fl-sim resume {sim_root}")
+
+
+def _make_and_run(args: argparse.Namespace, sim_root: Path, raw: dict[str, Any], sets: dict[str, Any],
+                  data: Path | None, image_set: bool, partition: str) -> int:
+    """Make (or take) the hospitals, write sites.json, run the federation and report: ``fl-sim run``'s work."""
     # Deferred past the checks, so --help and bad input answer in well under a second (fl-sim's own
     # process never imports torch before the run: see _cuda_available).
     from simulations.federation import SimulationRunError, run_app, usable_cpus, write_sites
 
+    hospitals = sim_root / "hospitals"
     try:
         if image_set:
             print(f"partitioning the image set {data} into {args.sites} hospitals ({partition}), "
-                  f"{args.holdout:.0%} of patients held out for testing ...")
+                  f"{args.holdout:.0%} of patients held out for testing ...", flush=True)
             make_hospitals_from_images(data, hospitals, args.sites, partition=partition, alpha=args.alpha,
                                        holdout_fraction=args.holdout, seed=args.seed, max_images=args.max_images,
                                        image_size=max(args.image_size, 64), progress=sys.stderr.isatty())
@@ -157,7 +195,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 2
     print(f"federated run: {len(site_dirs)} hospitals, {raw['model']} at {raw['image-size']} px, {raw['num-server-rounds']} rounds, "
           f"DP {'off' if args.no_dp else f'on (target epsilon {args.target_epsilon} per site)'}, "
-          f"strategy {args.strategy}")
+          f"strategy {args.strategy}; before round 1 each site reads its images and caches their features",
+          flush=True)
     gpus = args.gpus_per_site
     if gpus is None:
         gpus = round(1.0 / len(site_dirs), 3) if _cuda_available() else 0.0
@@ -168,7 +207,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     except SimulationRunError as err:
         print(f"fl-sim: {err}", file=sys.stderr)
         return 1
-    run_dir = sim_root / "run"
+    return report(sim_root, sim_root / "run", holdout, started)
+
+
+def report(sim_root: Path, run_dir: Path, holdout: Path, started: float) -> int:
+    """After a run (or a resume) ended: the rounds, the warnings, the exact pooled AUC, the held-out score."""
     metrics_path = run_dir / "metrics.json"
     if not metrics_path.is_file():
         print(f"fl-sim: the run finished without metrics; see {sim_root / 'run.log'}", file=sys.stderr)
@@ -204,8 +247,12 @@ def _print_tracking(run_dir: Path) -> None:
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    """Continue a simulated run from its last checkpoint (same sites, same state dirs, same ledgers)."""
-    from simulations.federation import SITES_FILE, SimulationRunError, run_app  # deferred, as in cmd_run
+    """Continue a simulated run from its last checkpoint (same sites, same state dirs, same ledgers).
+
+    Refused, in one line, while the run (or an orphan of it) still runs, when it has finished, and when no
+    round was checkpointed: a round is never trained twice, and a finished run is not registered again.
+    """
+    from simulations.federation import SITES_FILE  # deferred, as in cmd_run
 
     sim_root = Path(args.sim_dir).resolve()
     cfg_path = sim_root / "run-config.toml"
@@ -215,19 +262,34 @@ def cmd_resume(args: argparse.Namespace) -> int:
         return 2
     raw = tomllib.loads(cfg_path.read_text())
     raw["resume-from"] = str(sim_root / raw.get("run-name", "run"))
-    n_sites = len(json.loads(sites_path.read_text()))
-    print(f"resuming {raw['resume-from']} ({n_sites} hospitals)")
+    return _guarded(sim_root, "fl-sim resume", int(raw.get("num-server-rounds", 0)),
+                    lambda: _resume(args, sim_root, raw))
+
+
+def _resume(args: argparse.Namespace, sim_root: Path, raw: dict[str, Any]) -> int:
+    from simulations.federation import SITES_FILE, SimulationRunError, run_app  # deferred, as in cmd_run
+
+    run_dir = Path(raw["resume-from"])
+    if finished(run_dir):
+        print(f"fl-sim resume: the run in {run_dir} has finished (its model is exported): nothing to resume; "
+              "start a new one with `fl-sim run`", file=sys.stderr)
+        return 2
+    done = last_checkpoint(run_dir)
+    if done is None:
+        print(f"fl-sim resume: nothing to resume in {run_dir}: no round was checkpointed; start a new run with "
+              "`fl-sim run`", file=sys.stderr)
+        return 2
+    sites = json.loads((sim_root / SITES_FILE).read_text())
+    print(f"resuming {run_dir} after round {done} of {raw.get('num-server-rounds')} ({len(sites)} hospitals)", flush=True)
+    started = time.monotonic()
     try:
-        run_app(sim_root, raw, num_supernodes=n_sites, cpus_per_site=args.cpus_per_site,
+        run_app(sim_root, raw, num_supernodes=len(sites), cpus_per_site=args.cpus_per_site,
                 progress=sys.stderr.isatty(), ray_address=args.ray_address)
     except SimulationRunError as err:
         print(f"fl-sim: {err}", file=sys.stderr)
         return 1
-    rounds = json.loads((Path(raw["resume-from"]) / "metrics.json").read_text())["rounds"]
-    print(render_rounds(rounds))
-    print(f"\nrun directory: {raw['resume-from']}")
-    _print_tracking(Path(raw["resume-from"]))
-    return 0
+    holdout = Path(sites[0]["data-dir"]).parent / "holdout" if sites else sim_root / "holdout"
+    return report(sim_root, run_dir, holdout, started)
 
 
 def exact_summary(sim_root: Path, run_dir: Path) -> str:

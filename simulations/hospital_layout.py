@@ -19,8 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
+from common.progress import progress
 from simulations.acquisition import AcquisitionProfile
 
 SYNTHETIC_CLASSES = ("normal", "opacity")
@@ -123,10 +122,8 @@ def site_summary(name: str, rows: list[tuple[str, str]], patients: Counter, n_co
 
 
 def progress_bar(total: int, enabled: bool, desc: str) -> Any:
-    """A tqdm bar on a terminal, None otherwise."""
-    if not enabled:
-        return None
-    return tqdm(total=total, desc=desc, unit="img")
+    """A tqdm bar when ``enabled`` on a terminal, else a line every few seconds (common/progress.py)."""
+    return progress(total, desc, "img", bar=enabled)
 
 
 def read_labels(site_dir: Path) -> dict[str, str]:
