@@ -41,7 +41,7 @@ from common.site_files import LABELS_FILE as LABELS_FILE
 from common.site_files import NON_IMAGE_SUFFIXES as NON_IMAGE_SUFFIXES
 from common.site_files import candidate_files
 from common.site_labels import DatasetError as DatasetError  # re-exported: raised here, defined with labels.csv
-from common.site_labels import _Labels, _read_labels_csv
+from common.site_labels import _Labels, _read_labels_csv, no_labels_message
 from common.site_split import Split as Split
 from common.site_split import Targets as Targets
 from common.site_split import _hash
@@ -250,10 +250,7 @@ def scan_site(
     if labels is None:
         class_dirs = sorted({f.relative_to(root).parts[0] for f in files if len(f.relative_to(root).parts) > 1})
         if not class_dirs and require_labels:
-            raise DatasetError(
-                f"{root}: no labels.csv and no class subfolders; add labels.csv (columns file,label) "
-                "or put images in one subfolder per class (e.g. NORMAL/, PNEUMONIA/)"
-            )
+            raise DatasetError(no_labels_message(root, len(files), sorted(p.name for p in root.iterdir() if p.is_dir())))
         unlabelled = not class_dirs
         source, kind = ("none (unlabelled)" if unlabelled else "class folders"), "single"
     else:

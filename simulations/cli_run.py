@@ -25,6 +25,7 @@ from common.config_fields import ConfigError
 from common.dataset import site_salt
 from common.supervisor import StopSignal
 from server.tracking import tracking_hint
+from simulations.hospital_layout import hospital_folders_problem
 from simulations.hospitals import MANIFEST_FILE, SimulationError, make_hospitals_from_images, make_synthetic_hospitals
 from simulations.progress import MAX_SITES_LISTED
 from simulations.run_guard import RunLock, SimulationBusyError, describe, finished, last_checkpoint, run_processes
@@ -76,6 +77,10 @@ def cmd_run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     image_set = data is not None and (data / "labels.csv").is_file() and not any(data.glob("*/labels.csv"))
+    problem = hospital_folders_problem(data) if data is not None and not image_set else None
+    if problem:
+        print(f"fl-sim: {problem}", file=sys.stderr)
+        return 2
     partition = args.partition or ("label-and-quantity" if image_set else "quantity-skew")
     try:
         sets = parse_settings(args.set)

@@ -392,3 +392,17 @@ class TestCliBadInput:
         assert main(["make-hospitals", "--out", str(tmp_path), "--sites", "1"]) == 2
         assert len(capsys.readouterr().err.strip().splitlines()) == 1
         assert (tmp_path / "keep.txt").read_text() == "x"
+
+
+def test_fl_sim_refuses_hospital_folders_without_labels_in_one_line(tmp_path, dicom_writer, capsys):
+    """Patient folders given as --data ran a federation of sites that all failed, then a traceback."""
+    from simulations.cli import main
+
+    data = tmp_path / "export"
+    for p in range(4):
+        dicom_writer(data / f"MRN-66{p:02d}" / "1.dcm", np.full((16, 16), 0.5), patient_id=f"MRN-66{p:02d}")
+    assert main(["run", "--data", str(data), "--out", str(tmp_path / "runs"), "--rounds", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "holds no labels" in err and "none of its 4 subfolders" in err
+    assert "MRN-66" not in err and "`label` (the class name)" in err
+    assert not (tmp_path / "runs").exists()  # refused before anything was made
