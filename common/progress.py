@@ -27,9 +27,10 @@ PREFIX = "progress: "
 class ProgressLines:
     """tqdm's ``update`` / ``close`` / ``write``, as a line every ``every`` seconds on ``stream``."""
 
-    def __init__(self, total: int, desc: str, unit: str, *, every: float = LINE_EVERY_S,
+    def __init__(self, total: int, desc: str, unit: str, *, every: float | None = None,
                  stream: TextIO | None = None) -> None:
-        self.total, self.desc, self.unit, self.every = int(total), desc, unit, every
+        self.total, self.desc, self.unit = int(total), desc, unit
+        self.every = LINE_EVERY_S if every is None else every
         self.stream = stream
         self.n = 0
         self._started = self._last = time.monotonic()

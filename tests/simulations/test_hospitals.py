@@ -406,3 +406,17 @@ def test_fl_sim_refuses_hospital_folders_without_labels_in_one_line(tmp_path, di
     assert len(err.splitlines()) == 1 and "holds no labels" in err and "none of its 4 subfolders" in err
     assert "MRN-66" not in err and "`label` (the class name)" in err
     assert not (tmp_path / "runs").exists()  # refused before anything was made
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_making_hospitals_says_how_far_it_got_in_a_log(tmp_path, monkeypatch, capsys, workers):
+    """Output to a file: fl-sim said nothing for the minute and a half it spent making the demo's hospitals."""
+    from common import progress as progress_module
+    from simulations.hospitals import make_synthetic_hospitals
+
+    monkeypatch.setattr(progress_module, "LINE_EVERY_S", 0.0)
+    manifest = make_synthetic_hospitals(tmp_path / "h", 2, patients_per_site=3, progress=False, workers=workers,
+                                        max_matrix=64)
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("progress: synthetic images")]
+    done = int(lines[-1].split()[3].split("/")[0])  # "progress: synthetic images 12/12 img (100%), 0 s"
+    assert len(lines) >= 2 and done >= sum(s.n_images for s in manifest.sites)
