@@ -166,12 +166,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "prints it) instead of a private Ray on this machine; every node needs fedxray and the simulation "
                    "folder at the same paths (docs/operations.md)")
     p.add_argument("--progress", action="store_true", help="progress bar even when not on a terminal")
+    p.add_argument("--keep-cache", action="store_true", help="keep the sites' image and feature caches after the run "
+                   "(by default a finished run removes them from its folder: about 0.55 GB for the demo)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("resume", help="continue a simulated run from its last checkpoint")
     p.add_argument("sim_dir", help="the fl-sim folder (runs/sim-...)")
     p.add_argument("--cpus-per-site", type=float, default=1.0, help="CPU cores each simulated site gets (Ray)")
     p.add_argument("--ray-address", metavar="HOST:PORT", help="run on this existing Ray cluster (see `fl-sim run --help`)")
+    p.add_argument("--keep-cache", action="store_true", help="keep the sites' caches after the run (see `fl-sim run`)")
     p.set_defaults(func=cmd_resume)
 
     p = sub.add_parser("stop", help="stop a simulated run (its fl-sim and every process of it); resume continues it")

@@ -28,6 +28,7 @@ from server.tracking import tracking_hint
 from simulations.hospital_layout import hospital_folders_problem
 from simulations.hospitals import MANIFEST_FILE, SimulationError, make_hospitals_from_images, make_synthetic_hospitals
 from simulations.progress import MAX_SITES_LISTED
+from simulations.run_folder import point_latest, tidy_after_run
 from simulations.run_guard import RunLock, SimulationBusyError, describe, finished, last_checkpoint, run_processes
 
 # The phantom's opacity is faint against the anatomy's variation; a linear head on its scattering
@@ -151,6 +152,9 @@ def _make_and_run(args: argparse.Namespace, sim_root: Path, raw: dict[str, Any],
     # process never imports torch before the run: see _cuda_available).
     from simulations.federation import SimulationRunError, run_app, usable_cpus, write_sites
 
+    latest = point_latest(sim_root)  # `runs/latest/...` in the docs: a glob over runs/sim-* breaks at the second run
+    if latest is not None:
+        print(f"simulation folder {sim_root} ({latest} points to it)", flush=True)
     hospitals = sim_root / "hospitals"
     try:
         if image_set:
@@ -212,7 +216,15 @@ def _make_and_run(args: argparse.Namespace, sim_root: Path, raw: dict[str, Any],
     except SimulationRunError as err:
         print(f"fl-sim: {err}", file=sys.stderr)
         return 1
-    return report(sim_root, sim_root / "run", holdout, started)
+    code = report(sim_root, sim_root / "run", holdout, started)
+    if code == 0:
+        _say(tidy_after_run(sim_root, state_root, keep_cache=args.keep_cache))
+    return code
+
+
+def _say(line: str) -> None:
+    if line:
+        print(line, flush=True)
 
 
 def report(sim_root: Path, run_dir: Path, holdout: Path, started: float) -> int:
@@ -294,7 +306,10 @@ def _resume(args: argparse.Namespace, sim_root: Path, raw: dict[str, Any]) -> in
         print(f"fl-sim: {err}", file=sys.stderr)
         return 1
     holdout = Path(sites[0]["data-dir"]).parent / "holdout" if sites else sim_root / "holdout"
-    return report(sim_root, run_dir, holdout, started)
+    code = report(sim_root, run_dir, holdout, started)
+    if code == 0 and sites:
+        _say(tidy_after_run(sim_root, Path(sites[0]["state-dir"]).parent, keep_cache=args.keep_cache))
+    return code
 
 
 def exact_summary(sim_root: Path, run_dir: Path) -> str:
