@@ -77,6 +77,7 @@ def simulation_superlink(sim_root: Path, *, ray_address: str | None = None) -> I
     )
     env = offline_env(flwr_home)
     env[MARK_ENV] = run_marker(sim_root)  # Flower's and Ray's processes inherit it: see simulations/run_guard.py
+    env["RAY_DEDUP_LOGS"] = "0"  # the sites' progress lines look alike: Ray would fold them into "[repeated 3x]"
     env.pop("RAY_ADDRESS", None)
     if ray_address:
         env["RAY_ADDRESS"] = ray_address
@@ -104,8 +105,12 @@ def simulation_superlink(sim_root: Path, *, ray_address: str | None = None) -> I
 
 
 _ROUND_LINE = re.compile(r"round (\d+)/(\d+): pooled AUC")
-#: A simulated site's progress line (common/progress.py), as Ray passes the site actors' output on to the log stream.
-_SITE_PROGRESS = re.compile(re.escape(PROGRESS_PREFIX) + r".+\S")
+#: A simulated site's progress line (common/progress.py), as Ray passes the site actors' output on to the log stream
+#: (up to any colour code Ray appends).
+_SITE_PROGRESS = re.compile(re.escape(PROGRESS_PREFIX) + r"[^\x1b]*[^\x1b\s]")
+#: The coordinator's milestones before round 1, shown as they happen (Ray's start takes a minute on 2 busy cores).
+_MILESTONE = re.compile(r"Starting Flower Simulation|\d+ site\(s\) connected \(\d+ needed\): starting|"
+                        r"waiting for sites: .*")
 
 
 def usable_cpus() -> int:
@@ -170,13 +175,16 @@ def run_app(sim_root: Path, run_config: dict[str, Any], *, num_supernodes: int, 
                 for line in proc.stdout:
                     fh.write(line)
                     fh.flush()
-                    site = _SITE_PROGRESS.search(line)
-                    if site and site.group(0) != shown_progress:  # the sites' decoding and caching before round 1
-                        shown_progress = site.group(0)
+                    # Before round 1: the coordinator's milestones, then the sites' reading and caching. Each once:
+                    # Flower writes every record twice (console and file form).
+                    early = _SITE_PROGRESS.search(line) or (_MILESTONE.search(line) if not last_round else None)
+                    if early and early.group(0).strip() != shown_progress:
+                        shown_progress = early.group(0).strip()
+                        shown = f"  {'site ' if early.re is _SITE_PROGRESS else ''}{shown_progress}"
                         if bar is not None:
-                            bar.write(f"  site {shown_progress}")
+                            bar.write(shown)
                         else:
-                            print(f"  site {shown_progress}", flush=True)
+                            print(shown, flush=True)
                         continue
                     m = _ROUND_LINE.search(line)
                     if m and int(m.group(1)) != last_round:  # Flower writes each record twice (console, file form)
