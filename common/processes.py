@@ -17,6 +17,10 @@ Also here, because every supervisor needs them the same way:
   one way that works while the child keeps its file descriptor.
 - :func:`write_local_secret`: a fresh random shared secret per start, mode 0600, for the local
   APIs that Flower can authenticate (docs/operations.md, "Local users on the same host").
+- :func:`processes_with_env`, :func:`with_descendants`, :func:`stop_processes`: the processes of
+  one job found by a marker in their environment (wherever they were re-parented) and by descent,
+  and stopped all at once: Flower starts its SuperExec in a session of its own, so process groups
+  do not reach it (simulations/run_guard.py).
 """
 
 from __future__ import annotations
