@@ -265,7 +265,7 @@ def test_follow_prints_each_log_line_once_and_records_the_run_id(federation):
         assert sum(record in line for line in out.stdout.splitlines()) == 1, record
     launched = [e for e in read_entries(audit_path(fed)) if e["event"] == "run-launched"
                 and e["details"].get("run") == "followed"]
-    assert [e["details"]["flower_run_id"] for e in launched] == [int(started.group(1))]
+    assert [str(e["details"]["flower_run_id"]) for e in launched] == [started.group(1)]  # as Flower's JSON gives it
     assert (fed / "runs" / "followed" / "model.onnx").is_file()  # --follow returned when the run had ended
 
 
