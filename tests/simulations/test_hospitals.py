@@ -420,3 +420,15 @@ def test_making_hospitals_says_how_far_it_got_in_a_log(tmp_path, monkeypatch, ca
     lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("progress: synthetic images")]
     done = int(lines[-1].split()[3].split("/")[0])  # "progress: synthetic images 12/12 img (100%), 0 s"
     assert len(lines) >= 2 and done >= sum(s.n_images for s in manifest.sites)
+
+
+def test_parallel_writers_under_fl_sims_signal_handlers_end_cleanly(tmp_path, capfd):
+    """fl-sim raises StopSignal on SIGTERM; forked writers inherited that handler, so ending the pool (SIGTERM)
+    printed a traceback per worker, and a worker that died holding the result lock hung the next run."""
+    from common.supervisor import stop_signals_raise
+    from simulations.hospitals import make_synthetic_hospitals
+
+    with stop_signals_raise():
+        for name in ("first", "second"):
+            make_synthetic_hospitals(tmp_path / name, 3, patients_per_site=3, workers=2, max_matrix=64)
+    assert "Traceback" not in capfd.readouterr().err  # the workers' own stderr
