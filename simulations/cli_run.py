@@ -218,7 +218,7 @@ def _make_and_run(args: argparse.Namespace, sim_root: Path, raw: dict[str, Any],
         return 1
     code = report(sim_root, sim_root / "run", holdout, started)
     if code == 0:
-        _say(tidy_after_run(sim_root, state_root, keep_cache=args.keep_cache))
+        _say(tidy_after_run(sim_root, state_root, keep_cache=args.keep_cache, say=_say))
     return code
 
 
@@ -308,7 +308,7 @@ def _resume(args: argparse.Namespace, sim_root: Path, raw: dict[str, Any]) -> in
     holdout = Path(sites[0]["data-dir"]).parent / "holdout" if sites else sim_root / "holdout"
     code = report(sim_root, run_dir, holdout, started)
     if code == 0 and sites:
-        _say(tidy_after_run(sim_root, Path(sites[0]["state-dir"]).parent, keep_cache=args.keep_cache))
+        _say(tidy_after_run(sim_root, Path(sites[0]["state-dir"]).parent, keep_cache=args.keep_cache, say=_say))
     return code
 
 

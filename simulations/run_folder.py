@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 #: The cache folder inside a site's state dir (common/loaders.py ``load_site``).
@@ -34,11 +35,15 @@ def drop_site_caches(state_root: Path) -> int:
     return freed
 
 
-def tidy_after_run(sim_root: Path, state_root: Path, *, keep_cache: bool) -> str:
-    """After a finished run: drop the caches of state dirs inside ``sim_root``; the line saying so (or '')."""
+def tidy_after_run(sim_root: Path, state_root: Path, *, keep_cache: bool,
+                   say: Callable[[str], None] | None = None) -> str:
+    """After a finished run: drop the caches of state dirs inside ``sim_root``; the line saying so (or '').
+    ``say`` hears first that it starts: deleting thousands of small files takes half a minute on some disks."""
     inside = Path(state_root).resolve().is_relative_to(Path(sim_root).resolve())
-    if keep_cache or not inside:
+    if keep_cache or not inside or not any(Path(state_root).glob(f"*/{CACHE_DIR}")):
         return ""
+    if say is not None:
+        say("removing the sites' image and feature caches (`--keep-cache` keeps them) ...")
     freed = drop_site_caches(state_root)
     if not freed:
         return ""

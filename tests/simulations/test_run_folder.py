@@ -17,7 +17,9 @@ def _state(root: Path) -> Path:
 
 def test_caches_inside_the_folder_go_the_ledgers_stay(tmp_path: Path) -> None:
     state = _state(tmp_path / "sim" / "state")
-    line = tidy_after_run(tmp_path / "sim", state, keep_cache=False)
+    said: list[str] = []
+    line = tidy_after_run(tmp_path / "sim", state, keep_cache=False, say=said.append)
+    assert said == ["removing the sites' image and feature caches (`--keep-cache` keeps them) ..."]
     assert "removed the sites' image and feature caches (0 MB" in line and "--keep-cache" in line
     assert list(state.glob("*/cache")) == [] and len(list(state.glob("*/privacy_ledger.json"))) == 2
 
