@@ -80,14 +80,15 @@ def too_few(y: np.ndarray, site_rates: dict[str, list[float]]) -> str | None:
 
 def accept_model(model_path: str | Path, data_dir: str | Path, *, salt: bytes | str, point: OperatingPoint,
                  site: str = "site", out_dir: str | Path | None = None, site_model: str | Path | None = None,
-                 bootstrap: int = 1000, positive: str | None = None, progress: bool = False) -> dict[str, Any]:
+                 bootstrap: int = 1000, positive: str | None = None, progress: bool = False,
+                 gate: bool = True) -> dict[str, Any]:
     """The acceptance report; writes the site copy of the model (and the report and plots to ``out_dir``).
 
     Raises EvaluationError (one line) for a model that is not binary, a site with one class, or too
     few images of a class to set the operating point.
     """
     model_path = Path(model_path)
-    report, scored = score_site(model_path, data_dir, salt=salt, progress=progress, positive=positive)
+    report, scored = score_site(model_path, data_dir, salt=salt, progress=progress, positive=positive, gate=gate)
     if report["task"] != "binary":
         raise EvaluationError(f"{model_path.name} is a {report['task']} model: accept sets the operating point of a binary "
                               "model; measure this one with `fl-client evaluate`")

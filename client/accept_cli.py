@@ -26,7 +26,8 @@ def cmd_accept(args: argparse.Namespace) -> int:
         point = parse_operating_point(args.operating_point)
         report = accept_model(args.model, args.data, salt=site_salt(Path(args.state_dir)) if args.state_dir else DEFAULT_SALT,
                               point=point, site=args.site, out_dir=args.out, site_model=args.site_model,
-                              bootstrap=args.bootstrap, positive=args.positive, progress=sys.stderr.isatty())
+                              bootstrap=args.bootstrap, positive=args.positive, progress=sys.stderr.isatty(),
+                              gate=not args.no_gate)
     except (EvaluationError, DatasetError, OnnxModelError, FileNotFoundError, ValueError) as err:
         print(f"fl-client accept: {err}", file=sys.stderr)
         return 2
@@ -52,4 +53,6 @@ def add_accept_parser(sub: Any) -> None:
     p.add_argument("--positive", metavar="CLASS", help="the site's class that is the model's positive finding, when "
                    "named otherwise here")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--no-gate", action="store_true", help="research only: measure every image, also those outside the "
+                   "model's intended use (the report says the gate was off)")
     p.set_defaults(func=cmd_accept)

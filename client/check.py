@@ -26,6 +26,7 @@ from common.dataset import (
     split_patients,
 )
 from common.labels import LabelPolicy
+from common.site_labels import EXPECTED_COLUMNS, closest_labels_file, no_labels_message
 
 #: Fewer validation patients with a finding (or class) than this cannot validate it: the site's AUC for it is noise.
 MIN_VALIDATION_POSITIVES = 5
@@ -85,6 +86,7 @@ def summarize(
         "patient_key": dict(patient_sources),
         "mix": {k: dict(v.most_common()) for k, v in mix.items()},
     }
+    summary["labels_problem"] = labels_problem(index, summary["classes"])
     if task and labels:
         try:
             targets = encode_targets(index, task, labels, policy)
@@ -118,6 +120,24 @@ def summarize(
                 and lab not in targets.not_labelled]
     skipped_paths = sorted((_rel(index.root, s.path), s.reason) for s in index.skipped)
     return CheckReport(summary, skipped_paths)
+
+
+#: From this many class folders on, all of them holding a single patient means they are patient folders.
+PATIENT_FOLDER_CLASSES = 3
+
+
+def labels_problem(index: SiteIndex, classes: dict[str, dict[str, int]]) -> str | None:
+    """What is wrong with where the labels come from, in one line (None when nothing is): no labels yet, or
+    class folders that are patient (or study) folders, which would train as one class per patient."""
+    if index.label_source.startswith("none"):
+        return no_labels_message(index.root, len(index.records), [])
+    if (index.label_source == "class folders" and len(classes) >= PATIENT_FOLDER_CLASSES
+            and all(c["patients"] == 1 for c in classes.values())):
+        near = closest_labels_file(index.root)
+        return (f"each of the {len(classes)} subfolders taken as classes holds a single patient: they look like patient "
+                f"or study folders, not classes{f' (found {near}: name it labels.csv)' if near else ''}; add labels.csv "
+                f"with columns {EXPECTED_COLUMNS}, or put the images in one subfolder per class")
+    return None
 
 
 def per_label_counts(targets: Targets, split: Split, patients: list[str]) -> dict[str, dict[str, int]]:
@@ -154,6 +174,8 @@ def render_summary(summary: dict[str, Any], skipped_paths: list[tuple[str, str]]
     out.append(
         f"usable images: {summary['images']}   patients: {summary['patients']}   labels from: {summary['label_source']}"
     )
+    if summary.get("labels_problem"):
+        out.append(f"LABELS: {summary['labels_problem']}")
     out.append("")
     out.append(f"  {'class':<24}{'images':>8}{'patients':>10}")
     for cls, c in summary["classes"].items():

@@ -4,7 +4,8 @@ Subcommands: ``check`` (what the site folder holds, before joining), ``init`` (t
 request), ``approve`` (app bundles this site runs), ``start`` (join the federation), ``evaluate`` (a
 model on the site's own labelled data), ``accept`` (the acceptance test before go-live, and a site
 copy of the model with the site's own operating point), ``status`` (the privacy budget) and
-``audit`` (the site's audit log).
+``audit`` (the site's audit log). All of them work in one site home (client/site_home.py:
+``--site-home``, ``FEDXRAY_SITE_HOME`` or ``~/fedxray-site``) and say on stderr which folder they use.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import sys
 from pathlib import Path
 
 from client.accept_cli import add_accept_parser
+from client.site_home import add_site_home_argument, announce, apply_site_home, resolve_site_home
 from common.cli import fedxray_version
 from common.dataset import NEGATIVE_NAMES, DatasetError, scan_site
 
@@ -85,7 +87,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     salt = site_salt(Path(args.state_dir)) if args.state_dir else DEFAULT_SALT
     try:
         report = evaluate_model(args.model, args.data, salt=salt, out_dir=args.out, bootstrap=args.bootstrap,
-                                progress=sys.stderr.isatty(), positive=args.positive)
+                                progress=sys.stderr.isatty(), positive=args.positive, gate=not args.no_gate)
     except (DatasetError, OnnxModelError, FileNotFoundError, ValueError) as err:
         print(f"fl-client evaluate: {err}", file=sys.stderr)
         return 2
@@ -216,7 +218,7 @@ def cmd_start(args: argparse.Namespace) -> int:
         identity = load_site_identity(args.kit)
     except ProvisionError as err:
         return fail(str(err))
-    state = Path(args.state_dir or Path(args.kit) / "state").resolve()
+    state = Path(args.state_dir).resolve()  # the site home's state/ unless given (client/site_home.py)
     state.mkdir(parents=True, exist_ok=True)
     data = Path(args.data).resolve()
     address = args.coordinator or identity.address
@@ -283,7 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", help="summarise a site data folder before joining (reads only)")
     p.add_argument("data_dir", nargs="?", help="the site's DICOM folder (labels.csv, class subfolders, or none yet)")
     p.add_argument("--data", help="the same folder (as `evaluate` and `start` take it)")
-    p.add_argument("--state-dir", help="use (and fill) the site cache and salt in this folder")
+    p.add_argument("--state-dir", help="use (and fill) the site cache and salt in this folder (default: SITE_HOME/state "
+                   "where it exists)")
     p.add_argument("--task", choices=("binary", "multiclass", "multilabel"), help="task to preview the split for")
     p.add_argument("--labels", help="comma-separated run labels (binary: the positive finding)")
     p.add_argument("--label-column", help="labels.csv column holding the classes or findings (e.g. subtype); "
@@ -303,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("init", help="make this site's keys and the request to send to the coordinator")
     p.add_argument("--site", required=True, help="site name: lowercase letters, digits and '-' (1-40)")
-    p.add_argument("--dir", default="fedxray-site", help="folder for the keys and request (default ./fedxray-site)")
+    p.add_argument("--dir", help="folder for the keys and request (default: the site home)")
     p.add_argument("--force", action="store_true", help="replace existing keys (the coordinator must admit the new request)")
     p.set_defaults(func=cmd_init)
 
@@ -317,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", metavar="FILE", help="approve the run settings this site accepts: a TOML file of "
                    "`setting = value`, `setting = { min = .., max = .. }` or `setting = { one-of = [..] }` lines")
     p.add_argument("--clear-policy", action="store_true", help="withdraw the run policy (the node config's ranges stay)")
-    p.add_argument("--state-dir", default="fedxray-site/state", help="the site's state dir (default ./fedxray-site/state)")
+    p.add_argument("--state-dir", help="the site's state dir (default: SITE_HOME/state)")
     p.set_defaults(func=cmd_approve)
 
     from common.audit_anchor import ANCHOR_HELP
@@ -325,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("audit", help="this site's audit log: approvals, rounds trained and refused, evaluations answered",
                        description="This site's hash-chained audit log. " + ANCHOR_HELP.replace(
                            "(and every `fl-server run`) ", ""))
-    p.add_argument("--state-dir", default="fedxray-site/state", help="the site's state dir (default ./fedxray-site/state)")
+    p.add_argument("--state-dir", help="the site's state dir (default: SITE_HOME/state)")
     p.add_argument("--verify", action="store_true",
                    help="only check the hash chain: one line, exit 0 if intact, 1 naming the first bad line")
     p.add_argument("--anchor", metavar="HASH",
@@ -334,10 +337,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("start", help="join the federation: check data, probe the coordinator, run the SuperNode")
-    p.add_argument("--kit", default="fedxray-site", help="site folder: keys from fl-client init plus the kit files")
+    p.add_argument("--kit", help="site folder: keys from fl-client init plus the kit files (default: the site home)")
     p.add_argument("--data", required=True, help="the site's DICOM folder (labels.csv or class subfolders)")
     p.add_argument("--coordinator", help="HOST:PORT of the coordinator (default: from coordinator.json in the kit)")
-    p.add_argument("--state-dir", help="ledger, salt, cache, approvals, logs (default KIT/state)")
+    p.add_argument("--state-dir", help="ledger, salt, cache, approvals, logs (default: KIT/state, i.e. SITE_HOME/state)")
     p.add_argument("--max-epsilon", type=float, default=10.0, help="this site's privacy budget over all runs (default 10)")
     p.add_argument("--delta", type=float, default=1e-5, help="DP delta this site accepts at most (default 1e-5)")
     p.add_argument("--allow-no-dp", action="store_true", help="let runs train here without DP (off by default)")
@@ -353,19 +356,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="model.onnx from a fedxray run")
     p.add_argument("--data", required=True, help="labelled site folder (labels.csv or class subfolders)")
     p.add_argument("--out", help="folder for evaluation.json and roc.png")
-    p.add_argument("--state-dir", help="the site's state dir (for its salt)")
+    p.add_argument("--state-dir", help="the site's state dir, for its salt (default: SITE_HOME/state where it exists)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the AUC interval")
     p.add_argument("--positive", metavar="CLASS", help="binary models: the site's class that is the model's positive "
                    "finding, when named otherwise here (e.g. PNEUMONIA for a model of 'opacity')")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--no-gate", action="store_true", help="research only: score every image, also those outside the "
+                   "model's intended use (the report says the gate was off)")
     p.set_defaults(func=cmd_evaluate)
 
     add_accept_parser(sub)
 
     p = sub.add_parser("status", help="this site's privacy budget: spent epsilon per patient group, every charge, refusals")
-    p.add_argument("--state-dir", default="fedxray-site/state", help="the site's state dir (default ./fedxray-site/state)")
+    p.add_argument("--state-dir", help="the site's state dir (default: SITE_HOME/state)")
     p.add_argument("--json", action="store_true", help="one JSON object (contract 6)")
     p.set_defaults(func=cmd_status)
+    for p in sub.choices.values():  # one site home for every subcommand (client/site_home.py)
+        add_site_home_argument(p)
     return parser
 
 
@@ -374,6 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads stall shared cores
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    announce(apply_site_home(args, resolve_site_home(getattr(args, "site_home", None))))
     return int(args.func(args) or 0)
 
 

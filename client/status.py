@@ -14,6 +14,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from client.site_home import SITE_HOME_HINT
+
 
 class StatusError(ValueError):
     """The state dir has no readable ledger; the message says where it looked."""
@@ -29,8 +31,8 @@ def ledger_status(state_dir: str | Path) -> dict[str, Any]:
     path = state / LEDGER_FILENAME
     policy = run_policy(state)
     if not path.exists():
-        return {"state_dir": str(state), "ledger": None, "spent_epsilon": 0.0, "max_epsilon": None, "delta": None,
-                "accountant": "rdp", "groups": [], "runs": [], "entries": [], "refusals": [], "policy": policy}
+        # Never "nothing spent" for a folder without a ledger: a mistyped path would tell a privacy officer so.
+        raise StatusError(missing_ledger_message(state, LEDGER_FILENAME))
     try:
         doc = json.loads(path.read_text())
         ledger = PrivacyLedger(state, site=str(doc["site"]), max_epsilon=float(doc["max_epsilon"]),
@@ -92,11 +94,22 @@ def _policy_lines(policy: dict[str, Any]) -> list[str]:
             "(runs outside it are refused):", *(f"  {rule}" for rule in policy["rules"])]
 
 
+#: What a site's state dir holds once ``fl-client start`` or ``check --state-dir`` used it, ledger or not.
+_STATE_FILES = ("salt", "node-config.toml", "approved-bundles.json")
+
+
+def missing_ledger_message(state: Path, ledger_name: str) -> str:
+    """One line: no ledger in ``state``, whether the folder looks like a site's state dir, and where to look."""
+    where = (f"the site's state dir is the one `fl-client start` prints at its start (its site home's state/, "
+             f"{SITE_HOME_HINT}); it holds {ledger_name}")
+    if any((state / name).exists() for name in _STATE_FILES):
+        return (f"no privacy ledger in {state}: this state dir has recorded no charge (nothing trained or evaluated "
+                f"here yet, or its ledger was removed); if this is not the site's live state dir, {where}")
+    return f"no privacy ledger in {state}: this is not a site's state dir; {where}"
+
+
 def render_status(status: dict[str, Any]) -> str:
     """The status for a terminal: the headline, the patient groups, runs and refusals."""
-    if status["ledger"] is None:
-        return "\n".join([f"no privacy ledger in {status['state_dir']} yet: this site has not trained or evaluated "
-                          "anything", *_policy_lines(status["policy"])])
     lines = [
         f"site {status['site']}: the most exposed patient has spent epsilon {status['spent_epsilon']:.3f} of "
         f"max-epsilon {status['max_epsilon']:g} (delta {status['delta']:g}, {status['accountant']} accountant)",

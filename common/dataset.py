@@ -19,7 +19,8 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,11 +36,12 @@ from common.labels import (  # noqa: F401 - NEGATIVE_NAMES, POSITIVE_FLAGS: re-e
     LabelPolicy,
     encode,
 )
+from common.progress import progress as progress_of
 from common.site_files import LABELS_FILE as LABELS_FILE
 from common.site_files import NON_IMAGE_SUFFIXES as NON_IMAGE_SUFFIXES
 from common.site_files import candidate_files
 from common.site_labels import DatasetError as DatasetError  # re-exported: raised here, defined with labels.csv
-from common.site_labels import _Labels, _read_labels_csv
+from common.site_labels import _Labels, _read_labels_csv, no_labels_message
 from common.site_split import Split as Split
 from common.site_split import Targets as Targets
 from common.site_split import _hash
@@ -200,17 +202,14 @@ def _read_all(todo: list[tuple[Path, str, tuple[str, ...]]], salt: bytes | str, 
                     out.append((key, None, None, str(entry.get("reason", "unreadable"))))
             else:
                 return out
-    iterator: Iterable[int] = range(len(todo))
-    if progress:
-        from tqdm.auto import tqdm
-
-        iterator = tqdm(iterator, desc="reading images", unit="file", leave=False)
     results: list[_Read] = []
-    for i in iterator:
-        if i in failed:
-            results.append(("", None, None, failed[i]))
-        else:
-            results.append(_read_one(todo[i][0], salt, image_size, cache, keys[i]))
+    with closing(progress_of(len(todo), "reading images", "file", bar=progress, leave=False)) as shown:
+        for i in range(len(todo)):  # a bar on a terminal, else a line every few seconds (common/progress.py)
+            if i in failed:
+                results.append(("", None, None, failed[i]))
+            else:
+                results.append(_read_one(todo[i][0], salt, image_size, cache, keys[i]))
+            shown.update(1)
     if packable and all(r[1] is not None or (cache.get_meta(r[0]) or {}).get("ok") is False for r in results):  # type: ignore[union-attr]
         entries = [{"key": k, "ok": True, "meta": m} if m is not None else {"key": k, "ok": False, "reason": why}
                    for k, m, _, why in results]
@@ -251,10 +250,7 @@ def scan_site(
     if labels is None:
         class_dirs = sorted({f.relative_to(root).parts[0] for f in files if len(f.relative_to(root).parts) > 1})
         if not class_dirs and require_labels:
-            raise DatasetError(
-                f"{root}: no labels.csv and no class subfolders; add labels.csv (columns file,label) "
-                "or put images in one subfolder per class (e.g. NORMAL/, PNEUMONIA/)"
-            )
+            raise DatasetError(no_labels_message(root, len(files), sorted(p.name for p in root.iterdir() if p.is_dir())))
         unlabelled = not class_dirs
         source, kind = ("none (unlabelled)" if unlabelled else "class folders"), "single"
     else:

@@ -30,6 +30,7 @@ from common.dataset import (
     split_patients,
 )
 from common.labels import LabelPolicy
+from common.progress import progress as progress_of
 
 log = logging.getLogger(__name__)
 
@@ -124,11 +125,8 @@ class SiteData:
             else:
                 out[i] = found
         if missing:
-            bar = None
-            if progress:
-                from tqdm.auto import tqdm
-
-                bar = tqdm(total=len(missing), desc="features", unit="img", leave=False)
+            # A bar on a terminal, else a line every few seconds (common/progress.py): minutes at a large site.
+            bar = progress_of(len(missing), "computing features", "img", bar=progress, leave=False)
             log.info("computing %s features for %d of %d image(s) (cached for later rounds)", spec, len(missing), len(keys))
             for start in range(0, len(missing), batch):
                 idx = missing[start:start + batch]
@@ -139,10 +137,8 @@ class SiteData:
                     out[i] = feats[j]
                     if self.cache is not None:
                         self.cache.put_features(keys[i], spec, feats[j])
-                if bar is not None:
-                    bar.update(len(idx))
-            if bar is not None:
-                bar.close()
+                bar.update(len(idx))
+            bar.close()
         if self.cache is not None:
             self.cache.put_feature_pack(spec, digest, out)
         return out

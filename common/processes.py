@@ -17,6 +17,10 @@ Also here, because every supervisor needs them the same way:
   one way that works while the child keeps its file descriptor.
 - :func:`write_local_secret`: a fresh random shared secret per start, mode 0600, for the local
   APIs that Flower can authenticate (docs/operations.md, "Local users on the same host").
+- :func:`processes_with_env`, :func:`with_descendants`, :func:`stop_processes`: the processes of
+  one job found by a marker in their environment (wherever they were re-parented) and by descent,
+  and stopped all at once: Flower starts its SuperExec in a session of its own, so process groups
+  do not reach it (simulations/run_guard.py).
 """
 
 from __future__ import annotations
@@ -112,6 +116,73 @@ def process_alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
     except (OSError, IndexError):
         return True  # no /proc (not Linux): os.kill said it exists
+
+
+def process_table() -> dict[int, tuple[int, str, int]]:
+    """pid -> (parent pid, state letter, start time in clock ticks) of every process, from /proc (empty without it)."""
+    table = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        table[int(entry.name)] = (int(fields[1]), fields[0], int(fields[19]))
+    return table
+
+
+def processes_with_env(name: str, value: str) -> set[int]:
+    """Live (non-zombie) processes of this user whose environment holds ``name=value`` (inherited from their
+    starter): how the processes of one job are found after their parents died and they were re-parented."""
+    wanted = f"{name}={value}".encode()
+    found = set()
+    for pid, (_, state, _) in process_table().items():
+        if pid == os.getpid() or state in ("Z", "X"):
+            continue
+        try:
+            if wanted in (Path("/proc") / str(pid) / "environ").read_bytes().split(b"\0"):
+                found.add(pid)
+        except OSError:  # gone, or another user's
+            continue
+    return found
+
+
+def with_descendants(roots: set[int]) -> dict[int, int]:
+    """``roots`` and every live descendant of them, as pid -> start time (to tell a reused pid apart)."""
+    table = process_table()
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    found, todo = {}, [pid for pid in roots if pid in table]
+    while todo:
+        pid = todo.pop()
+        if pid in found or pid == os.getpid() or table[pid][1] in ("Z", "X"):
+            continue
+        found[pid] = table[pid][2]
+        todo.extend(children.get(pid, []))
+    return found
+
+
+def stop_processes(processes: dict[int, int], grace: float = 5.0) -> list[int]:
+    """SIGTERM every process of ``processes`` (pid -> start time) at once, SIGKILL those still running after
+    ``grace`` seconds; returns the pids still running after that (normally none). Zombies count as gone: their
+    parents reap them (a Popen's owner, with its wait)."""
+
+    def running() -> list[int]:
+        table = process_table()
+        return [pid for pid, started in processes.items()
+                if pid in table and table[pid][2] == started and table[pid][1] not in ("Z", "X")]
+
+    deadline = time.monotonic() + grace
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in running():
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
+        while running() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        deadline = time.monotonic() + 2.0
+    return running()
 
 
 def child_pids(pid: int) -> set[int]:

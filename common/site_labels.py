@@ -8,6 +8,7 @@ cells and raises :class:`DatasetError` with the fix when the table cannot be use
 from __future__ import annotations
 
 import csv
+import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +22,59 @@ _PRIVATE_COLUMNS = frozenset({"file", "path", "patient id", "patient id coarse",
 
 class DatasetError(ValueError):
     """The site folder cannot be used (nothing readable, bad labels.csv, labels do not fit the run)."""
+
+
+# ------------------------------------------------------------------ what a label table is expected to hold
+
+#: The columns fedxray reads a label table by; a header close to one of them (and no such column) is a typo.
+KNOWN_COLUMNS = ("file", "path", "label", "class_name", "finding_labels", "patient_id", "patient_id_coarse", "patient")
+EXPECTED_COLUMNS = ("`file` (or `path`: each image's path relative to the folder), then `label` (the class name), one "
+                    "1/0/-1 column per finding, or `finding_labels` ('|'-separated); optionally `patient_id`")
+#: How close (difflib's ratio) a header must be to a known column to be taken for a misspelling of it.
+MISSPELT_CUTOFF = 0.8
+
+
+def misspelt_columns(columns: list[str] | tuple[str, ...]) -> list[tuple[str, str]]:
+    """(header, the known column it looks like) for each header that is a near miss of a known column the table
+    lacks: `lable` for `label`, `flie` for `file`, `patientid` for `patient_id`."""
+    present = {label_key(c) for c in columns}
+    known = {label_key(k): k for k in KNOWN_COLUMNS}
+    ignored = {label_key(c) for c in NON_LABEL_COLUMNS}
+    out = []
+    for column in columns:
+        k = label_key(column)
+        if k in known or k in ignored or not k:
+            continue
+        match = difflib.get_close_matches(k, list(known), n=1, cutoff=MISSPELT_CUTOFF)
+        if match and match[0] not in present:
+            out.append((column, known[match[0]]))
+    return out
+
+
+#: Where a label table may have been saved by mistake instead of labels.csv.
+_TABLE_SUFFIXES = ("", ".csv", ".tsv", ".txt", ".xls", ".xlsx")
+
+
+def closest_labels_file(root: Path) -> str | None:
+    """The name of a table in ``root`` that looks like a misnamed labels.csv (label.csv, Labels.CSV, labels.txt)."""
+    try:
+        tables = {p.stem.lower(): p.name for p in root.iterdir()
+                  if p.is_file() and p.suffix.lower() in _TABLE_SUFFIXES and p.name != "labels.csv"}
+    except OSError:
+        return None
+    match = difflib.get_close_matches("labels", list(tables), n=1, cutoff=MISSPELT_CUTOFF)
+    return tables[match[0]] if match else None
+
+
+def no_labels_message(root: Path, n_images: int, subfolders: list[str]) -> str:
+    """One line for a folder with neither labels.csv nor class subfolders: what is there, what is expected.
+    Subfolders are counted, not named: at a hospital they may be named by patient."""
+    found = f"{n_images} image file(s) directly in it" + (f" and {len(subfolders)} subfolder(s) without images"
+                                                          if subfolders else "")
+    near = closest_labels_file(root)
+    hint = f"; found {near}: name it labels.csv" if near else ""
+    return (f"{root}: no labels.csv and no class subfolders (found {found}){hint}; add labels.csv with columns "
+            f"{EXPECTED_COLUMNS}, or put the images in one subfolder per class (e.g. NORMAL/, PNEUMONIA/)")
 
 
 # --------------------------------------------------------------------------- labels
@@ -52,6 +106,11 @@ def _read_labels_csv(path: Path) -> _Labels:
         raise DatasetError(f"{path}: cannot read labels.csv ({err}); save it as UTF-8 CSV") from err
     if not rows:
         raise DatasetError(f"{path}: labels.csv has no rows; add one row per image (columns file,label)")
+    misspelt = misspelt_columns(columns)
+    if misspelt:  # `lable` would pass as a finding named "lable" (0/1 values) or leave the table without labels
+        found, meant = misspelt[0]
+        raise DatasetError(f"{path}: labels.csv column `{found}` looks like a misspelt `{meant}` (columns found: "
+                           f"{', '.join(columns)}; expected: {EXPECTED_COLUMNS}); rename it to `{meant}`")
     lower = {c.lower(): c for c in columns}
     file_col = lower.get("file") or lower.get("path")
     if file_col is None:

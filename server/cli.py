@@ -151,7 +151,7 @@ def _print_launch(record: dict) -> None:
 
     print(f"run {record['run_name']} started (Flower run id {record['run_id']})")
     print(f"app bundle sha256 {record['bundle']}: each site must have approved it (fl-client approve HASH)")
-    print(f"results in {record['run_dir']}; follow with fl-server status")
+    print(f"results in {record['run_dir']}; follow with fl-server status", flush=True)
     print(audit_head_line(record["run_dir"]))
 
 
@@ -162,12 +162,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     from server.coordinator import CoordinatorError
     from server.runs import launch
 
-    try:
+    try:  # with --follow the launch is printed before the run's log, not after the run
         record = launch(Path(args.dir), config_file=Path(args.config) if args.config else None,
-                        overrides=parse_settings(args.set, "-c"), follow=args.follow)
+                        overrides=parse_settings(args.set, "-c"), follow=args.follow, on_launched=_print_launch)
     except (CoordinatorError, ValueError) as err:
         return _fail("run", err)
-    _print_launch(record)
+    if not args.follow:
+        _print_launch(record)
     return 0
 
 
@@ -178,10 +179,11 @@ def cmd_resume(args: argparse.Namespace) -> int:
     from server.runs import resume
 
     try:
-        record = resume(Path(args.dir), args.run, follow=args.follow)
+        record = resume(Path(args.dir), args.run, follow=args.follow, on_launched=_print_launch)
     except CoordinatorError as err:
         return _fail("resume", err)
-    _print_launch(record)
+    if not args.follow:
+        _print_launch(record)
     return 0
 
 

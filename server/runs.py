@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import time
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,16 +25,19 @@ from common.config_fields import ConfigError, to_toml
 from common.processes import offline_env
 from server.audit import bundle_published_before, record_or_warn, settings_for_audit
 from server.control_api import CONNECTION, flwr, json_out, one_line
+from server.flower_log import once
 from server.layout import CoordinatorError, Layout, require_running, run_dirs, source_root
 
 
 def launch(root: Path, *, config_file: Path | None = None, overrides: dict[str, Any] | None = None,
-           follow: bool = False, audit_event: str = "run-launched") -> dict[str, Any]:
+           follow: bool = False, audit_event: str = "run-launched",
+           on_launched: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Start a run of the fedxray app on the running SuperLink; returns {run_id, run_name, bundle, run_dir}.
 
     Recorded in the audit log as ``audit_event`` (``run-resumed`` from :func:`resume`), preceded by
-    ``bundle-published`` the first time this app bundle runs. With ``follow`` the event is recorded
-    before the run's log is streamed (the command returns only when the run ends).
+    ``bundle-published`` the first time this app bundle runs. With ``follow``, once the run is
+    launched and recorded (with its Flower run id) ``on_launched(record)`` is called and the run's
+    log is streamed to stdout, each record once (server/flower_log.py), until the run ends.
     """
     layout = Layout(Path(root).resolve())
     require_running(layout)
@@ -73,25 +78,44 @@ def launch(root: Path, *, config_file: Path | None = None, overrides: dict[str, 
         record_or_warn(layout.root, audit_event, run=str(values["run-name"]), flower_run_id=run_id,
                        bundle_sha256=fab_hash, follow=follow, settings=settings_for_audit(values))
 
-    if not follow:
-        proc = flwr(layout, *args, "--format", "json")
-        out = json_out(proc)
-        if not out.get("success"):
-            raise CoordinatorError(f"the SuperLink refused the run: {out.get('error-message', out)}")
-        run_id = out.get("run-id")
-        audit_launch(run_id)
-    else:
-        audit_launch(None)
-        proc = subprocess.run(["flwr", *args, "--stream"], env=offline_env(layout.flwr_home), cwd=layout.root)
-        if proc.returncode != 0:
-            raise CoordinatorError(f"`flwr run` failed (exit {proc.returncode}); see {layout.logs / 'superlink.log'}")
-        run_id = None
+    # Launched without --stream even when following: `flwr run --stream` gives no run id (the audit log recorded
+    # flower_run_id null and fl-server printed "Flower run id None"); the log is followed by id below.
+    proc = flwr(layout, *args, "--format", "json")
+    out = json_out(proc)
+    if not out.get("success"):
+        raise CoordinatorError(f"the SuperLink refused the run: {out.get('error-message', out)}")
+    run_id = out.get("run-id")
+    audit_launch(run_id)
     record = {"run_id": run_id, "run_name": values["run-name"], "bundle": fab_hash, "run_dir": str(run_dir),
               "config": str(cfg)}
     runs_index = layout.root / "state" / "runs.jsonl"
     with open(runs_index, "a") as fh:
         fh.write(json.dumps(record) + "\n")
+    if follow:
+        if on_launched is not None:
+            on_launched(record)
+        follow_run(layout, record)
     return record
+
+
+def follow_run(layout: Layout, record: dict[str, Any]) -> None:
+    """Stream a launched run's log to stdout, each record once, until the run ends. Ctrl-C stops following
+    only: the run goes on at the SuperLink (``fl-server stop-run`` stops it)."""
+    cmd = ["flwr", "log", str(record["run_id"]), CONNECTION, "--stream"]
+    with subprocess.Popen(cmd, env=offline_env(layout.flwr_home), cwd=layout.root, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True) as proc:
+        assert proc.stdout is not None
+        try:
+            for line in once(proc.stdout):
+                sys.stdout.write(line)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            proc.terminate()
+            raise CoordinatorError(f"stopped following run {record['run_name']} (Flower run id {record['run_id']}); "
+                                   f"it goes on: watch it with fl-server status, stop it with fl-server stop-run "
+                                   f"{record['run_name']}") from None
+    if proc.returncode != 0:
+        raise CoordinatorError(f"`flwr log` failed (exit {proc.returncode}); see {layout.logs / 'superlink.log'}")
 
 
 def _launched_runs(layout: Layout) -> list[dict[str, Any]]:
@@ -118,8 +142,8 @@ def stop_run(root: Path, run_name: str) -> dict[str, Any]:
     launches = [r for r in _launched_runs(layout) if r.get("run_name") == run_name]
     if not launches or launches[-1].get("run_id") is None:
         known = sorted({str(r.get("run_name")) for r in _launched_runs(layout) if r.get("run_id") is not None})
-        raise CoordinatorError(f"no run '{run_name}' launched from this coordinator with a known Flower run id (runs "
-                               f"launched with --follow have none: stop those with Ctrl-C); runs here: "
+        raise CoordinatorError(f"no run '{run_name}' launched from this coordinator with a known Flower run id (older runs "
+                               f"launched with --follow have none recorded); runs here: "
                                f"{', '.join(known) or 'none'}")
     record = launches[-1]
     out = json_out(flwr(layout, "stop", str(record["run_id"]), CONNECTION, "--format", "json"))
@@ -130,7 +154,8 @@ def stop_run(root: Path, run_name: str) -> dict[str, Any]:
     return record
 
 
-def resume(root: Path, run_name: str, *, follow: bool = False) -> dict[str, Any]:
+def resume(root: Path, run_name: str, *, follow: bool = False,
+           on_launched: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Continue ``runs/<run_name>`` from its last checkpoint with the rounds it has left."""
     layout = Layout(Path(root).resolve())
     run_dir = layout.runs / run_name
@@ -142,4 +167,4 @@ def resume(root: Path, run_name: str, *, follow: bool = False) -> dict[str, Any]
     values = tomllib.loads(cfg.read_text())
     values["resume-from"] = str(run_dir)
     values.pop("runs-dir", None)
-    return launch(root, overrides=values, follow=follow, audit_event="run-resumed")
+    return launch(root, overrides=values, follow=follow, audit_event="run-resumed", on_launched=on_launched)

@@ -7,6 +7,7 @@ Subcommands:
                   set partitioned by patient into hospitals)
   demo            three synthetic non-IID hospitals and the `fl-client check` summary each
                   hospital would see before joining
+  resume, stop    continue a stopped run from its last checkpoint; stop a run (and any orphan of it)
 
 ``run`` and ``resume`` are in simulations/cli_run.py; the study in simulations/study.py.
 """
@@ -16,7 +17,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
 from pathlib import Path
 
@@ -24,6 +24,7 @@ from client.check import summarize
 from common.cli import fedxray_version
 from common.dataset import scan_site
 from common.dicom import DEFAULT_SALT
+from common.supervisor import StopSignal, stop_signals_raise
 from simulations.cli_run import (
     SYNTHETIC_LOCAL_EPOCHS,
     SYNTHETIC_PATIENTS_MIN,
@@ -75,6 +76,29 @@ def cmd_demo(args: argparse.Namespace) -> int:
         report = summarize(index, task="binary", labels=("opacity",))
         print(f"\n===== fl-client check {out / site.name}")
         print(report.render())
+    return 0
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    """Stop the run in a simulation folder: its fl-sim (which then says how to resume) and any orphan of it."""
+    from simulations.run_guard import describe, finished, last_checkpoint, stop_simulation
+
+    sim_root = Path(args.sim_dir).resolve()
+    if not sim_root.is_dir():
+        print(f"fl-sim stop: {sim_root} is not a folder; give the simulation folder (runs/sim-...)", file=sys.stderr)
+        return 2
+    holder, orphans, left = stop_simulation(sim_root)
+    if left:
+        print(f"fl-sim stop: {len(left)} process(es) of the run did not stop: {describe(left)}", file=sys.stderr)
+        return 1
+    if holder:
+        print(f"stopped the fl-sim working in {sim_root} (pid {holder}) and every process of its run")
+    elif orphans:
+        print(f"stopped {orphans} process(es) left running by an earlier fl-sim in {sim_root}")
+    else:
+        print(f"nothing was running in {sim_root}")
+    if last_checkpoint(sim_root / "run") is not None and not finished(sim_root / "run"):
+        print(f"resume with: fl-sim resume {sim_root}")
     return 0
 
 
@@ -142,13 +166,20 @@ def build_parser() -> argparse.ArgumentParser:
                    "prints it) instead of a private Ray on this machine; every node needs fedxray and the simulation "
                    "folder at the same paths (docs/operations.md)")
     p.add_argument("--progress", action="store_true", help="progress bar even when not on a terminal")
+    p.add_argument("--keep-cache", action="store_true", help="keep the sites' image and feature caches after the run "
+                   "(by default a finished run removes them from its folder: about 0.55 GB for the demo)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("resume", help="continue a simulated run from its last checkpoint")
     p.add_argument("sim_dir", help="the fl-sim folder (runs/sim-...)")
     p.add_argument("--cpus-per-site", type=float, default=1.0, help="CPU cores each simulated site gets (Ray)")
     p.add_argument("--ray-address", metavar="HOST:PORT", help="run on this existing Ray cluster (see `fl-sim run --help`)")
+    p.add_argument("--keep-cache", action="store_true", help="keep the sites' caches after the run (see `fl-sim run`)")
     p.set_defaults(func=cmd_resume)
+
+    p = sub.add_parser("stop", help="stop a simulated run (its fl-sim and every process of it); resume continues it")
+    p.add_argument("sim_dir", help="the fl-sim folder (runs/sim-...)")
+    p.set_defaults(func=cmd_stop)
 
     p = sub.add_parser("study", help="pooled vs alone vs federated, DP, leave-one-hospital-out, NIH transfer (docs/results.md)")
     p.add_argument("--data", required=True, help="labelled image set (labels.csv with patient_id), e.g. kermany-pneumonia")
@@ -197,16 +228,21 @@ def main(argv: list[str] | None = None) -> int:
         sub_run = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["run"]
         print(sub_run.format_help())
         return 0
-    if not any(a in ("run", "resume", "make-hospitals", "demo", "study", "--version") for a in argv[:1]):
+    if not any(a in ("run", "resume", "stop", "make-hospitals", "demo", "study", "--version") for a in argv[:1]):
         argv = ["run", *argv]  # `fl-sim [options]` is `fl-sim run [options]`
     args = parser.parse_args(argv)
     args.verbose = verbose
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    # A SIGTERM (Ctrl-C, a killed job) unwinds normally, so the SuperLink and `flwr run` are stopped.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     for noisy in ("openjpeg", "pylibjpeg", "pydicom"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    return int(args.func(args) or 0)
+    # Ctrl-C and SIGTERM unwind (common/supervisor.py): what was started is stopped on the way out, and `run` and
+    # `resume` say how far the run got and how to go on; no traceback.
+    with stop_signals_raise():
+        try:
+            return int(args.func(args) or 0)
+        except StopSignal as stop:
+            print(f"fl-sim: stopped by {stop.name}", file=sys.stderr)
+            return stop.exit_code
 
 
 if __name__ == "__main__":

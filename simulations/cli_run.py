@@ -14,17 +14,19 @@ import subprocess
 import sys
 import time
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from common.cache import atomic_write_bytes
 from common.cli import parse_settings
 from common.config import RunConfig, recommended_settings
 from common.config_fields import ConfigError
-from common.dataset import site_salt
-from server.tracking import tracking_hint
+from common.supervisor import StopSignal
+from simulations.hospital_layout import hospital_folders_problem
 from simulations.hospitals import MANIFEST_FILE, SimulationError, make_hospitals_from_images, make_synthetic_hospitals
-from simulations.progress import MAX_SITES_LISTED
+from simulations.run_folder import point_latest, tidy_after_run
+from simulations.run_guard import RunLock, SimulationBusyError, describe, finished, last_checkpoint, run_processes
+from simulations.run_report import report
 
 # The phantom's opacity is faint against the anatomy's variation; a linear head on its scattering
 # features needs about 500 DP steps to find it (docs/models.md, "the synthetic demo"), more than the
@@ -68,7 +70,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     out = Path(args.out).resolve()
     name = args.name or time.strftime("sim-%Y%m%d-%H%M%S")
     sim_root = out / name
-    hospitals = sim_root / "hospitals"
     if sim_root.exists():
         print(f"fl-sim: {sim_root} already exists; pass another --name (or `fl-sim resume {sim_root}`)",
               file=sys.stderr)
@@ -79,6 +80,10 @@ def cmd_run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     image_set = data is not None and (data / "labels.csv").is_file() and not any(data.glob("*/labels.csv"))
+    problem = hospital_folders_problem(data) if data is not None and not image_set else None
+    if problem:
+        print(f"fl-sim: {problem}", file=sys.stderr)
+        return 2
     partition = args.partition or ("label-and-quantity" if image_set else "quantity-skew")
     try:
         sets = parse_settings(args.set)
@@ -110,14 +115,53 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ConfigError as err:
         print(f"fl-sim: {err}", file=sys.stderr)
         return 2
+    return _guarded(sim_root, "fl-sim", int(raw["num-server-rounds"]),
+                    lambda: _make_and_run(args, sim_root, raw, sets, data, image_set, partition))
+
+
+def _guarded(sim_root: Path, command: str, rounds: int, work: Callable[[], int]) -> int:
+    """``work()`` holding the folder's lock (simulations/run_guard.py); a SIGINT or SIGTERM stops the run's every
+    process and says how to go on (the lock's exit stops them; the checkpoints stay)."""
+    try:
+        with RunLock(sim_root):
+            return work()
+    except SimulationBusyError as err:
+        print(f"{command}: {err}", file=sys.stderr)
+        return 2
+    except StopSignal as stop:
+        print(stopped_message(sim_root, stop.name, rounds), file=sys.stderr, flush=True)
+        return stop.exit_code
+
+
+def stopped_message(sim_root: Path, signal_name: str, rounds: int) -> str:
+    """What fl-sim says when a signal stopped it: how far the run got, that nothing of it runs on, how to go on."""
+    how = "Ctrl-C (SIGINT)" if signal_name == "SIGINT" else signal_name
+    left = run_processes(sim_root)
+    stopped = (f"{len(left)} of its processes did not stop ({describe(left)}): `fl-sim stop {sim_root}`" if left
+               else "every process it started has stopped")
+    done = last_checkpoint(sim_root / "run")
+    if done is None:
+        return (f"fl-sim: stopped by {how} before any round was checkpointed; {stopped}. Nothing to resume: "
+                f"start again with `fl-sim run` (remove {sim_root} first, or pass another --name)")
+    return (f"fl-sim: stopped by {how} after round {done} of {rounds} (checkpointed); {stopped}.\n"
+            f"resume with: fl-sim resume {sim_root}")
+
+
+def _make_and_run(args: argparse.Namespace, sim_root: Path, raw: dict[str, Any], sets: dict[str, Any],
+                  data: Path | None, image_set: bool, partition: str) -> int:
+    """Make (or take) the hospitals, write sites.json, run the federation and report: ``fl-sim run``'s work."""
     # Deferred past the checks, so --help and bad input answer in well under a second (fl-sim's own
     # process never imports torch before the run: see _cuda_available).
     from simulations.federation import SimulationRunError, run_app, usable_cpus, write_sites
 
+    latest = point_latest(sim_root)  # `runs/latest/...` in the docs: a glob over runs/sim-* breaks at the second run
+    if latest is not None:
+        print(f"simulation folder {sim_root} ({latest} points to it)", flush=True)
+    hospitals = sim_root / "hospitals"
     try:
         if image_set:
             print(f"partitioning the image set {data} into {args.sites} hospitals ({partition}), "
-                  f"{args.holdout:.0%} of patients held out for testing ...")
+                  f"{args.holdout:.0%} of patients held out for testing ...", flush=True)
             make_hospitals_from_images(data, hospitals, args.sites, partition=partition, alpha=args.alpha,
                                        holdout_fraction=args.holdout, seed=args.seed, max_images=args.max_images,
                                        image_size=max(args.image_size, 64), progress=sys.stderr.isatty())
@@ -167,7 +211,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 2
     print(f"federated run: {len(site_dirs)} hospitals, {raw['model']} at {raw['image-size']} px, {raw['num-server-rounds']} rounds, "
           f"DP {'off' if args.no_dp else f'on (target epsilon {args.target_epsilon} per site)'}, "
-          f"strategy {args.strategy}")
+          f"strategy {args.strategy}; before round 1 each site reads its images and caches their features",
+          flush=True)
     gpus = args.gpus_per_site
     if gpus is None:
         gpus = round(1.0 / len(site_dirs), 3) if _cuda_available() else 0.0
@@ -178,24 +223,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     except SimulationRunError as err:
         print(f"fl-sim: {err}", file=sys.stderr)
         return 1
-    run_dir = sim_root / "run"
-    metrics_path = run_dir / "metrics.json"
-    if not metrics_path.is_file():
-        print(f"fl-sim: the run finished without metrics; see {sim_root / 'run.log'}", file=sys.stderr)
-        return 1
-    doc = json.loads(metrics_path.read_text())
-    rounds = doc["rounds"]
-    print(render_rounds(rounds))
-    for warning in doc.get("warnings", []):
-        print(f"WARNING: {warning}")
-    print(exact_summary(sim_root, run_dir))
-    if holdout.is_dir() and (run_dir / "model.onnx").is_file():
-        print(score_holdout(run_dir / "model.onnx", holdout, sim_root))
-    add_simulation_figures(sim_root, run_dir)
-    print(f"\nrun directory: {run_dir}  ({time.monotonic() - started:.0f} s)")
-    print("  model.onnx, model_card.md, metrics.json, rounds.png, roc.png, checkpoints/")
-    _print_tracking(run_dir)
-    return 0
+    code = report(sim_root, sim_root / "run", holdout, started)
+    if code == 0:
+        _say(tidy_after_run(sim_root, state_root, keep_cache=args.keep_cache, say=_say))
+    return code
+
+
+def _say(line: str) -> None:
+    if line:
+        print(line, flush=True)
 
 
 def _cuda_available() -> bool:
@@ -208,15 +244,13 @@ def _cuda_available() -> bool:
     return out.stdout.strip().endswith("1")
 
 
-def _print_tracking(run_dir: Path) -> None:
-    hint = tracking_hint(run_dir)
-    if hint:
-        print(hint)
-
-
 def cmd_resume(args: argparse.Namespace) -> int:
-    """Continue a simulated run from its last checkpoint (same sites, same state dirs, same ledgers)."""
-    from simulations.federation import SITES_FILE, SimulationRunError, run_app  # deferred, as in cmd_run
+    """Continue a simulated run from its last checkpoint (same sites, same state dirs, same ledgers).
+
+    Refused, in one line, while the run (or an orphan of it) still runs, when it has finished, and when no
+    round was checkpointed: a round is never trained twice, and a finished run is not registered again.
+    """
+    from simulations.federation import SITES_FILE  # deferred, as in cmd_run
 
     sim_root = Path(args.sim_dir).resolve()
     cfg_path = sim_root / "run-config.toml"
@@ -226,56 +260,37 @@ def cmd_resume(args: argparse.Namespace) -> int:
         return 2
     raw = tomllib.loads(cfg_path.read_text())
     raw["resume-from"] = str(sim_root / raw.get("run-name", "run"))
-    n_sites = len(json.loads(sites_path.read_text()))
-    print(f"resuming {raw['resume-from']} ({n_sites} hospitals)")
+    return _guarded(sim_root, "fl-sim resume", int(raw.get("num-server-rounds", 0)),
+                    lambda: _resume(args, sim_root, raw))
+
+
+def _resume(args: argparse.Namespace, sim_root: Path, raw: dict[str, Any]) -> int:
+    from simulations.federation import SITES_FILE, SimulationRunError, run_app  # deferred, as in cmd_run
+
+    run_dir = Path(raw["resume-from"])
+    if finished(run_dir):
+        print(f"fl-sim resume: the run in {run_dir} has finished (its model is exported): nothing to resume; "
+              "start a new one with `fl-sim run`", file=sys.stderr)
+        return 2
+    done = last_checkpoint(run_dir)
+    if done is None:
+        print(f"fl-sim resume: nothing to resume in {run_dir}: no round was checkpointed; start a new run with "
+              "`fl-sim run`", file=sys.stderr)
+        return 2
+    sites = json.loads((sim_root / SITES_FILE).read_text())
+    print(f"resuming {run_dir} after round {done} of {raw.get('num-server-rounds')} ({len(sites)} hospitals)", flush=True)
+    started = time.monotonic()
     try:
-        run_app(sim_root, raw, num_supernodes=n_sites, cpus_per_site=args.cpus_per_site,
+        run_app(sim_root, raw, num_supernodes=len(sites), cpus_per_site=args.cpus_per_site,
                 progress=sys.stderr.isatty(), ray_address=args.ray_address)
     except SimulationRunError as err:
         print(f"fl-sim: {err}", file=sys.stderr)
         return 1
-    rounds = json.loads((Path(raw["resume-from"]) / "metrics.json").read_text())["rounds"]
-    print(render_rounds(rounds))
-    print(f"\nrun directory: {raw['resume-from']}")
-    _print_tracking(Path(raw["resume-from"]))
-    return 0
-
-
-def exact_summary(sim_root: Path, run_dir: Path) -> str:
-    """The exact pooled validation AUC (simulation only), beside the coordinator's noised estimate."""
-    from simulations.evaluation import exact_validation_auc  # deferred: imports torch
-
-    exact = exact_validation_auc(sim_root, run_dir)
-    if not exact:
-        return ""
-    atomic_write_bytes(sim_root / "exact-validation.json", json.dumps(exact, indent=2).encode())
-    parts = [f"last round ({exact['last']['round']}) {exact['last']['auc']:.3f}"]
-    if "exported" in exact:
-        parts.append(f"exported round ({exact['exported']['round']}) {exact['exported']['auc']:.3f}")
-    return ("\nexact pooled validation AUC over the sites' " + f"{exact['images']} validation images (a simulation can "
-            "measure it; the coordinator above saw noised histograms): " + ", ".join(parts))
-
-
-def add_simulation_figures(sim_root: Path, run_dir: Path) -> None:
-    """The exact figures only a simulation has (exact-validation.json, holdout.json) into the run's metrics.json,
-    plots and model card, labelled as simulation-only (server/report.py)."""
-    from server.report import add_simulation_figures as add_figures
-
-    figures: dict[str, Any] = {}
-    for key, name in (("exact_validation", "exact-validation.json"), ("holdout", "holdout.json")):
-        try:
-            figures[key] = json.loads((sim_root / name).read_text())
-        except (OSError, ValueError):
-            continue
-    exact = figures.get("exact_validation") or {}
-    if exact:  # the exported round's model: "exported" with export-round = best, else the last round's
-        chosen = exact.get("exported") or exact.get("last") or {}
-        figures["exact_validation"] = {"round": chosen.get("round"), "auc": chosen.get("auc"), "images": exact.get("images")}
-    held = figures.get("holdout") or {}
-    if held:
-        figures["holdout"] = {k: held.get(k) for k in ("images", "auc", "auc_ci", "threshold", "sensitivity", "specificity")}
-    if figures and (run_dir / "metrics.json").is_file():
-        add_figures(run_dir, figures)
+    holdout = Path(sites[0]["data-dir"]).parent / "holdout" if sites else sim_root / "holdout"
+    code = report(sim_root, run_dir, holdout, started)
+    if code == 0 and sites:
+        _say(tidy_after_run(sim_root, Path(sites[0]["state-dir"]).parent, keep_cache=args.keep_cache, say=_say))
+    return code
 
 
 def _positive_class(hospitals: Path) -> str | None:
@@ -285,42 +300,3 @@ def _positive_class(hospitals: Path) -> str | None:
     except (OSError, ValueError, KeyError):
         return None
     return str(classes[-1]) if len(classes) == 2 else None
-
-
-def score_holdout(model: Path, holdout: Path, sim_root: Path) -> str:
-    """Score the exported model on the held-out patients (never seen in training or validation)."""
-    from client.evaluate import evaluate_model  # deferred: imports torch and onnxruntime
-
-    report = evaluate_model(model, holdout, salt=site_salt(sim_root / "state" / "holdout"), bootstrap=1000)
-    atomic_write_bytes(sim_root / "holdout.json", json.dumps(report, indent=2, default=float).encode())
-    if "auc" not in report:
-        return f"\nheld-out patients: {report['images']} images scored; see {sim_root / 'holdout.json'}"
-    lo, hi = report.get("auc_ci") or (float("nan"), float("nan"))
-    return (f"\nheld-out patients ({report['images']} images the federation never saw): AUC {report['auc']:.3f} "
-            f"(95% CI {lo:.3f}-{hi:.3f}); at the model's threshold {report['threshold']:.3f} sensitivity "
-            f"{report['sensitivity']:.3f}, specificity {report['specificity']:.3f}  [{sim_root / 'holdout.json'}]")
-
-
-def render_rounds(rounds: list[dict]) -> str:
-    """Per round: pooled validation AUC and loss (from the sites' noised histograms) and each site's epsilon."""
-    sites = sorted({s for r in rounds for s in r.get("epsilon", {})})
-    many = len(sites) > MAX_SITES_LISTED  # then the range over the sites, not a column per site
-    columns = [f"{'eps min':>8}", f"{'eps max':>8}", f"{'sites':>6}"] if many else [f"{'eps ' + s:>16}" for s in sites]
-    head = f"{'round':>5}  {'pooled AUC (95% CI)':>22}  {'val loss':>8}  " + "  ".join(columns)
-    lines = ["", head, "-" * len(head)]
-    for r in rounds:
-        auc, loss, ci = r.get("pooled_auc"), r.get("eval_loss"), r.get("pooled_auc_ci") or (None, None)
-        auc_s = "-" if auc is None or auc != auc else f"{auc:.3f}"
-        auc_s += f" ({ci[0]:.2f}-{ci[1]:.2f})" if ci[0] is not None and auc_s != "-" else ""  # an estimate: its 95% CI
-        loss_s = "-" if loss is None or loss != loss else f"{loss:.4f}"
-        spent = r.get("epsilon", {})
-        if many:
-            values = list(spent.values()) or [float("nan")]
-            eps = f"{min(values):>8.2f}  {max(values):>8.2f}  {len(spent):>6}"
-        else:
-            eps = "  ".join(f"{spent.get(s, float('nan')):>16.2f}" for s in sites)
-        note = f"  refused/failed: {len(r['failures'])}" if r.get("failures") else ""
-        note += "  final evaluation" if r.get("eval_final") else ""
-        lines.append(f"{r['round']:>5}  {auc_s:>22}  {loss_s:>8}  {eps}{note}")
-    lines.append("(pooled AUC and validation loss as the coordinator sees them: estimates from the sites' noised histograms)")
-    return "\n".join(lines)

@@ -33,7 +33,9 @@ from tqdm.auto import tqdm
 from common.bundle import BundleError, stage_app
 from common.config_fields import to_toml
 from common.processes import free_port, offline_env, stop_process, wait_http
+from common.progress import PREFIX as PROGRESS_PREFIX
 from simulations.progress import round_progress
+from simulations.run_guard import MARK_ENV, run_marker, stop_run_processes
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +76,8 @@ def simulation_superlink(sim_root: Path, *, ray_address: str | None = None) -> I
         f'[superlink.{CONNECTION}]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
     )
     env = offline_env(flwr_home)
+    env[MARK_ENV] = run_marker(sim_root)  # Flower's and Ray's processes inherit it: see simulations/run_guard.py
+    env["RAY_DEDUP_LOGS"] = "0"  # the sites' progress lines look alike: Ray would fold them into "[repeated 3x]"
     env.pop("RAY_ADDRESS", None)
     if ray_address:
         env["RAY_ADDRESS"] = ray_address
@@ -93,10 +97,20 @@ def simulation_superlink(sim_root: Path, *, ray_address: str | None = None) -> I
             raise SimulationRunError(str(err)) from None
         yield env
     finally:
+        # Everything at once, before any of them exits by itself: the SuperLink's SuperExec runs in a session of
+        # its own, flwr-simulation and its Ray cluster below it, and Ray's agents follow their raylet only after
+        # about a minute (they are found as the raylet's descendants, so it must still run when we look).
+        stop_run_processes(sim_root)
         stop_process(proc)
 
 
 _ROUND_LINE = re.compile(r"round (\d+)/(\d+): pooled AUC")
+#: A simulated site's progress line (common/progress.py), as Ray passes the site actors' output on to the log stream
+#: (up to any colour code Ray appends).
+_SITE_PROGRESS = re.compile(re.escape(PROGRESS_PREFIX) + r"[^\x1b]*[^\x1b\s]")
+#: The coordinator's milestones before round 1, shown as they happen (Ray's start takes a minute on 2 busy cores).
+_MILESTONE = re.compile(r"Starting Flower Simulation|\d+ site\(s\) connected \(\d+ needed\): starting|"
+                        r"waiting for sites: .*")
 
 
 def usable_cpus() -> int:
@@ -149,15 +163,29 @@ def run_app(sim_root: Path, run_config: dict[str, Any], *, num_supernodes: int, 
         if progress and rounds:
             bar = tqdm(total=rounds, desc="federated rounds", unit="round")
         started = time.monotonic()
-        with open(run_log, "w") as fh:
+        with open(run_log, "a") as fh:  # a resumed run adds to its log
+            fh.write(f"===== fl-sim {'resume' if run_config.get('resume-from') else 'run'} "
+                     f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
             proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                     cwd=sim_root, start_new_session=True)
             assert proc.stdout is not None
             last_round = 0
             try:
+                shown_progress = ""
                 for line in proc.stdout:
                     fh.write(line)
                     fh.flush()
+                    # Before round 1: the coordinator's milestones, then the sites' reading and caching. Each once:
+                    # Flower writes every record twice (console and file form).
+                    early = _SITE_PROGRESS.search(line) or (_MILESTONE.search(line) if not last_round else None)
+                    if early and early.group(0).strip() != shown_progress:
+                        shown_progress = early.group(0).strip()
+                        shown = f"  {'site ' if early.re is _SITE_PROGRESS else ''}{shown_progress}"
+                        if bar is not None:
+                            bar.write(shown)
+                        else:
+                            print(shown, flush=True)
+                        continue
                     m = _ROUND_LINE.search(line)
                     if m and int(m.group(1)) != last_round:  # Flower writes each record twice (console, file form)
                         last_round = int(m.group(1))

@@ -19,8 +19,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
+from common.progress import progress
+from common.site_labels import EXPECTED_COLUMNS, closest_labels_file, no_labels_message
 from simulations.acquisition import AcquisitionProfile
 
 SYNTHETIC_CLASSES = ("normal", "opacity")
@@ -123,10 +123,8 @@ def site_summary(name: str, rows: list[tuple[str, str]], patients: Counter, n_co
 
 
 def progress_bar(total: int, enabled: bool, desc: str) -> Any:
-    """A tqdm bar on a terminal, None otherwise."""
-    if not enabled:
-        return None
-    return tqdm(total=total, desc=desc, unit="img")
+    """A tqdm bar when ``enabled`` on a terminal, else a line every few seconds (common/progress.py)."""
+    return progress(total, desc, "img", bar=enabled)
 
 
 def read_labels(site_dir: Path) -> dict[str, str]:
@@ -138,3 +136,26 @@ def read_labels(site_dir: Path) -> dict[str, str]:
 def iter_dicom_files(site_dir: Path) -> Iterator[Path]:
     """Every ``*.dcm`` under a site folder, sorted."""
     return iter(sorted(Path(site_dir).rglob("*.dcm")))
+
+
+def hospital_folders_problem(data: Path) -> str | None:
+    """Why ``data`` (no labels.csv of its own) cannot be used as hospital folders, in one line; None when it can.
+
+    Each hospital folder needs labels.csv or class subfolders; a folder of unlabelled subfolders (patient
+    folders, say) ran a federation of sites that all failed, and then ended in a traceback.
+    """
+    subfolders = sorted(p for p in data.iterdir() if p.is_dir() and p.name != "holdout")
+    if not subfolders:
+        n_images = sum(1 for p in data.iterdir() if p.is_file() and p.name.lower() != LABELS_FILE)
+        return no_labels_message(data, n_images, [])
+    unlabelled = [d for d in subfolders if not (d / LABELS_FILE).is_file() and not any(p.is_dir() for p in d.iterdir())]
+    if not unlabelled:
+        return None
+    near = closest_labels_file(data) or next((n for d in unlabelled if (n := closest_labels_file(d))), None)
+    hint = f" (found {near}: name it {LABELS_FILE})" if near else ""
+    if len(unlabelled) == len(subfolders):  # counted, not named: subfolders may be named by patient
+        return (f"--data {data} holds no labels{hint}: no {LABELS_FILE} in it (for an image set to partition) and none "
+                f"of its {len(subfolders)} subfolders has {LABELS_FILE} or class subfolders (for hospital folders); "
+                f"add {LABELS_FILE} with columns {EXPECTED_COLUMNS}")
+    return (f"{len(unlabelled)} of the {len(subfolders)} hospital folders in {data} have no {LABELS_FILE} and no class "
+            f"subfolders{hint}; give each {LABELS_FILE} with columns {EXPECTED_COLUMNS}")

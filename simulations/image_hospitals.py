@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from common.site_labels import misspelt_columns
 from simulations import partition as part
 from simulations.acquisition import deterministic_uid, site_profiles, write_radiograph
 from simulations.hospital_layout import (
@@ -168,7 +169,8 @@ def _from_labels_csv(root: Path, labels_csv: Path) -> tuple[list[_SourceImage], 
     columns = set(rows[0]) if rows else set()
     path_col = "path" if "path" in columns else "file"
     if not rows or path_col not in columns or "label" not in columns:
-        raise SimulationError(f"{labels_csv}: need columns path (or file) and label; found {sorted(columns)}")
+        near = "".join(f"; `{found}` looks like a misspelt `{meant}`" for found, meant in misspelt_columns(sorted(columns)))
+        raise SimulationError(f"{labels_csv}: need columns path (or file) and label; found {sorted(columns)}{near}")
     patient_col = next((c for c in ("patient_id_coarse", "patient_id") if c in columns), None)
     if patient_col is None:
         log.warning("%s has no patient_id column: each file is its own patient (splits may leak)", labels_csv.name)

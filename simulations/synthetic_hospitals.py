@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import signal
 from collections import Counter
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from datetime import date, timedelta
 from pathlib import Path
@@ -95,14 +95,26 @@ def make_synthetic_hospitals(
         # (spawn's does outlive the pool). They only draw and write files: numpy and pydicom, no torch.
         methods = multiprocessing.get_all_start_methods()
         context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-        with ProcessPoolExecutor(workers, mp_context=context) as pool:
+        # A Pool, not a ProcessPoolExecutor: on an error or a stop signal it terminates the workers at once, where
+        # the executor waited for every queued site. Progress: the files written so far, counted
+        # every second while the sites are written (a site is one job, minutes long at 500 patients).
+        pool = context.Pool(workers, initializer=_worker_signals)
+        try:
+            results = pool.imap(_write_job, jobs, chunksize=max(1, n_sites // (8 * workers)))
             summaries = []
-            for summary in pool.map(_write_synthetic_site, *zip(*jobs), chunksize=max(1, n_sites // (8 * workers))):
-                summaries.append(summary)
-                if bar is not None:
-                    bar.update(summary.n_images + summary.n_corrupt)
-    if bar is not None:
-        bar.close()
+            while len(summaries) < len(jobs):
+                try:
+                    summaries.append(results.next(timeout=1.0))
+                except multiprocessing.TimeoutError:
+                    pass
+                bar.update(sum(1 for _ in out.rglob("*.dcm")) - bar.n)
+            pool.close()  # done: the workers end by themselves
+        except BaseException:
+            pool.terminate()  # an error or a stop signal: the workers end now, the queued sites are dropped
+            raise
+        finally:
+            pool.join()
+    bar.close()
     manifest = HospitalsManifest(
         source="synthetic", seed=seed, partition=partition, alpha=alpha, classes=list(SYNTHETIC_CLASSES), sites=summaries
     )
@@ -169,6 +181,19 @@ def _capped(profile: AcquisitionProfile, max_matrix: int | None) -> AcquisitionP
         return profile
     scale = max_matrix / max(rows, cols)
     return replace(profile, matrix=(max(16, round(rows * scale)), max(16, round(cols * scale))))
+
+
+def _worker_signals() -> None:
+    """In a writer process: the terminal's Ctrl-C reaches the whole process group, but the parent decides (it
+    ends the pool), so SIGINT is ignored here; SIGTERM, which ends the pool's workers, ends them at once. A
+    forked worker inherits the parent's Python handlers: fl-sim's would raise its StopSignal in the worker
+    (a traceback, and a worker dead while it held the pool's result lock)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _write_job(job: tuple) -> SiteSummary:
+    return _write_synthetic_site(*job)
 
 
 def _write_synthetic_site(

@@ -88,3 +88,47 @@ def test_multilabel_check_counts_findings_from_an_nih_style_table(tmp_path, caps
     assert main(["check", str(tmp_path), "--task", "multilabel", "--labels", "Effusion,Infiltration,Nodule"]) == 0
     out = capsys.readouterr().out
     assert "per finding (labels from labels.csv column 'finding_labels'" in out and "too few positives to validate" in out
+
+
+def _unlabelled_site(root, dicom_writer, n: int = 6, nested: bool = True):
+    for p in range(n):
+        dicom_writer(root / (f"MRN-55{p:02d}/1.dcm" if nested else f"{p}.dcm"), np.full((16, 16), 0.5),
+                     patient_id=f"MRN-55{p:02d}")
+    return root
+
+
+@pytest.mark.parametrize("values", [("normal", "pneumonia"), ("0", "1")])
+def test_a_misspelt_label_column_fails_and_names_the_closest_column(tmp_path, dicom_writer, capsys, values):
+    # 0/1 values made `lable` pass as a finding named "lable", exit 0.
+    root = _unlabelled_site(tmp_path / "site", dicom_writer)
+    rows = [f"MRN-55{p:02d}/1.dcm,{values[p % 2]}" for p in range(6)]
+    (root / "labels.csv").write_text("file,lable\n" + "\n".join(rows) + "\n")
+    assert main(["check", str(root)]) == 2
+    out, err = capsys.readouterr()
+    [line] = [x for x in err.splitlines() if x.startswith("fl-client check:")]
+    assert "`lable` looks like a misspelt `label`" in line and "columns found: file, lable" in line
+    assert "expected: `file`" in line and "rename it to `label`" in line and "usable images" not in out
+
+
+def test_a_folder_of_patient_folders_is_not_taken_for_class_folders(tmp_path, dicom_writer, capsys):
+    # Every subfolder one patient: before, six "classes" named by patient folder and no word of warning.
+    root = _unlabelled_site(tmp_path / "site", dicom_writer)
+    (root / "label.csv").write_text("file,label\n")
+    assert main(["check", str(root), "--json"]) == 0
+    problem = json.loads(capsys.readouterr().out)["labels_problem"]
+    assert "each of the 6 subfolders taken as classes holds a single patient" in problem
+    assert "found label.csv: name it labels.csv" in problem and "`label` (the class name)" in problem
+
+
+def test_no_labels_at_all_says_what_was_found_and_what_is_expected(tmp_path, dicom_writer, capsys):
+    from common.dataset import DatasetError, scan_site
+
+    root = _unlabelled_site(tmp_path / "flat", dicom_writer, n=3, nested=False)
+    (root / "Labels.txt").write_text("file,label\n")
+    with pytest.raises(DatasetError) as err:
+        scan_site(root, salt="s")
+    message = str(err.value)
+    assert "no labels.csv and no class subfolders (found 3 image file(s) directly in it)" in message
+    assert "found Labels.txt: name it labels.csv" in message and "`file` (or `path`" in message
+    assert main(["check", str(root)]) == 0  # check looks before labelling: it reports, it does not refuse
+    assert "LABELS: " in capsys.readouterr().out

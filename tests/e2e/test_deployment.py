@@ -247,6 +247,28 @@ def test_status_reports_sites_and_rounds(finished_run, federation):
     assert run["finished"] and run["last_round"] == 2 and set(run["epsilon"]) == set(SITES)
 
 
+def test_follow_prints_each_log_line_once_and_records_the_run_id(federation):
+    """`fl-server run --follow` printed every Flower log line twice and "Flower run id None", and the audit log
+    recorded flower_run_id null: the run is now launched by id and its log followed, each record once."""
+    from common.audit import audit_path, read_entries
+
+    fed = federation["fed"]
+    _wait(lambda: sum(s["status"] == "online" for s in _status(fed)["sites"]) >= 3, 120, "3 sites online")
+    out = _cli("server.cli", "run", "--follow", "--dir", str(fed), "-c", "num-server-rounds=1", "-c", "image-size=32",
+               "-c", "min-sites=3", "-c", "run-name=followed", "-c", "target-epsilon=6", "-c", "wait-timeout=120",
+               "-c", "round-timeout=600", timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr
+    started = re.search(r"run followed started \(Flower run id (\d+)\)", out.stdout)
+    assert started, out.stdout[:2000]
+    assert out.stdout.index(started.group(0)) < out.stdout.index("[ROUND 1/1]")  # said before the log, not after
+    for record in ("[ROUND 1/1]", "round 1/1: pooled AUC", "configure_train: Sampled 3 nodes"):
+        assert sum(record in line for line in out.stdout.splitlines()) == 1, record
+    launched = [e for e in read_entries(audit_path(fed)) if e["event"] == "run-launched"
+                and e["details"].get("run") == "followed"]
+    assert [str(e["details"]["flower_run_id"]) for e in launched] == [started.group(1)]  # as Flower's JSON gives it
+    assert (fed / "runs" / "followed" / "model.onnx").is_file()  # --follow returned when the run had ended
+
+
 def _ledger_rounds(site_dir: Path, site: str, run_name: str) -> list[int]:
     ledger = PrivacyLedger(site_dir / "state", site=site, max_epsilon=20.0, delta=1e-5)
     # Ledger run ids are "<run name>-<coordinator's run id>@<weights digest>".

@@ -128,3 +128,11 @@ def test_onnx_parity_checked_on_radiographs(sim_run):
     export = json.loads((root / "run" / "metrics.json").read_text())["export"]
     assert export["parity_images"] > 0 and export["max_abs_diff"] <= 1e-4
     assert "reference radiographs" in (root / "run" / "model_card.md").read_text()
+
+
+def test_a_finished_run_leaves_its_folder_lean(sim_run):
+    """The sites' caches (0.55 GB of `make demo`'s 0.9 GB run folder) go when the run has finished; what the
+    docs point at stays (hospitals, ledgers, the run)."""
+    _, root = sim_run
+    assert list(root.glob("state/*/cache")) == []
+    assert len(list(root.glob("state/*/privacy_ledger.json"))) == 3 and (root / "hospitals" / "hospital-a").is_dir()

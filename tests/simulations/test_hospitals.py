@@ -392,3 +392,43 @@ class TestCliBadInput:
         assert main(["make-hospitals", "--out", str(tmp_path), "--sites", "1"]) == 2
         assert len(capsys.readouterr().err.strip().splitlines()) == 1
         assert (tmp_path / "keep.txt").read_text() == "x"
+
+
+def test_fl_sim_refuses_hospital_folders_without_labels_in_one_line(tmp_path, dicom_writer, capsys):
+    """Patient folders given as --data ran a federation of sites that all failed, then a traceback."""
+    from simulations.cli import main
+
+    data = tmp_path / "export"
+    for p in range(4):
+        dicom_writer(data / f"MRN-66{p:02d}" / "1.dcm", np.full((16, 16), 0.5), patient_id=f"MRN-66{p:02d}")
+    assert main(["run", "--data", str(data), "--out", str(tmp_path / "runs"), "--rounds", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "holds no labels" in err and "none of its 4 subfolders" in err
+    assert "MRN-66" not in err and "`label` (the class name)" in err
+    assert not (tmp_path / "runs").exists()  # refused before anything was made
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_making_hospitals_says_how_far_it_got_in_a_log(tmp_path, monkeypatch, capsys, workers):
+    """Output to a file: fl-sim said nothing for the minute and a half it spent making the demo's hospitals."""
+    from common import progress as progress_module
+    from simulations.hospitals import make_synthetic_hospitals
+
+    monkeypatch.setattr(progress_module, "LINE_EVERY_S", 0.0)
+    manifest = make_synthetic_hospitals(tmp_path / "h", 2, patients_per_site=3, progress=False, workers=workers,
+                                        max_matrix=64)
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("progress: synthetic images")]
+    done = int(lines[-1].split()[3].split("/")[0])  # "progress: synthetic images 12/12 img (100%), 0 s"
+    assert len(lines) >= 2 and done >= sum(s.n_images for s in manifest.sites)
+
+
+def test_parallel_writers_under_fl_sims_signal_handlers_end_cleanly(tmp_path, capfd):
+    """fl-sim raises StopSignal on SIGTERM; forked writers inherited that handler, so ending the pool (SIGTERM)
+    printed a traceback per worker, and a worker that died holding the result lock hung the next run."""
+    from common.supervisor import stop_signals_raise
+    from simulations.hospitals import make_synthetic_hospitals
+
+    with stop_signals_raise():
+        for name in ("first", "second"):
+            make_synthetic_hospitals(tmp_path / name, 3, patients_per_site=3, workers=2, max_matrix=64)
+    assert "Traceback" not in capfd.readouterr().err  # the workers' own stderr
