@@ -146,7 +146,10 @@ def test_fl_sim_runs_its_sites_on_both_nodes_of_a_ray_cluster(ray_cluster, tmp_p
     root = tmp_path / "ray"
     assert rc == 0, (root / "run.log").read_text()[-3000:] if (root / "run.log").exists() else "no run log"
     last = json.loads((root / "run" / "metrics.json").read_text())["rounds"][-1]
-    assert last["round"] == 1 and 0.0 <= last["pooled_auc"] <= 1.0
+    # 3 sites of 8 patients: the noised validation counts may leave a class without a positive total, and the
+    # coordinator then says "not estimable" (None) rather than print a number; every site's reply arrived either way
+    assert last["round"] == 1 and (last["pooled_auc"] is None or 0.0 <= last["pooled_auc"] <= 1.0)
+    assert set(last["sites"]) == {"hospital-a", "hospital-b", "hospital-c"}
     assert set(last["epsilon"]) == {"hospital-a", "hospital-b", "hospital-c"}
 
     # The cluster ran the sites: Flower's ClientApp actors were placed on both nodes ...
