@@ -127,7 +127,6 @@ def describe(features: torch.Tensor, order1: tuple[int, int] | None, size: tuple
     return torch.cat([texture, layout], dim=1) * HALF
 
 
-
 def layout_sign(size: int, grid: int) -> NDArray[np.float64]:
     """+1 on the texture values, -1 on the layout: a descriptor times this is that of the inverted image.
 
