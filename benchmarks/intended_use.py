@@ -16,8 +16,11 @@ Test sets, built from what is on this machine (nothing is downloaded):
   never saw) rotated by 90, 180 and 270 degrees, inverted, and cropped (the centre half, one
   quadrant, the top half), with their own chest headers: only the image check can refuse them.
 * **chest radiographs**: every ``--holdout`` image, the real chest DICOMs in ``--dicom`` (RG1 in
-  three encodings, the SIIM image and its MONOCHROME1 twin), and ``--nih`` PNGs when given
-  (adult chests at 64 px, no header).
+  three encodings, the SIIM image), and ``--nih`` PNGs when given (adult chests at 64 px, no header).
+* **a chest displayed inverted by its header**: ``txv_Fake_MONOHR1`` in ``--dicom`` is the SIIM
+  image's MONOCHROME2 pixels under a MONOCHROME1 header. Displayed as the header says (what
+  ``common.dicom`` and a viewer do), it is the chest with its grey levels reversed: a real-world
+  case of the ``inverted`` transform, counted with the images the gate must refuse.
 
     PYTHONPATH=. .venv/bin/python benchmarks/intended_use.py --model runs/kermany-gate/run/model.onnx \\
         --holdout runs/kermany-gate/hospitals/holdout --dicom ../shared/data/dicom [--nih ../shared/data/nih-cxr14-1000]
@@ -41,7 +44,10 @@ from clinic.model import Scorer
 from clinic.predict import iter_inputs, read_source
 from common.images import resize_image
 
-CHEST_DICOM = ("RG1", "siim", "MONOHR1")  # the real chest radiographs in --dicom
+CHEST_DICOM = ("RG1", "siim")  # the real chest radiographs in --dicom
+INVERTED_DICOM = ("MONOHR1",)  # SIIM's pixels under a MONOCHROME1 header: displayed inverted
+
+
 def _zoomed(part: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     """A crop brought back to the source's matrix, as a detector or a zoomed export would deliver it."""
     return resize_image(np.ascontiguousarray(part), (int(shape[0]), int(shape[1])))
@@ -75,7 +81,8 @@ def _non_chest_files(dicom: Path) -> list[Path]:
     files = [p for folder in _test_file_folders(dicom) for p in sorted(folder.rglob("*")) if p.is_file()
              and p.suffix.lower() in ("", ".dcm") and not p.name.startswith(".")]
     files += sorted(dicom.glob("*.dcm"))
-    return [p for p in files if not any(k in p.name for k in CHEST_DICOM)]  # pydicom-data ships the RG1 chest too
+    chest = CHEST_DICOM + INVERTED_DICOM  # pydicom-data ships the RG1 chest too
+    return [p for p in files if not any(k in p.name for k in chest)]
 
 
 def _key(pixels: np.ndarray, size: tuple[int, int]) -> str:
@@ -143,19 +150,20 @@ def main(argv: list[str] | None = None) -> int:
                 transformed[name].append(_result(scorer, np.ascontiguousarray(fn(source.pixels)), source.header))
 
     progress("real chest DICOMs ...")
-    real = []
+    real, inverted_dicom = [], []
     for path in sorted(Path(args.dicom).glob("*.dcm")):
-        if any(k in path.name for k in CHEST_DICOM):
-            source = read_source(path)
-            res = _result(scorer, source.pixels, source.header)
-            real.append({"file": path.name, "assessed": res["assessed"], "rule": res["rule"],
-                         "ood_score": None if res["ood"] is None else round(res["ood"], 3)})
+        for keys, out in ((CHEST_DICOM, real), (INVERTED_DICOM, inverted_dicom)):
+            if any(k in path.name for k in keys):
+                source = read_source(path)
+                res = _result(scorer, source.pixels, source.header)
+                out.append({"file": path.name, "assessed": res["assessed"], "rule": res["rule"],
+                            "positive": res["positive"], "ood_score": None if res["ood"] is None else round(res["ood"], 3)})
     nih = []
     if args.nih:
         progress("NIH chest PNGs ...")
         nih = [_result(scorer, read_source(p).pixels, None) for p in iter_inputs([args.nih]) if isinstance(p, Path)]
 
-    all_transformed = [r for rs in transformed.values() for r in rs]
+    all_transformed = [r for rs in transformed.values() for r in rs] + inverted_dicom
     refusable = non_chest + all_transformed
     chest_all = chest_holdout + [{"assessed": r["assessed"], "positive": [], "rule": r["rule"], "ood": None} for r in real]
     doc = {
@@ -166,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         "transformed_chest": {name: _tally(rs) for name, rs in transformed.items()},
         "chest_holdout": _tally(chest_holdout),
         "chest_real_dicom": real,
+        "chest_inverted_by_header_dicom": inverted_dicom,
         "chest_nih": _tally(nih) if nih else None,
         "goals": {
             "findings_claimed_on_non_chest": sum(1 for r in non_chest if r["positive"]),
@@ -174,6 +183,11 @@ def main(argv: list[str] | None = None) -> int:
             "findings_claimed_on_transformed": sum(1 for r in all_transformed if r["positive"]),
             "chest_refused_share": _tally(chest_all)["not_assessed_share"],
             "real_chest_dicoms_all_assessed": all(r["assessed"] for r in real),
+            "chest_refused_share_with_nih": _tally(chest_all + nih)["not_assessed_share"],
+            "transformed_not_assessed_share": _tally(all_transformed)["not_assessed_share"],
+            "rotated_and_inverted_not_assessed_share": _tally(
+                [r for name, rs in transformed.items() if not name.startswith("cropped") for r in rs] + inverted_dicom
+            )["not_assessed_share"],
         },
         "files": files,
         "machine": machine_info(),

@@ -12,8 +12,10 @@ evaluation costs:
    the kept numbers are lost, nothing is sent: fresh noise would be a second, uncharged release.
 2. **Score histogram** (``gate-hist``, ``gate-noise``), in the last round (with the drift
    reference) when the coordinator sends the pooled reference (``gate-reference``): the noised
-   histogram of the validation images' scores against it. Whatever the coordinator sends, one
-   image moves one count by one: a crafted reference cannot weaken the noise.
+   histogram of the validation images' scores against it (the score also reads each image upside
+   down: those descriptors are computed afresh, the cache holds the features of the images as they
+   are). Whatever the coordinator sends, one image moves one count by one: a crafted reference
+   cannot weaken the noise.
 """
 
 from __future__ import annotations
@@ -61,13 +63,17 @@ def gate_release(site: SiteConfig, data: SiteData, ledger: PrivacyLedger, model:
     return out
 
 
-def _val_descriptors(data: SiteData, model: torch.nn.Module) -> np.ndarray:
+def _val_descriptors(data: SiteData, model: torch.nn.Module, *, turned: bool = False) -> np.ndarray:
+    """Unit descriptors of the validation images (``turned``: of the same images upside down, computed
+    afresh: the cache holds the features of the images as they are)."""
     descriptor = descriptor_for(model)
     front, _, _ = split_features(model)
     idx = data.split.val
-    if front is not None:
+    if front is not None and not turned:
         return descriptors(descriptor, data.features(front)[idx])
     images = torch.from_numpy(data.images[idx].astype(np.float32) / 255.0)[:, None]
+    if turned:
+        images = torch.flip(images, dims=(2, 3))
     with torch.inference_mode():
         feats = torch.cat([descriptor.front_end(images[i : i + 64]) for i in range(0, len(images), 64)])
     return descriptors(descriptor, feats)
@@ -107,7 +113,9 @@ def _reference_sums(site: SiteConfig, data: SiteData, ledger: PrivacyLedger, mod
 
 def _score_histogram(site: SiteConfig, data: SiteData, ledger: PrivacyLedger, model: torch.nn.Module,
                      reference: GateReference, run_id: str, server_round: int) -> dict[str, Any]:
-    scores = reference.scores(_val_descriptors(data, model))  # OodError when the reference is another model's
+    grid = descriptor_for(model).grid
+    turned = _val_descriptors(data, model, turned=True) if grid else None
+    scores = reference.scores(_val_descriptors(data, model), turned, grid=grid)  # OodError: another model's reference
     if not _charge(site, data, ledger, run_id=f"{run_id}-gate", server_round=server_round, kind=KIND_CUTOFF):
         return {}
     std = noise_multiplier(site)

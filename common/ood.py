@@ -4,26 +4,36 @@ Headers can be wrong or absent, so the gate also looks at the pixels, through th
 eyes: the features of its fixed front end (``common.models.split_features``: the scattering
 coefficients of a ScatterNet, whatever stands before them) or, for a CNN, its penultimate layer.
 
-**Descriptor** (per image, :class:`Descriptor`). From the features ``T`` [N, K, h, w]:
+**Descriptor** (per image, :class:`Descriptor`): from the scattering maps [N, K, h, w] two parts,
+each of unit length, concatenated and scaled by 1/sqrt(2) (a unit vector: one image moves a sum
+of descriptors by at most 1, what the DP noise is calibrated to):
 
-* the texture profile: ``log(mean over the image of each order-1 scattering channel)`` (J x L
-  channels: how much structure there is at each scale and orientation; ribs, spine and clavicles
-  give a chest radiograph its own profile, and a rotated image has it turned by 90 degrees),
-* where the structure is: ``log`` of the order-1 energy averaged on a 4 x 4 grid,
+* texture: ``log`` of the mean of each order-1 channel (J x L: structure at each scale and
+  orientation; a rotated image has it turned by 90 degrees) and of the order-1 energy on a
+  :data:`GRID` x :data:`GRID` grid (where the structure is), each centred (exposure and contrast
+  do not count);
+* layout: the order-0 coefficients (local means) on the same grid, centred: where the image is
+  bright and dark. Order-1/2 coefficients are moduli, blind to the sign of the image and to a
+  half-turn of each wavelet; the layout is not (:func:`layout_sign`: inversion negates it).
 
-each centred on its own mean (so a brighter or a more contrasted exposure does not count as
-different), concatenated and scaled to unit length. A CNN's penultimate vector [N, K] is averaged
-in 32 groups of channels, logged and centred the same way. Unit length matters for privacy: one
-image moves a sum of descriptors by at most 1.
+A CNN's penultimate vector is averaged in 32 groups of channels, logged and centred: texture only.
 
-**Score** (:class:`OodScore`, an ``nn.Module`` exported in the ONNX graph as ``ood_score`` [N]):
-``||u - mean||^2 / spread``, where ``mean`` is the sites' mean descriptor and ``spread`` =
-``1 - ||mean||^2`` the mean squared distance of their images to it (for unit vectors), so a
-typical training image scores about 1.
+**Score** (:class:`OodScore`, the ONNX graph's ``ood_score`` [N]; :meth:`GateReference.scores` is
+its numpy twin), from the sites' mean descriptor ``m``: the texture part's squared distance to
+its mean over ``1 - ||m_t||^2`` (the mean of that distance over unit vectors: a typical training
+image scores about 1), times the odds that the image is the sites' radiographs turned upside down
+or inverted (:func:`_log_odds`). The image is read three more ways (turned 180 degrees through the
+same front end; inverted; both) and each reading competes with the image as it is: under the
+isotropic model the distance assumes (variance ``spread / D`` per value) the log-odds of the best
+is ``D / spread x m . (reading - u)``; less the prior log-odds :data:`PRIOR_LOG_ODDS` (turned or
+inverted images are rare), clipped to [0, :data:`ODDS_CAP`], its ``exp`` is the factor. It is 1
+for a radiograph the right way up, whatever its population (its distance decides), and large
+for one that fits the reference far better turned or inverted. Continuous: runtimes agree. The layout stays out of the
+distance: normalised per image, it says how an image is oriented more than what it shows.
 
 **Reference and cut-off, released under DP** (client/gate_stats.py, server/gate.py): each site
-releases the noised sum of its training images' descriptors and their noised count once per run
-(the scattering features never change, so any round will do); the coordinator pools them into
+releases the noised sum of its validation images' descriptors and their noised count once per
+run (the scattering features never change, so any round will do); the coordinator pools them into
 the reference and sends it back; in the last round each site releases a noised histogram of its
 validation images' scores against that reference (:data:`SCORE_EDGES`). The cut-off is
 :data:`MARGIN` times the 98th percentile of the pooled scores, estimated from the noised
@@ -52,10 +62,13 @@ from common.intended_use import OodError as OodError
 from common.intended_use import parse_ood_metadata as parse_ood_metadata
 from common.scattering import Scattering2D
 
-REFERENCE_SCHEMA = "fedxray.gate-reference/1"
+REFERENCE_SCHEMA = "fedxray.gate-reference/2"  # /2: texture and layout parts (/1 was texture only)
 EPS = 1e-4  # added before the log: order-1 coefficients of a flat image are 0
-GRID = 4  # where the structure is: a GRID x GRID map of the order-1 energy
+GRID = 4  # the order-1 energy and the order-0 layout on a GRID x GRID map (coarse: framing varies between sites)
+HALF = math.sqrt(0.5)  # the texture and the layout part each fill half of the unit length (squared)
 GROUPS = 32  # a CNN's penultimate channels are averaged in this many groups
+ODDS_CAP = 10.0  # the log-odds factor stops at e^10 = 22,026: far past any decision, far from float32 overflow
+PRIOR_LOG_ODDS = math.log(100.0)  # prior: at most 1 image in 100 reaching the gate is turned or inverted
 MARGIN = 3.0  # cut-off = MARGIN x the estimated 98th percentile of the validation scores
 REFUSE_SHARE = 0.02  # the percentile the cut-off is built on (refuse at most this share of the sites' images)
 Z98 = 2.0537  # standard normal quantile at 0.98
@@ -74,30 +87,92 @@ class Descriptor(nn.Module):
         self.front_end = front_end
         self.order1 = order1  # channel range of the order-1 scattering coefficients; None: a feature vector
         self.size = size  # the feature map's (h, w): fixed, so the exported graph has static pooling
+        self.grid = GRID if order1 is not None else 0  # side of the spatial grids; 0: texture only (a CNN)
+
+    @property
+    def values(self) -> int | None:
+        """D, the descriptor's length (None for a CNN: it depends on its channel count)."""
+        return None if self.order1 is None else self.order1[1] - self.order1[0] + 2 * GRID * GRID
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return describe(self.front_end(image), self.order1, self.size)
 
 
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return x / torch.sqrt((x * x).sum(dim=1, keepdim=True) + 1e-12)
+
+
+def _centred(x: torch.Tensor) -> torch.Tensor:
+    return x - x.mean(dim=1, keepdim=True)
+
+
 def describe(features: torch.Tensor, order1: tuple[int, int] | None, size: tuple[int, int] | None = None) -> torch.Tensor:
     """The unit descriptor of fixed features (4-D scattering maps with ``order1``, or 2-D vectors)."""
-    if order1 is not None:
-        first = features[:, order1[0] : order1[1]].abs()
-        profile = torch.log(first.mean(dim=(2, 3)) + EPS)
-        energy = first.mean(dim=1, keepdim=True)
-        side_h, side_w = size if size is not None else (int(features.shape[2]), int(features.shape[3]))
-        kh, kw = max(1, side_h // GRID), max(1, side_w // GRID)
-        grid = F.avg_pool2d(energy[:, :, : kh * GRID, : kw * GRID], (kh, kw))
-        where = torch.log(grid.flatten(1) + EPS)
-        parts = [profile - profile.mean(dim=1, keepdim=True), where - where.mean(dim=1, keepdim=True)]
-    else:
+    if order1 is None:
         flat = features.flatten(1).abs()
         k = flat.shape[1] // GROUPS * GROUPS
         groups = flat[:, :k].reshape(flat.shape[0], GROUPS, -1).mean(dim=2) if k else flat
-        logged = torch.log(groups + EPS)
-        parts = [logged - logged.mean(dim=1, keepdim=True)]
-    u = torch.cat(parts, dim=1)
-    return u / torch.sqrt((u * u).sum(dim=1, keepdim=True) + 1e-12)
+        return _unit(_centred(torch.log(groups + EPS)))
+    side_h, side_w = size if size is not None else (int(features.shape[2]), int(features.shape[3]))
+    kh, kw = max(1, side_h // GRID), max(1, side_w // GRID)
+
+    def on_grid(maps: torch.Tensor) -> torch.Tensor:  # [N, 1, h, w] -> [N, GRID * GRID], row by row
+        return F.avg_pool2d(maps[:, :, : kh * GRID, : kw * GRID], (kh, kw)).flatten(1)
+
+    first = features[:, order1[0] : order1[1]].abs()
+    profile = torch.log(first.mean(dim=(2, 3)) + EPS)
+    where = torch.log(on_grid(first.mean(dim=1, keepdim=True)) + EPS)
+    texture = _unit(torch.cat([_centred(profile), _centred(where)], dim=1))
+    layout = _unit(_centred(on_grid(features[:, : order1[0]].mean(dim=1, keepdim=True))))
+    return torch.cat([texture, layout], dim=1) * HALF
+
+
+def layout_sign(size: int, grid: int) -> NDArray[np.float64]:
+    """+1 on the texture values, -1 on the layout: a descriptor times this is that of the inverted image.
+
+    Order-1 moduli of ``1 - x`` equal those of ``x`` (the wavelets have zero mean); the centred
+    local means change sign. An isometry: ``||u * sign - m|| = ||u - m * sign||``.
+    """
+    sign = np.ones(size)
+    if grid:
+        sign[size - grid * grid :] = -1.0
+    return sign
+
+
+@dataclass(frozen=True)
+class _Terms:
+    """What the score needs from a reference, for descriptors of ``size`` values (numpy float64)."""
+
+    texture: int  # leading values that are the texture part
+    scale: float  # the texture part's weight in the descriptor (1 without a layout)
+    texture_mean: NDArray[np.float64]
+    texture_spread: float
+    mean: NDArray[np.float64]
+    sign: NDArray[np.float64]  # layout_sign
+    odds_scale: float  # D / spread: log-odds = odds_scale * m . (reading - u), see _log_odds
+
+
+def _terms(reference: GateReference, grid: int) -> _Terms:
+    mean = np.asarray(reference.mean, dtype=np.float64)
+    size = mean.size
+    texture = size - grid * grid if grid else size
+    if texture <= 0:
+        raise OodError(f"a reference of {size} values cannot hold a {grid} x {grid} layout: it belongs to another model")
+    scale = HALF if grid else 1.0
+    t_mean = mean[:texture] / scale
+    t_mean = t_mean / max(1.0, float(np.linalg.norm(t_mean)))  # noise can push it outside the unit ball
+    t_spread = max(1.0 - float(t_mean @ t_mean), 1e-3)
+    return _Terms(texture, scale, t_mean, t_spread, mean, layout_sign(size, grid), size / reference.spread)
+
+
+def _log_odds(u: NDArray[np.float64], turned: NDArray[np.float64], terms: _Terms) -> NDArray[np.float64]:
+    """Log-odds of the best other reading (turned, inverted, both) against the image as it is [N].
+
+    For unit vectors ``||u - m||^2 - ||r - m||^2 = 2 m . (r - u)``; over twice the per-value
+    variance ``spread / D`` that is ``D / spread x m . (r - u)``.
+    """
+    readings = np.stack([turned, u * terms.sign, turned * terms.sign], axis=1) - u[:, None]
+    return terms.odds_scale * (readings @ terms.mean).max(axis=1)
 
 
 class Penultimate(nn.Module):
@@ -139,17 +214,32 @@ def descriptors(descriptor: Descriptor, features: torch.Tensor | NDArray[np.floa
 
 
 class OodScore(nn.Module):
-    """Images [N, 1, H, W] in [0, 1] -> OOD score [N]: ``||u - mean||^2 / spread`` (module docstring)."""
+    """Images [N, 1, H, W] in [0, 1] -> OOD score [N]: texture distance x odds of a turned/inverted reading."""
 
     def __init__(self, descriptor: Descriptor, reference: GateReference) -> None:
         super().__init__()
         self.descriptor = descriptor
-        self.register_buffer("mean", torch.tensor(reference.mean, dtype=torch.float32))
-        self.spread = float(reference.spread)
+        if descriptor.values is not None and descriptor.values != len(reference.mean):
+            raise OodError(f"the reference has {len(reference.mean)} values, this model's descriptor {descriptor.values}: "
+                           "the reference belongs to another model")
+        terms = _terms(reference, descriptor.grid)
+        self.texture, self.scale, self.texture_spread = terms.texture, terms.scale, terms.texture_spread
+        self.odds_scale = terms.odds_scale
+        self.turns = descriptor.grid > 0  # a CNN's descriptor has no layout: distance only
+        self.register_buffer("texture_mean", torch.tensor(terms.texture_mean, dtype=torch.float32))
+        self.register_buffer("mean", torch.tensor(terms.mean, dtype=torch.float32))
+        self.register_buffer("sign", torch.tensor(terms.sign, dtype=torch.float32))
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        d = self.descriptor(image) - self.mean
-        return (d * d).sum(dim=1) / self.spread
+        u = self.descriptor(image)
+        d = u[:, : self.texture] / self.scale - self.texture_mean
+        distance = (d * d).sum(dim=1) / self.texture_spread
+        if not self.turns:
+            return distance
+        turned = self.descriptor(torch.flip(image, dims=(2, 3)))
+        readings = torch.stack([turned, u * self.sign, turned * self.sign], dim=1) - u[:, None]
+        log_odds = torch.matmul(readings, self.mean).max(dim=1).values * self.odds_scale
+        return distance * torch.exp(torch.clamp(log_odds - PRIOR_LOG_ODDS, 0.0, ODDS_CAP))
 
 
 # --------------------------------------------------------------------------- reference (numpy)
@@ -180,14 +270,25 @@ class GateReference:
             raise OodError("gate reference has non-finite values or a spread outside (0, 4]")
         return ref
 
-    def scores(self, u: NDArray[np.float64]) -> NDArray[np.float64]:
-        """The score of unit descriptors [N, D] (the numpy twin of :class:`OodScore`)."""
+    def scores(self, u: NDArray[np.float64], turned: NDArray[np.float64] | None, *, grid: int) -> NDArray[np.float64]:
+        """The score of unit descriptors [N, D] (the numpy twin of :class:`OodScore`).
+
+        ``turned``: the descriptors of the same images turned upside down (None, and ``grid`` 0, for
+        a descriptor without a layout); ``grid``: the descriptor's (:attr:`Descriptor.grid`).
+        """
         u = np.asarray(u, dtype=np.float64)
         if u.ndim != 2 or u.shape[1] != len(self.mean):
             raise OodError(f"descriptors of {u.shape[-1] if u.ndim else 0} values, the reference has {len(self.mean)}: "
                            "the reference belongs to another model")
-        d = u - np.asarray(self.mean)
-        return (d * d).sum(axis=1) / self.spread
+        terms = _terms(self, grid)
+        d = u[:, : terms.texture] / terms.scale - terms.texture_mean
+        distance = (d * d).sum(axis=1) / terms.texture_spread
+        if not grid:
+            return distance
+        if turned is None or np.shape(turned) != u.shape:
+            raise OodError("the score of a descriptor with a layout needs the descriptors of the turned images too")
+        log_odds = _log_odds(u, np.asarray(turned, dtype=np.float64), terms)
+        return distance * np.exp(np.clip(log_odds - PRIOR_LOG_ODDS, 0.0, ODDS_CAP))
 
 
 def noised_sums(u: NDArray[np.float64], std: float, rng: np.random.Generator) -> dict[str, list[float] | float]:

@@ -77,11 +77,13 @@ def export_gate(history: list[dict[str, Any]], model: nn.Module, *, exported_las
         if descriptor.order1 is None and not exported_last:
             raise OodError("the exported round is not the last one, and this model's penultimate layer changed since")
         cut = cutoff_from_histograms(hists, max(noise))
+        score = OodScore(descriptor, reference)
     except OodError as err:
         log.warning("exported model has no intended-use image check: %s", err)
         return None
-    kind = "scattering order-1 profile + 4x4 energy" if descriptor.order1 is not None else "penultimate layer, 32 groups"
+    kind = ("scattering order-1 profile + 4x4 energy, 4x4 order-0 layout (turned/inverted odds)" if descriptor.order1 is not None
+            else "penultimate layer, 32 groups")
     log.info("intended-use image check: cut-off %.3g (%.1f x the estimated 98th percentile %.3g; about %.1f%% +- %.1f%% "
              "of %.0f validation images above it)", cut.cutoff, cut.margin, cut.q98, 100 * cut.refused_estimate,
              100 * cut.refused_sd, cut.validation_images)
-    return OodScore(descriptor, reference), cut, cut.to_json(reference, kind)
+    return score, cut, cut.to_json(reference, kind)

@@ -51,7 +51,7 @@ def _ledger(site: SiteConfig) -> PrivacyLedger:
 def test_reference_sums_are_released_once_per_run_and_re_sent_unchanged(hospital, tmp_path):
     site = _site(hospital, tmp_path / "state")
     first = evaluate_round(RUN, site, _request(1, gate_stats=True))
-    assert len(first["gate-sum"]) == 32 and isinstance(first["gate-n"], float)
+    assert len(first["gate-sum"]) == 48 and isinstance(first["gate-n"], float)
     charges = [c for c in _ledger(site).contributions() if c.kind == KIND_REFERENCE]
     assert len(charges) == 1 and charges[0].noise_multiplier == pytest.approx(10.0 / math.sqrt(2))
     assert charges[0].n_train < 14  # the validation patients, not the whole site
@@ -74,7 +74,7 @@ def test_lost_numbers_are_not_drawn_again(hospital, tmp_path, caplog):
 
 def test_the_last_round_sends_a_noised_score_histogram_charged_to_validation_patients(hospital, tmp_path):
     site = _site(hospital, tmp_path / "state")
-    reference = GateReference([1 / math.sqrt(32)] * 32, 0.5, 40.0).to_json()
+    reference = GateReference([1 / math.sqrt(48)] * 48, 0.5, 40.0).to_json()
     out = evaluate_round(RUN, site, _request(3, reference=True, gate_reference=reference))
     assert len(out["gate-hist"]) == len(SCORE_EDGES) - 1 and out["gate-noise"] == pytest.approx(10.0 / math.sqrt(2))
     assert not all(float(v).is_integer() for v in out["gate-hist"])  # noise on every count

@@ -197,9 +197,10 @@ def kermany_gated(fedxray_data, tmp_path_factory) -> Path:
     descriptor = descriptor_for(model)
     with torch.no_grad():
         u = descriptor(images).double().numpy()
+        turned = descriptor(torch.flip(images, dims=(2, 3))).double().numpy()
     rng = np.random.default_rng(0)
     reference = pool_reference([noised_sums(u, 0.0, rng)])
-    cut = cutoff_from_histograms([noised_histogram(reference.scores(u), 0.0, rng)], 0.0)
+    cut = cutoff_from_histograms([noised_histogram(reference.scores(u, turned, grid=descriptor.grid), 0.0, rng)], 0.0)
     path = tmp_path_factory.mktemp("kermany") / "model.onnx"
     export_onnx(model, path, task="binary", labels=["PNEUMONIA"], input_size=(64, 64), threshold=0.5,
                 metadata={"model": "scatternet", "rounds": "1", "sites": "[]", "epsilon": "{}",
@@ -209,12 +210,18 @@ def kermany_gated(fedxray_data, tmp_path_factory) -> Path:
 
 def test_a_kermany_reference_assesses_every_real_chest_dicom_and_refuses_the_rest(kermany_gated, dicom_dir, capsys):
     """Adult chest radiographs (RG1, SIIM) pass a pediatric reference; the tibia, the C-spine and the LUT patterns
-    do not, and the tibia and the patterns are refused on their pixels alone (the C-spine by its 16 x 16 matrix)."""
+    do not, and the tibia and the patterns are refused on their pixels alone (the C-spine by its 16 x 16 matrix).
+
+    txv_Fake_MONOHR1 is the SIIM image's MONOCHROME2 pixels under a MONOCHROME1 header: displayed as its header
+    says (as a viewer shows it), it is the chest with its grey levels reversed, and the image check refuses it."""
     assert main(["--model", str(kermany_gated), str(dicom_dir), "--json"]) == 0
     recs = {Path(r["file"]).name: r for r in _json_lines(capsys)}
-    chest = {n for n in recs if any(k in n for k in ("RG1", "siim", "MONOHR1"))}
-    assert len(chest) == 5 and all(recs[n]["assessed"] for n in chest), {n: recs[n]["ood_score"] for n in chest}
+    chest = {n for n in recs if any(k in n for k in ("RG1", "siim"))}
+    assert len(chest) == 4 and all(recs[n]["assessed"] for n in chest), {n: recs[n]["ood_score"] for n in chest}
     assert not any(recs[n]["assessed"] for n in set(recs) - chest)
+    inverted = recs["txv_Fake_MONOHR1.dcm"]
+    siim = next(recs[n] for n in chest if "siim" in n)
+    assert "out-of-distribution score" in inverted["reason"] and inverted["ood_score"] > 100 * siim["ood_score"]
     scorer = Scorer(kermany_gated, heatmaps=False)
     for name in ("pydicomdata_RG3_J2KI.dcm", "pydicomdata_vlut_04.dcm", "pydicomdata_mlut_18.dcm",
                  "pydicom_dicomdirtests_CR1_6154.dcm"):

@@ -16,9 +16,10 @@ from server.gate import evaluate_config, export_gate, pooled_reference, referenc
 from server.strategy import load_strategy_state, strategy_state
 
 
-def _sums(seed: int, n: int = 150) -> dict:
+def _sums(seed: int, n: int = 150, values: int = 48) -> dict:
+    """A site's exact sums of ``values``-long unit vectors (48: a ScatterNet's descriptor, 32: a CNN's)."""
     rng = np.random.default_rng(seed)
-    u = rng.normal(1.0, 0.2, size=(n, 32))
+    u = rng.normal(1.0, 0.2, size=(n, values))
     u /= np.linalg.norm(u, axis=1, keepdims=True)
     return {"gate-sum": u.sum(0).tolist(), "gate-n": float(n)}
 
@@ -36,7 +37,7 @@ def test_the_coordinator_asks_for_sums_until_it_holds_a_reference_then_sends_it(
 def test_pooled_reference_is_empty_without_sums_and_json_with_them():
     assert pooled_reference([{"hist-pos": [1.0]}]) == ""
     ref = GateReference.from_json(pooled_reference([_sums(0), _sums(1)]))
-    assert len(ref.mean) == 32 and ref.n_images == 300.0 and 0 < ref.spread < 1
+    assert len(ref.mean) == 48 and ref.n_images == 300.0 and 0 < ref.spread < 1
 
 
 def test_strategy_state_keeps_the_reference_across_a_resume():
@@ -48,8 +49,8 @@ def test_strategy_state_keeps_the_reference_across_a_resume():
     assert resumed.gate_reference == ""
 
 
-def _history() -> list[dict]:
-    return [{"round": 1, "sites": {"a": {**_sums(0)}, "b": {**_sums(1)}}},
+def _history(values: int = 48) -> list[dict]:
+    return [{"round": 1, "sites": {"a": {**_sums(0, values=values)}, "b": {**_sums(1, values=values)}}},
             {"round": 2, "sites": {"a": {}, "b": {}}},
             {"round": 3, "sites": {"a": _hist(2), "b": _hist(3), "c": _hist(4)}}]
 
@@ -68,11 +69,18 @@ def test_export_rebuilds_the_reference_the_coordinator_sent_and_sets_the_cut_off
 
 
 def test_no_image_check_without_histograms_or_for_a_cnn_exported_from_an_earlier_round(caplog):
-    history = _history()
-    assert export_gate(history[:2], build_model("scatternet", num_outputs=1), exported_last=True) is None
+    assert export_gate(_history()[:2], build_model("scatternet", num_outputs=1), exported_last=True) is None
+    history = _history(values=32)
     cnn = build_model("mobilenet_v2", num_outputs=1)
     with caplog.at_level("WARNING", logger="flwr.fedxray"):
         assert export_gate(history, cnn, exported_last=False) is None
     assert any("penultimate layer changed" in r.message for r in caplog.records)
     assert export_gate(history, cnn, exported_last=True) is not None
     assert math.isfinite(export_gate(history, cnn, exported_last=True)[1].cutoff)
+
+
+def test_a_reference_of_another_descriptor_gets_no_image_check(caplog):
+    """Sums of the texture-only descriptor (32 values) cannot score a ScatterNet whose descriptor has a layout (48)."""
+    with caplog.at_level("WARNING", logger="flwr.fedxray"):
+        assert export_gate(_history(values=32), build_model("scatternet", num_outputs=1), exported_last=True) is None
+    assert any("another model" in r.message for r in caplog.records)
