@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg
 
@@ -33,6 +33,7 @@ from common import metrics
 from common.config import RunConfig
 from common.pooled_metrics import THRESHOLD_RULES
 from common.privacy import noise_for_target
+from server.ema import WeightAverage
 
 log = logging.getLogger("flwr.fedxray.strategy")  # reaches the run log through Flower's handler
 
@@ -151,6 +152,7 @@ class FedxrayMixin:
         self.plan = server_plan(run)
         self.names: dict[int, str] = {}  # node id -> the site name it first reported (one name per node)
         self.registered_examples: dict[int, int] = {}  # node id -> training images first reported this run
+        self.average = WeightAverage(run.weight_average)  # what is evaluated and exported (server/ema.py)
 
     # -- who is who ---------------------------------------------------------------------
     def site_of(self, msg: Message) -> tuple[str, str | None]:
@@ -180,6 +182,8 @@ class FedxrayMixin:
         config["threshold"] = float(self.threshold)
         # The last round also asks for the (noised) image statistics of the drift reference.
         config["reference-stats"] = server_round + self.round_offset >= self.run.num_server_rounds
+        if self.average.active and self.average.weights:  # the sites evaluate the model that will be exported
+            arrays = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in self.average.weights.items()})
         return super().configure_evaluate(server_round + self.round_offset, arrays, config, grid)  # type: ignore[misc]
 
     # -- validation before aggregation ------------------------------------------------
@@ -237,7 +241,10 @@ class FedxrayMixin:
         if not good:
             log.warning("round %d: no valid update; the global model stays as it was", r)
             return None, None
-        return super().aggregate_train(r, good)  # type: ignore[misc]
+        arrays, train_metrics = super().aggregate_train(r, good)  # type: ignore[misc]
+        if arrays is not None and self.average.active:
+            self.average.update({k: v.numpy() for k, v in arrays.items()})
+        return arrays, train_metrics
 
     # -- pooled evaluation ------------------------------------------------------------
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
@@ -362,6 +369,9 @@ def make_strategy(run: RunConfig, *, round_offset: int = 0, min_sites: int | Non
 def strategy_state(strategy: Any) -> dict[str, Any]:
     """Server-optimiser state to checkpoint (FedAdam moments), as plain numpy dicts."""
     state: dict[str, Any] = {"threshold": float(getattr(strategy, "threshold", 0.5))}
+    average = getattr(strategy, "average", None)
+    if average is not None and average.active:
+        state["weight_average"] = average.state()
     for name in ("m_t", "v_t"):
         value = getattr(strategy, name, None)
         if value is not None:
@@ -371,6 +381,8 @@ def strategy_state(strategy: Any) -> dict[str, Any]:
 
 def load_strategy_state(strategy: Any, state: dict[str, Any]) -> None:
     strategy.threshold = float(state.get("threshold", 0.5))
+    if "weight_average" in state and hasattr(strategy, "average"):
+        strategy.average = WeightAverage(strategy.average.decay, state["weight_average"])
     for name in ("m_t", "v_t"):
         if name in state and hasattr(strategy, name):
             setattr(strategy, name, {k: np.asarray(v) for k, v in state[name].items()})
