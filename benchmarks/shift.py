@@ -72,6 +72,10 @@ RECIPES: dict[str, dict[str, Any]] = {
     "views4": {"intensity": "none", "views": 4},
     "equalise-views4": {"intensity": "equalise", "views": 4},
     "default": {},
+    "views4-pool2": {"intensity": "none", "views": 4, "pool": 2},
+    "default-pool2": {"pool": 2},
+    "default-border": {"border": 0.125},
+    "default-pool2-border": {"pool": 2, "border": 0.125},
 }
 NO_DP = {"optimizer": "adam", "learning-rate": 1e-3}  # the study's non-DP recipe (chosen on pooled validation)
 LOHO_EPSILON = 3.0

@@ -64,6 +64,8 @@ class RunConfig:
     head: str = "linear"  # scatternet: linear (logistic regression on the features) | cnn (two small conv layers)
     scatter_j: int = 2  # scatternet: scattering scale J (features are image-size / 2^J on a side)
     intensity: str = "equalise"  # scatternet: per-image intensity standardisation in the model graph: equalise | none
+    pool: int = 1  # scatternet linear head: mean of pool x pool cells of the normalised coefficients (1: every cell)
+    border: float = 0.0  # scatternet linear head: cells in this outer share of the image per side are ignored (0: none)
     views: int = 4  # scatternet linear head: views per training image (1 plain + acquisition-augmented), gradients averaged before clipping
     train_part: str = "all"  # CNNs: all | last-block | head (DP fine-tuning from init-weights trains few parameters)
     init_weights: str = ""  # coordinator-side weights file for the initial global model (e.g. pretrained); never downloaded
@@ -129,7 +131,8 @@ class RunConfig:
     def model_kwargs(self) -> dict[str, Any]:
         """What common.models.build_model needs besides the name, so every caller builds the same model."""
         return {"num_outputs": self.num_outputs, "image_size": self.image_size, "scatter_j": self.scatter_j,
-                "head": self.head, "train_part": self.train_part, "intensity": self.intensity}
+                "head": self.head, "train_part": self.train_part, "intensity": self.intensity, "pool": self.pool,
+                "border": self.border}
 
     @property
     def feature_views(self) -> int:
@@ -165,6 +168,8 @@ def _check_run(c: RunConfig) -> list[str]:
     check_range(p, "scatter-j", c.scatter_j, 1, 4)
     check_one_of(p, "intensity", c.intensity, INTENSITY_CHOICES)
     check_range(p, "views", c.views, 1, MAX_VIEWS)
+    check_range(p, "pool", c.pool, 1, 4)
+    check_range(p, "border", c.border, 0.0, 0.3)
     check_range(p, "sample-rate", c.sample_rate, 0.0, 1.0)
     check_range(p, "momentum", c.momentum, 0.0, 0.99)
     check_one_of(p, "task", c.task, TASK_CHOICES)

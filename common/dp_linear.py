@@ -135,7 +135,12 @@ def closed_form_views_step(optimizer: DPOptimizer, prepared: PreparedViews, laye
     all_losses, all_g = [], []
     for start in range(0, len(idx), chunk):
         rows = idx[start:start + chunk]
-        h, gram, target = prepared.h[rows], prepared.gram[rows], y[start:start + chunk]
+        if len(rows) > 1 and bool((rows[1:] - rows[:-1] == 1).all()):  # consecutive images (all, at sample rate 1)
+            first, last = int(rows[0]), int(rows[-1]) + 1
+            h, gram = prepared.h[first:last], prepared.gram[first:last]  # views, not copies
+        else:
+            h, gram = prepared.h[rows], prepared.gram[rows]
+        target = y[start:start + chunk]
         with torch.no_grad():
             logits = F.linear(h, layer.weight, layer.bias)  # [b, K, C]
         logits.requires_grad_(True)

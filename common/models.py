@@ -162,6 +162,8 @@ def build_model(
     head: str = "linear",
     train_part: str = "all",
     intensity: str = "equalise",
+    pool: int = 1,
+    border: float = 0.0,
 ) -> nn.Module:
     """Build ``name`` for 1-channel [0, 1] inputs with ``num_outputs`` logits.
 
@@ -176,7 +178,9 @@ def build_model(
             as BatchNorm running statistics or a 1000-class head, are skipped and logged).
         image_size, scatter_j, head, intensity: scatternet only: input side, scattering scale J,
             :data:`HEADS` member and the per-image intensity standardisation before the scattering
-            (:data:`common.scatter_net.INTENSITIES`).
+            (:data:`common.scatter_net.INTENSITIES`); ``pool``: the linear head reads the mean of
+            pool x pool cells of the normalised coefficients (1: every cell); ``border``: cells in the
+            outer share of the image on each side are read as 0 (0: none).
         train_part: torchvision models only, :data:`TRAIN_PARTS`: which parameters train
             (``requires_grad``); the rest stay as loaded (DP fine-tuning from pretrained weights).
 
@@ -199,7 +203,7 @@ def build_model(
     if name == "scatternet":
         try:
             model = ScatterNet(image_size=image_size, num_outputs=num_outputs, J=scatter_j, head=head,
-                               intensity=intensity)
+                               intensity=intensity, pool=pool, border=border)
         except ScatteringError as err:
             raise ModelError(str(err)) from err
     else:

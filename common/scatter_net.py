@@ -22,6 +22,15 @@ from common.scattering import Scattering2D, group_count
 INTENSITIES: tuple[str, ...] = ("equalise", "none")
 
 
+def border_mask(grid: tuple[int, int], border: float) -> torch.Tensor:
+    """bool [h, w]: True for the cells whose centre lies inside the image less its outer ``border`` share per side."""
+    rows = (torch.arange(grid[0]) + 0.5) / grid[0]
+    cols = (torch.arange(grid[1]) + 0.5) / grid[1]
+    inside_rows = (rows >= border) & (rows <= 1.0 - border)
+    inside_cols = (cols >= border) & (cols <= 1.0 - border)
+    return inside_rows[:, None] & inside_cols[None, :]
+
+
 class ScatterHead(nn.Module):
     """What a ScatterNet trains: per-sample GroupNorm of the scattering coefficients, then a head.
 
@@ -30,13 +39,21 @@ class ScatterHead(nn.Module):
     cost privacy) and behaves the same in training, evaluation and export.
     """
 
-    def __init__(self, channels: int, size: tuple[int, int], num_outputs: int, kind: str) -> None:
+    def __init__(self, channels: int, size: tuple[int, int], num_outputs: int, kind: str, pool: int = 1,
+                 border: float = 0.0) -> None:
         super().__init__()
         self.kind = kind
+        self.pool = int(pool)  # linear head: mean of pool x pool cells of the normalised coefficients (1: none)
+        self.border = float(border)
         self.norm = nn.GroupNorm(group_count(channels), channels, affine=False)
+        grid = (size[0] // self.pool, size[1] // self.pool)
+        # Cells whose centre lies in the outer `border` share of the image on any side are read as 0 (a plain
+        # float mask, rebuilt from the settings: never in a state_dict); None when nothing is masked.
+        keep = border_mask(grid, self.border)
+        self.register_buffer("mask", None if bool(keep.all()) else keep.to(torch.float32), persistent=False)
         if kind == "linear":
             self.conv = None
-            self.classifier = nn.Linear(channels * size[0] * size[1], num_outputs)
+            self.classifier = nn.Linear(channels * (size[0] // self.pool) * (size[1] // self.pool), num_outputs)
             # Logistic regression from zero: every site and seed starts at p = 0.5 exactly.
             nn.init.zeros_(self.classifier.weight)
             nn.init.zeros_(self.classifier.bias)
@@ -61,12 +78,21 @@ class ScatterHead(nn.Module):
         n, c = features.shape[:2]
         groups, eps = self.norm.num_groups, self.norm.eps
         out, _, rstd = torch.native_group_norm(features, None, None, n, c, features[0, 0].numel(), groups, eps)
+        if self.pool > 1 or self.mask is not None:
+            out = self._read_out(out)
+            return out, out.flatten(1).square().sum(dim=1)
         per_group = (c // groups) * features[0, 0].numel()
         return out, (1.0 - eps * rstd.square()).sum(dim=1) * per_group
 
+    def _read_out(self, x: torch.Tensor) -> torch.Tensor:
+        """The normalised coefficients as the classifier reads them: pooled over pool x pool cells, borders masked."""
+        if self.pool > 1:
+            x = F.avg_pool2d(x, self.pool)
+        return x if self.mask is None else x * self.mask
+
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """Scattering coefficients [N, K, h, w] -> logits [N, num_outputs]."""
-        x = self.norm(features)
+        x = self._read_out(self.norm(features))
         if self.conv is not None:
             x = F.adaptive_avg_pool2d(self.conv(x), 1)
         return self.classifier(torch.flatten(x, 1))
@@ -114,11 +140,12 @@ class ScatterNet(nn.Module):
     """
 
     def __init__(self, *, image_size: int, num_outputs: int, J: int = 2, L: int = 8, head: str = "linear",
-                 intensity: str = "equalise") -> None:
+                 intensity: str = "equalise", pool: int = 1, border: float = 0.0) -> None:
         super().__init__()
         self.image_size = int(image_size)
         self.frontend = ScatterFrontEnd(self.image_size, J, L, intensity)
-        self.head = ScatterHead(self.frontend.out_channels, self.frontend.out_size, num_outputs, head)
+        self.head = ScatterHead(self.frontend.out_channels, self.frontend.out_size, num_outputs, head,
+                                pool if head == "linear" else 1, border if head == "linear" else 0.0)
 
     @property
     def scattering(self) -> Scattering2D:
