@@ -10,9 +10,12 @@ computes the map ``fl-predict`` draws (clinic/heatmap.py, the exact linear-head 
 2^J x 2^J pixels of the model input) and the share of its positive part that falls inside the lung
 fields: two boxes, rows 15-85% and columns 12-45% / 55-88% of the image, fixed before any map was
 looked at (the corners, the borders, the shoulders and the spine band between the lungs are outside).
-A cell counts by its centre. Reported per recipe and arm: the mean share with a 95% bootstrap
-interval over the images, and the held-out AUC of the same head, so a rise in share can be read
-against what it costs. ``--figure`` draws the mean positive map of each recipe over the positives.
+Maps are spread over the model's input pixels (each cell over the pixels it covers, as the overlay
+does) and the boxes are taken on pixel centres, so heads that read grids of different sizes are
+measured over the same region; the boxes hold ``lung_area_share`` of the pixels, the share a map
+spread evenly would have. Reported per recipe and arm: the mean share with a 95% bootstrap interval
+over the images, and the held-out AUC of the same head, so a rise in share can be read against what
+it costs. ``--figure`` draws the mean positive map of each recipe over the positives.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ LUNG_COLUMNS = ((0.12, 0.45), (0.55, 0.88))
 
 
 def lung_mask(h: int, w: int) -> np.ndarray:
-    """[h, w] bool: the cells whose centre lies in the lung fields."""
+    """[h, w] bool: the cells (pixels) whose centre lies in the lung fields."""
     rows = (np.arange(h) + 0.5) / h
     cols = (np.arange(w) + 0.5) / w
     in_rows = (rows >= LUNG_ROWS[0]) & (rows <= LUNG_ROWS[1])
@@ -61,9 +64,11 @@ def attribution_maps(head: torch.nn.Module, feats: np.ndarray, batch: int = 128)
     return np.concatenate(out)
 
 
-def lung_share(maps: np.ndarray) -> np.ndarray:
-    positive = np.clip(maps, 0.0, None)
-    mask = lung_mask(*maps.shape[1:])
+def lung_share(maps: np.ndarray, size: int) -> np.ndarray:
+    """Share of each map's positive part inside the lung fields, over the model's ``size`` x ``size`` input pixels."""
+    block = size // maps.shape[1]
+    positive = np.kron(np.clip(maps, 0.0, None), np.ones((1, block, block))) / (block * block)
+    mask = lung_mask(size, size)
     total = positive.sum(axis=(1, 2))
     return np.where(total > 0, (positive * mask).sum(axis=(1, 2)) / np.maximum(total, 1e-12), np.nan)
 
@@ -103,7 +108,7 @@ def main() -> int:
             for path in paths:
                 head.load_state_dict(torch.load(path, weights_only=True))
                 maps = attribution_maps(head, clean)
-                share = lung_share(maps[y == 1])
+                share = lung_share(maps[y == 1], run.image_size)
                 shares.append(share)
                 aucs.append(float(roc_auc(y, maps.sum(axis=(1, 2)))))  # the logit minus the bias: same ranking
                 positive = np.clip(maps[y == 1], 0, None).mean(axis=0)
@@ -114,7 +119,7 @@ def main() -> int:
             results.setdefault(recipe, {})[arm] = {
                 "heads": len(paths), "positives": int((y == 1).sum()), "lung_share": float(all_shares.mean()),
                 "lung_share_ci": [float(v) for v in np.quantile(boot, [0.025, 0.975])],
-                "lung_area_share": float(lung_mask(*clean.shape[2:]).mean()), "auc": float(np.mean(aucs))}
+                "lung_area_share": float(lung_mask(run.image_size, run.image_size).mean()), "auc": float(np.mean(aucs))}
             mean_maps[f"{recipe} / {arm}"] = maps_sum / len(paths)  # type: ignore[operator]
             progress(f"{recipe} / {arm}: lung share {results[recipe][arm]['lung_share']:.3f}, AUC {np.mean(aucs):.4f}")
     if args.figure and mean_maps:

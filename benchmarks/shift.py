@@ -65,17 +65,21 @@ from common.views import FeatureViews  # noqa: E402
 from server.ema import WeightAverage  # noqa: E402
 from simulations.shift_conditions import CONDITIONS  # noqa: E402
 
-#: Named recipes: run-config settings on top of RunConfig's defaults ("ema" is the coordinator's weight-average decay).
+#: Named recipes: run-config settings on top of RunConfig's defaults (``weight-average``: the coordinator's running
+#: average of the global weights, server/ema.py, which this benchmark applies to its own FedAvg rounds).
 RECIPES: dict[str, dict[str, Any]] = {
-    "v3": {"intensity": "none", "views": 1},
-    "equalise": {"intensity": "equalise", "views": 1},
-    "views4": {"intensity": "none", "views": 4},
-    "equalise-views4": {"intensity": "equalise", "views": 4},
-    "default": {},
-    "views4-pool2": {"intensity": "none", "views": 4, "pool": 2},
-    "default-pool2": {"pool": 2},
-    "default-border": {"border": 0.125},
-    "default-pool2-border": {"pool": 2, "border": 0.125},
+    "default": {},  # today's RunConfig defaults
+    "v3": {"intensity": "none", "views": 1, "pool": 1, "border": 0.0, "weight-average": 0.0},  # study v3's model
+    "equalise": {"intensity": "equalise", "views": 1, "pool": 1, "border": 0.0, "weight-average": 0.0},
+    "views4": {"intensity": "none", "views": 4, "pool": 1, "border": 0.0, "weight-average": 0.0},
+    "equalise-views4": {"intensity": "equalise", "views": 4, "pool": 1, "border": 0.0, "weight-average": 0.0},
+    "equalise-views4-ema": {"intensity": "equalise", "views": 4, "pool": 1, "border": 0.0, "weight-average": 0.5},
+    "views4-pool2": {"intensity": "none", "views": 4, "pool": 2, "border": 0.0, "weight-average": 0.0},
+    "equalise-views4-pool2": {"intensity": "equalise", "views": 4, "pool": 2, "border": 0.0, "weight-average": 0.0},
+    "equalise-views4-pool2-ema": {"intensity": "equalise", "views": 4, "pool": 2, "border": 0.0, "weight-average": 0.5},
+    "equalise-views4-border": {"intensity": "equalise", "views": 4, "pool": 1, "border": 0.125, "weight-average": 0.0},
+    "equalise-views4-pool2-border": {"intensity": "equalise", "views": 4, "pool": 2, "border": 0.125,
+                                     "weight-average": 0.0},
 }
 NO_DP = {"optimizer": "adam", "learning-rate": 1e-3}  # the study's non-DP recipe (chosen on pooled validation)
 LOHO_EPSILON = 3.0
@@ -84,7 +88,7 @@ MULTICLASS = ("normal", "bacteria", "virus")
 
 def run_config(recipe: dict[str, Any], *, dp: bool, epsilon: float | None, task: str, labels: tuple[str, ...],
                rounds: int) -> RunConfig:
-    raw = {k: v for k, v in recipe.items() if k != "ema"}
+    raw = dict(recipe)
     raw.update({"task": task, "labels": ",".join(labels), "num-server-rounds": rounds, "dp": dp})
     if dp:
         raw["target-epsilon"] = epsilon
@@ -205,7 +209,7 @@ def train_arm(args: argparse.Namespace, data: ShiftData, recipe_name: str, arm: 
         sets = site_sets({n: d for n, d in sites.items() if n != left_out}, run, frontend)
         if arm == "pooled":
             sets = pooled_set(sets)
-        head.load_state_dict(federated(run, sets, head, float(recipe.get("ema", 0.0))))
+        head.load_state_dict(federated(run, sets, head, run.weight_average if run.dp else 0.0))
         seconds = time.perf_counter() - t0
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(head.state_dict(), path)
@@ -247,7 +251,7 @@ def main() -> int:
     p.add_argument("--data", default=os.path.join(os.environ.get("FEDXRAY_DATA", "../shared/data"), "kermany-pneumonia"))
     p.add_argument("--recipes", default="v3,default", help=f"comma-separated, of {', '.join(RECIPES)}")
     p.add_argument("--set", action="append", default=[], metavar="RECIPE:KEY=VALUE",
-                   help="override or add a recipe setting, e.g. default:ema=0.5 (a new recipe name makes a new recipe)")
+                   help="override or add a recipe setting, e.g. default:weight-average=0.5 (a new name makes a new recipe)")
     p.add_argument("--arms", default="fedavg,pooled,loho,multiclass")
     p.add_argument("--epsilons", default="1,3,8")
     p.add_argument("--rounds", type=int, default=8)

@@ -64,7 +64,7 @@ class RunConfig:
     head: str = "linear"  # scatternet: linear (logistic regression on the features) | cnn (two small conv layers)
     scatter_j: int = 2  # scatternet: scattering scale J (features are image-size / 2^J on a side)
     intensity: str = "equalise"  # scatternet: per-image intensity standardisation in the model graph: equalise | none
-    pool: int = 1  # scatternet linear head: mean of pool x pool cells of the normalised coefficients (1: every cell)
+    pool: int = 2  # scatternet linear head: mean of pool x pool cells of the normalised coefficients (1: every cell)
     border: float = 0.0  # scatternet linear head: cells in this outer share of the image per side are ignored (0: none)
     views: int = 4  # scatternet linear head: views per training image (1 plain + acquisition-augmented), gradients averaged before clipping
     train_part: str = "all"  # CNNs: all | last-block | head (DP fine-tuning from init-weights trains few parameters)

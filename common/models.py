@@ -341,7 +341,10 @@ def describe(name: str, *, num_outputs: int = 1, **kwargs: object) -> dict[str, 
             f"fixed front end ({'per-image histogram equalisation, ' if model.frontend.standardise is not None else ''}"
             f"scattering J={sc.J}, L={sc.L}, {sc.out_channels}x{sc.out_size[0]}x{sc.out_size[1]} "
             f"coefficients at {model.image_size} px, no trainable parameters) + GroupNorm({model.head.norm.num_groups}, "
-            f"no affine) + {model.head.kind} head, {num_outputs} logits"
+            f"no affine) + {model.head.kind} head"
+            + (f" on the mean of {model.head.pool}x{model.head.pool} cells" if model.head.pool > 1 else "")
+            + (f", outer {model.head.border:.0%} of the image ignored" if model.head.mask is not None else "")
+            + f", {num_outputs} logits"
         )
         info["dp_form"] = "only the head trains; the front end is data-independent and costs no privacy"
         return info
