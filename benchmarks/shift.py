@@ -280,7 +280,7 @@ def main() -> int:
     for recipe in [r for r in args.recipes.split(",") if r]:
         for arm in arms:
             runs = []
-            for i in range(args.repeats):
+            for i in range(1 if arm == "pooled" else args.repeats):  # without DP a run is seeded: repeats are equal
                 progress(f"{recipe} / {arm} / repeat {i + 1}/{args.repeats} ...")
                 runs.append(train_arm(args, data, recipe, arm, i))
                 took = runs[-1]["seconds"]
