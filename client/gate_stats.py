@@ -64,12 +64,13 @@ def gate_release(site: SiteConfig, data: SiteData, ledger: PrivacyLedger, model:
 
 
 def _val_descriptors(data: SiteData, model: torch.nn.Module, *, turned: bool = False) -> np.ndarray:
-    """Unit descriptors of the validation images (``turned``: of the same images upside down, computed
-    afresh: the cache holds the features of the images as they are)."""
+    """Unit descriptors of the validation images, from the site's cached features where they are the
+    descriptor's own, else computed afresh from the cached images (``turned``: the same images upside
+    down; a front end that standardises intensities before the scattering: the raw scattering)."""
     descriptor = descriptor_for(model)
     front, _, _ = split_features(model)
     idx = data.split.val
-    if front is not None and not turned:
+    if front is not None and not turned and descriptor.front_end is front:  # the cached features are the descriptor's
         return descriptors(descriptor, data.features(front)[idx])
     images = torch.from_numpy(data.images[idx].astype(np.float32) / 255.0)[:, None]
     if turned:

@@ -287,7 +287,9 @@ def _train_round(run: RunConfig, site: SiteConfig, request: RoundRequest, *, pro
             run_id = release_id(request.run_name, digest, replies.releases(request.server_round, digest))
             settings, eps_round, eps_total = _charge(run, site, data, settings, request, run_id, rate)
         frontend, trainable, prefix = split_features(model)
-        if frontend is not None:
+        if frontend is not None and run.feature_views > 1:  # augmentation multiplicity (common/views.py)
+            train_set = data.feature_views(frontend, run.feature_views, progress=progress)
+        elif frontend is not None:
             train_set = data.feature_dataset(frontend, "train", progress=progress)
         else:
             train_set = data.train_dataset(augment=run.augment)

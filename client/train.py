@@ -15,10 +15,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from common import losses, metrics
-from common.dp import PerSampleLoss, dp_step, make_private, site_generator, unwrapped_state_dict
+from common.dp import PerSampleLoss, dp_step, dp_views_step, make_private, site_generator, unwrapped_state_dict
+from common.dp_linear import PreparedViews
+from common.views import FeatureViews
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +109,11 @@ def train_one_round(
     seeded by the operating system (common.dp.site_generator), never from ``settings.seed``: two
     identical DP rounds release different noise, and nobody else can reproduce it. The returned
     weights carry the model's own keys (no Opacus prefix), on CPU.
+
+    ``dataset`` may be a :class:`common.views.FeatureViews` (K views of each image's features):
+    each image's loss is then the mean over its views, and under DP its gradient is that mean,
+    clipped once (common.dp_linear), so privacy is accounted exactly as for one view. The loaders
+    then sample image indices, and each step gathers the sampled images' views.
     """
     torch.manual_seed(settings.seed)
     model.to(device).train()
@@ -114,7 +121,9 @@ def train_one_round(
     anchor = {k: v.detach().clone() for k, v in model.named_parameters()} if settings.proximal_mu > 0 else {}
     optimizer = _optimizer(model, settings)
     generator = torch.Generator().manual_seed(settings.seed)
-    loader = DataLoader(dataset, batch_size=settings.batch_size, shuffle=True, generator=generator)
+    views = dataset if isinstance(dataset, FeatureViews) else None
+    source = TensorDataset(torch.arange(n), views.y) if views is not None else dataset  # views: sample indices
+    loader = DataLoader(source, batch_size=settings.batch_size, shuffle=True, generator=generator)
     crit = criterion_for(settings.task, settings.pos_weight)
     losses: list[float] = []
     seen = 0
@@ -126,6 +135,12 @@ def train_one_round(
             max_grad_norm=settings.max_grad_norm, mode=settings.grad_sample_mode, criterion=crit,
             generator=site_generator(),
         )
+        prepared = None
+        if views is not None:
+            fixed = model.linear_parts() if hasattr(model, "linear_parts") else None
+            if fixed is None:
+                raise ValueError("training on several views per image needs the ScatterNet's linear head; set views = 1")
+            prepared = PreparedViews.build(fixed[0], views).to(device)
         steps = settings.steps or settings.local_epochs * max(1, math.ceil(n / settings.batch_size))
         if progress:
             from tqdm.auto import tqdm
@@ -135,7 +150,7 @@ def train_one_round(
         while done < steps:
             for x, y in pt.data_loader:
                 x, y = x.to(device), y.to(device)
-                loss = dp_step(pt, x, y)
+                loss = dp_step(pt, x, y) if prepared is None else dp_views_step(pt, prepared, x, y)
                 if settings.proximal_mu > 0:
                     _proximal_pull(pt.model._module, anchor, settings.learning_rate, settings.proximal_mu)
                 if not math.isnan(loss):
@@ -154,6 +169,9 @@ def train_one_round(
         steps = 0
         for _ in range(settings.local_epochs):
             for x, y in loader:
+                seen += int(x.shape[0])
+                if views is not None:  # every view of the sampled images; the loss is the mean over the views
+                    x, y = views.gather(x.numpy()).flatten(0, 1), y.repeat_interleave(views.views, dim=0)
                 x, y = x.to(device), y.to(device)
                 optimizer.zero_grad()
                 loss = loss_fn(model(x), y)
@@ -162,7 +180,6 @@ def train_one_round(
                 if settings.proximal_mu > 0:
                     _proximal_pull(model, anchor, settings.learning_rate, settings.proximal_mu)
                 losses.append(float(loss.item()))
-                seen += int(x.shape[0])
                 steps += 1
         weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
     if bar is not None:

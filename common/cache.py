@@ -17,6 +17,8 @@ Layout under ``<state-dir>/cache``::
     scans/<size>px-<d>.npz       one scan's results in one file (every file's meta or skip reason,
                                  the pixels stacked), <d> = digest of the files' content hashes
     features/<spec>/pack-<d>.npy the fixed features of one scan's kept images, stacked
+    features/<spec>/views-<r>-k<K>-<d>.npy (+ .keys.json)  float16 features of views 1..K-1 of
+                                 each training image (common/views.py, recipe <r>), and their keys
 
 The packs are what makes a round's set-up cheap: a site with 2,000 images reads two files per
 message instead of 6,000, and hashes nothing that has not changed since the last scan.
@@ -233,6 +235,43 @@ class SiteCache:
         path = self._feature_pack_path(spec, digest)
         atomic_write_bytes(path, _npy_bytes(np.ascontiguousarray(features, dtype=np.float32)))
         _drop_others(path, "pack-*.npy")
+
+
+    # ------------------------------------------------------------------ augmented views (common/views.py)
+
+    def _views_path(self, spec: str, recipe: str, views: int, digest: str) -> Path:
+        return self.root / "features" / spec / f"views-{recipe}-k{views}-{digest}.npy"
+
+    def get_views_pack(self, spec: str, recipe: str, views: int, digest: str,
+                       shape: tuple[int, ...]) -> np.ndarray | None:
+        """float16 [N, views-1, ...] features of the extra views of one training split, memory-mapped, or None."""
+        try:
+            arr = np.load(self._views_path(spec, recipe, views, digest), allow_pickle=False, mmap_mode="r")
+        except (OSError, ValueError):
+            return None
+        return arr if arr.dtype == np.float16 and arr.shape == tuple(shape) else None
+
+    def old_views(self, spec: str, recipe: str, views: int) -> tuple[list[str], np.ndarray] | None:
+        """(keys, rows) of the last views pack of this recipe (another training split): rows to reuse."""
+        for path in sorted(self.root.glob(f"features/{spec}/views-{recipe}-k{views}-*.npy")):
+            try:
+                keys = json.loads(path.with_suffix(".keys.json").read_text())
+                arr = np.load(path, allow_pickle=False, mmap_mode="r")
+            except (OSError, ValueError):
+                continue
+            if isinstance(keys, list) and arr.dtype == np.float16 and len(keys) == len(arr):
+                return keys, arr
+        return None
+
+    def put_views_pack(self, spec: str, recipe: str, views: int, digest: str, keys: list[str],
+                       features: np.ndarray) -> None:
+        """Store the pack (keys first, so a pack is never found without them) and drop older ones."""
+        path = self._views_path(spec, recipe, views, digest)
+        atomic_write_bytes(path.with_suffix(".keys.json"), json.dumps(keys).encode())
+        atomic_write_bytes(path, _npy_bytes(np.ascontiguousarray(features, dtype=np.float16)))
+        for other in path.parent.glob(f"views-{recipe}-k{views}-*"):
+            if other.name not in (path.name, path.with_suffix(".keys.json").name):
+                other.unlink(missing_ok=True)
 
 
 def _drop_others(keep: Path, pattern: str) -> None:

@@ -26,6 +26,8 @@ from common.operating_point import OperatingPoint, parse_operating_point
 
 MODEL_CHOICES = ("scatternet", "mobilenet_v2", "densenet121")
 HEAD_CHOICES = ("linear", "cnn")
+INTENSITY_CHOICES = ("equalise", "none")
+MAX_VIEWS = 8
 TRAIN_PART_CHOICES = ("all", "last-block", "head")
 #: DP-SGD steps a site should take over a run: below ~150 noisy steps the head has not converged
 #: at the epsilons hospitals use (docs/models.md, "DP defaults"). local-epochs = 0 plans for it.
@@ -62,6 +64,10 @@ class RunConfig:
     model: str = "scatternet"  # architecture, see common.models.MODEL_NAMES (scatternet: the DP-first default)
     head: str = "linear"  # scatternet: linear (logistic regression on the features) | cnn (two small conv layers)
     scatter_j: int = 2  # scatternet: scattering scale J (features are image-size / 2^J on a side)
+    intensity: str = "equalise"  # scatternet: per-image intensity standardisation in the model graph: equalise | none
+    pool: int = 2  # scatternet linear head: mean of pool x pool cells of the normalised coefficients (1: every cell)
+    border: float = 0.0  # scatternet linear head: cells in this outer share of the image per side are ignored (0: none)
+    views: int = 4  # scatternet linear head: views per training image (1 plain + acquisition-augmented), gradients averaged before clipping
     train_part: str = "all"  # CNNs: all | last-block | head (DP fine-tuning from init-weights trains few parameters)
     init_weights: str = ""  # coordinator-side weights file for the initial global model (e.g. pretrained); never downloaded
     image_size: int = 64  # images are resized to image_size x image_size (whole image, bilinear)
@@ -96,6 +102,7 @@ class RunConfig:
     round_timeout: float = 3600.0  # seconds to wait for replies in a round
     wait_timeout: float = 600.0  # seconds to wait for min-sites before giving up
     early_stop_patience: int = 0  # stop after this many rounds without pooled AUC gain (0: never)
+    weight_average: float = 0.0  # coordinator: decay of the moving average of the global weights it evaluates and exports (0: off)
     export_round: str = "last"  # last | best (by the noised pooled validation AUC; docs/models.md: last did better)
     operating_point: str = "youden"  # binary: youden | sensitivity:X | specificity:X, the rule for the exported threshold
     run_name: str = ""  # run directory name under runs-dir; empty: a timestamped name
@@ -127,7 +134,14 @@ class RunConfig:
     def model_kwargs(self) -> dict[str, Any]:
         """What common.models.build_model needs besides the name, so every caller builds the same model."""
         return {"num_outputs": self.num_outputs, "image_size": self.image_size, "scatter_j": self.scatter_j,
-                "head": self.head, "train_part": self.train_part}
+                "head": self.head, "train_part": self.train_part, "intensity": self.intensity, "pool": self.pool,
+                "border": self.border}
+
+    @property
+    def feature_views(self) -> int:
+        """Views per training image the sites train on: ``views`` for the ScatterNet's linear head, else 1
+        (the CNNs augment on the fly, and the closed-form per-image clipping of several views needs a linear head)."""
+        return self.views if self.model == "scatternet" and self.head == "linear" else 1
 
     def sampling(self, n_train: int) -> tuple[float, int]:
         """(sample rate, expected batch) for a site with ``n_train`` training images.
@@ -160,6 +174,10 @@ def _check_run(c: RunConfig) -> list[str]:
     check_one_of(p, "head", c.head, HEAD_CHOICES)
     check_one_of(p, "train-part", c.train_part, TRAIN_PART_CHOICES)
     check_range(p, "scatter-j", c.scatter_j, 1, 4)
+    check_one_of(p, "intensity", c.intensity, INTENSITY_CHOICES)
+    check_range(p, "views", c.views, 1, MAX_VIEWS)
+    check_range(p, "pool", c.pool, 1, 4)
+    check_range(p, "border", c.border, 0.0, 0.3)
     check_range(p, "sample-rate", c.sample_rate, 0.0, 1.0)
     check_range(p, "momentum", c.momentum, 0.0, 0.99)
     check_one_of(p, "task", c.task, TASK_CHOICES)
@@ -190,6 +208,7 @@ def _check_run(c: RunConfig) -> list[str]:
         parse_operating_point(c.operating_point)
     except ValueError as err:
         p.append(f"`operating-point`: {err}")
+    check_range(p, "weight-average", c.weight_average, 0.0, 0.99)
     if c.dp:
         if c.noise_multiplier == 0.0:
             check_range(p, "target-epsilon", c.target_epsilon, 0.0, 1000.0, lo_open=True)

@@ -33,7 +33,7 @@ from opacus.utils.tensor_utils import unfold2d
 from torch import nn
 from torch.utils.data import DataLoader
 
-from common.dp_linear import closed_form_step, linear_parts
+from common.dp_linear import PreparedViews, closed_form_step, closed_form_views_step, linear_parts
 from common.models import DPConv2d
 
 log = logging.getLogger(__name__)
@@ -351,6 +351,29 @@ def dp_step(pt: PrivateTraining, x: torch.Tensor, y: torch.Tensor, *, physical_b
         total += float(loss.item()) * xc.shape[0]
         pt.optimizer.zero_grad()
     return total / x.shape[0] if x.shape[0] else float("nan")
+
+
+def dp_views_step(pt: PrivateTraining, prepared: PreparedViews, idx: torch.Tensor, y: torch.Tensor) -> float:
+    """One DP-SGD step over the images ``idx`` of ``prepared`` (K views each, common/views.py); returns the loss.
+
+    Each image's gradient is the mean over its views, clipped once (common.dp_linear), so the step
+    is private exactly like :func:`dp_step` on one view: the same sampling, clipping bound, noise and
+    accounting. An empty Poisson batch still adds the noise and counts the step. Only the linear
+    head on fixed features (the ScatterNet default) trains on views.
+    """
+    pt.model.train()
+    parts = linear_parts(getattr(pt.model, "_module", pt.model), pt.optimizer) if pt.mode != "ghost" else None
+    if parts is None or not isinstance(pt.criterion, PerSampleLoss):
+        raise PrivateTrainingError("training on several views per image needs the ScatterNet's linear head on "
+                                   "fixed features (head = linear, grad-sample mode hooks); set views = 1 for other models")
+    pt.optimizer.zero_grad(set_to_none=True)
+    if idx.shape[0] == 0:
+        for p in pt.optimizer.params:
+            p.grad_sample = p.new_zeros((0, *p.shape))
+        pt.optimizer.step()
+        pt.optimizer.zero_grad()
+        return float("nan")
+    return closed_form_views_step(pt.optimizer, prepared, parts[1], pt.criterion.per_sample, idx, y)
 
 
 def unwrapped_state_dict(pt: PrivateTraining) -> dict[str, torch.Tensor]:

@@ -10,6 +10,14 @@ the clipped sum is Opacus' own ``DPOptimizer``: the Gaussian noise (``add_noise`
 generator), the division by the expected batch size (``scale_grad``), the accountant's step
 (``step_hook``) and the wrapped optimizer's step. tests/common/test_dp.py checks the result
 against Opacus' hooks.
+
+**Several views per image** (augmentation multiplicity, common/views.py): an image's loss is the
+mean of its K views' losses, so its gradient is ``sum_k g_k h_k^T`` with ``g_k`` the gradient of
+that mean at view k's logits (1/K included), and the squared norm of it (weight and bias) is
+``sum_{k,l} (g_k . g_l) (h_k . h_l + 1)``. That per-image gradient is clipped once: one image still
+moves the sum by at most C, so sampling, noise and accounting are those of one view. The views'
+inputs ``h`` and their Gram matrices ``h_k . h_l`` do not change during a round; :class:`PreparedViews`
+computes them once, and each step reads the rows it samples (:func:`closed_form_views_step`).
 """
 
 from __future__ import annotations
@@ -58,6 +66,11 @@ def closed_form_step(optimizer: DPOptimizer, parts: Parts,
         clipped = g * (optimizer.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)[:, None]
         layer.weight.summed_grad = (clipped.t() @ h).to(layer.weight.dtype)
         layer.bias.summed_grad = clipped.sum(dim=0).to(layer.bias.dtype)
+    return _noise_and_step(optimizer, layer, g, losses)
+
+
+def _noise_and_step(optimizer: DPOptimizer, layer: nn.Linear, g: torch.Tensor, losses: torch.Tensor) -> float:
+    """Opacus' own second half of a step, after the clipped sums are in ``summed_grad``; the mean loss."""
     for p in (layer.weight, layer.bias):
         p.grad_sample = g  # a tensor (not a list): one accumulated batch, all that scale_grad and the accountant read
     optimizer.add_noise()
@@ -68,3 +81,80 @@ def closed_form_step(optimizer: DPOptimizer, parts: Parts,
     optimizer.original_optimizer.step()
     optimizer.zero_grad(set_to_none=True)  # no zero-filling: the next step sets every gradient afresh
     return float(losses.detach().mean())
+
+
+class PreparedViews:
+    """The classifier inputs of K views of every training image, and their Gram matrices, for one round.
+
+    ``h`` float32 [n, K, D] (the fixed map of each view's features, flattened), ``gram`` [n, K, K]
+    (``h_k . h_l``). Both are computed once per round (:meth:`build`), in chunks; a step then reads
+    the rows of the images it sampled.
+    """
+
+    def __init__(self, h: torch.Tensor, gram: torch.Tensor) -> None:
+        self.h, self.gram = h, gram
+
+    def __len__(self) -> int:
+        return int(self.h.shape[0])
+
+    def to(self, device: torch.device | str) -> PreparedViews:
+        return PreparedViews(self.h.to(device), self.gram.to(device))
+
+    @classmethod
+    def build(cls, fixed_map: Callable, views: object, chunk: int = 128) -> PreparedViews:
+        """From a :class:`common.views.FeatureViews` (its ``gather``) and the head's fixed map."""
+        n = len(views)  # type: ignore[arg-type]
+        h: torch.Tensor | None = None
+        gram: torch.Tensor | None = None
+        with torch.no_grad():
+            for start in range(0, n, chunk):
+                x = views.gather(range(start, min(n, start + chunk)))  # type: ignore[attr-defined]
+                b, k = x.shape[:2]
+                mapped = fixed_map(x.flatten(0, 1))
+                rows = torch.flatten(mapped[0] if isinstance(mapped, tuple) else mapped, 1).view(b, k, -1)
+                if h is None:
+                    h = torch.empty((n, k, rows.shape[-1]), dtype=torch.float32)
+                    gram = torch.empty((n, k, k), dtype=torch.float32)
+                h[start:start + b] = rows
+                gram[start:start + b] = rows @ rows.transpose(1, 2)  # type: ignore[index]
+        if h is None or gram is None:
+            raise ValueError("no training images to prepare views of")
+        return cls(h, gram)
+
+
+def closed_form_views_step(optimizer: DPOptimizer, prepared: PreparedViews, layer: nn.Linear,
+                           per_sample_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                           idx: torch.Tensor, y: torch.Tensor, chunk: int = 512) -> float:
+    """One DP-SGD step on the images ``idx`` (non-empty), each image's gradient the mean over its views, clipped once.
+
+    Processed in chunks of ``chunk`` images whose clipped sums add up before the step's one noise draw.
+    """
+    k = prepared.h.shape[1]
+    sum_w = torch.zeros_like(layer.weight)
+    sum_b = torch.zeros_like(layer.bias)
+    all_losses, all_g = [], []
+    for start in range(0, len(idx), chunk):
+        rows = idx[start:start + chunk]
+        if len(rows) > 1 and bool((rows[1:] - rows[:-1] == 1).all()):  # consecutive images (all, at sample rate 1)
+            first, last = int(rows[0]), int(rows[-1]) + 1
+            h, gram = prepared.h[first:last], prepared.gram[first:last]  # views, not copies
+        else:
+            h, gram = prepared.h[rows], prepared.gram[rows]
+        target = y[start:start + chunk]
+        with torch.no_grad():
+            logits = F.linear(h, layer.weight, layer.bias)  # [b, K, C]
+        logits.requires_grad_(True)
+        per_view = per_sample_loss(logits.flatten(0, 1), target.repeat_interleave(k, dim=0))
+        losses = per_view.view(-1, k).mean(dim=1)  # the image's loss: the mean over its views
+        (g,) = torch.autograd.grad(losses.sum(), logits)  # [b, K, C], the 1/K included
+        with torch.no_grad():
+            squared = torch.einsum("bkc,blc,bkl->b", g, g, gram + 1.0)
+            factor = (optimizer.max_grad_norm / (squared.clamp(min=0.0).sqrt() + 1e-6)).clamp(max=1.0)
+            clipped = (g * factor[:, None, None]).flatten(0, 1)  # [b*K, C]
+            sum_w += clipped.t() @ h.flatten(0, 1)
+            sum_b += clipped.sum(dim=0)
+        all_losses.append(losses.detach())
+        all_g.append(g.detach()[:, 0])
+    layer.weight.summed_grad = sum_w
+    layer.bias.summed_grad = sum_b
+    return _noise_and_step(optimizer, layer, torch.cat(all_g), torch.cat(all_losses))

@@ -31,6 +31,7 @@ from common.dataset import (
 )
 from common.labels import LabelPolicy
 from common.progress import progress as progress_of
+from common.views import VIEW_RECIPE, FeatureViews, render_views
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +160,54 @@ class SiteData:
         full = TensorDataset(torch.from_numpy(self.features(frontend, progress=progress)),
                              torch.from_numpy(np.ascontiguousarray(self.targets.y)))
         return Subset(full, (self.split.train if which == "train" else self.split.val).tolist())
+
+    def feature_views(self, frontend: nn.Module, views: int, *, progress: bool = False, batch: int = 16) -> FeatureViews:
+        """The training split's features in ``views`` views per image (common/views.py): augmentation multiplicity.
+
+        View 0 is :meth:`features`; views 1..K-1 are rendered from the cached image and passed through
+        ``frontend`` once, then kept in the site cache as one float16 pack for this training split
+        (rows of an earlier split's pack are reused by content hash, so a new image costs only its own views).
+        """
+        plain = self.features(frontend, progress=progress)
+        idx = self.split.train
+        keys = [self.index.records[int(self.targets.keep[i])].content_hash for i in idx]
+        shape = tuple(int(d) for d in plain.shape[1:])
+        spec = frontend.cache_spec(self.image_size)
+        digest = pack_digest(CACHE_VERSION, spec, VIEW_RECIPE, views, list(shape), keys)
+        want = (len(keys), views - 1, *shape)
+        extra = self.cache.get_views_pack(spec, VIEW_RECIPE, views, digest, want) if self.cache is not None else None
+        if extra is None:
+            extra = np.empty(want, np.float16)
+            old = self.cache.old_views(spec, VIEW_RECIPE, views) if self.cache is not None else None
+            rows = {k: r for r, k in enumerate(old[0])} if old is not None else {}
+            missing = []
+            for i, key in enumerate(keys):
+                if key in rows:
+                    extra[i] = old[1][rows[key]]  # type: ignore[index]
+                else:
+                    missing.append(i)
+            if missing:
+                log.info("rendering %d view(s) of %d training image(s) and their %s features (cached for later rounds)",
+                         views - 1, len(missing), spec)
+            bar = None
+            if progress and missing:
+                from tqdm.auto import tqdm
+
+                bar = tqdm(total=len(missing), desc="views", unit="img", leave=False)
+            for start in range(0, len(missing), batch):
+                chunk = missing[start:start + batch]
+                rendered = render_views(self.images[idx[chunk]], [keys[i] for i in chunk], views)
+                flat = torch.from_numpy(rendered.reshape(-1, 1, *rendered.shape[2:]))
+                with torch.no_grad():
+                    feats = frontend(flat).numpy()
+                extra[chunk] = feats.reshape(len(chunk), views - 1, *shape).astype(np.float16)
+                if bar is not None:
+                    bar.update(len(chunk))
+            if bar is not None:
+                bar.close()
+            if self.cache is not None:
+                self.cache.put_views_pack(spec, VIEW_RECIPE, views, digest, keys, extra)
+        return FeatureViews(np.ascontiguousarray(plain[idx]), extra, np.ascontiguousarray(self.targets.y[idx]))
 
     def prevalence(self, which: str = "train") -> list[float]:
         """Share of positives per output (binary/multilabel) or per class (multiclass)."""

@@ -54,6 +54,8 @@ from common.model_weights import _FIRST_CONV_KEY as _FIRST_CONV_KEY
 from common.model_weights import _few as _few
 from common.model_weights import _strip_wrapper_prefix as _strip_wrapper_prefix
 from common.model_weights import load_weights as load_weights
+from common.scatter_net import INTENSITIES as INTENSITIES
+from common.scatter_net import ScatterFrontEnd as ScatterFrontEnd
 from common.scatter_net import ScatterHead as ScatterHead
 from common.scatter_net import ScatterNet as ScatterNet
 from common.scatter_net import split_features as split_features
@@ -159,6 +161,9 @@ def build_model(
     scatter_j: int = 2,
     head: str = "linear",
     train_part: str = "all",
+    intensity: str = "equalise",
+    pool: int = 1,
+    border: float = 0.0,
 ) -> nn.Module:
     """Build ``name`` for 1-channel [0, 1] inputs with ``num_outputs`` logits.
 
@@ -171,8 +176,11 @@ def build_model(
             a model built here, also with an Opacus ``_module.`` prefix) or torchvision ImageNet
             weights (the RGB first conv is summed to one channel; tensors that do not fit, such
             as BatchNorm running statistics or a 1000-class head, are skipped and logged).
-        image_size, scatter_j, head: scatternet only: input side, scattering scale J and
-            :data:`HEADS` member.
+        image_size, scatter_j, head, intensity: scatternet only: input side, scattering scale J,
+            :data:`HEADS` member and the per-image intensity standardisation before the scattering
+            (:data:`common.scatter_net.INTENSITIES`); ``pool``: the linear head reads the mean of
+            pool x pool cells of the normalised coefficients (1: every cell); ``border``: cells in the
+            outer share of the image on each side are read as 0 (0: none).
         train_part: torchvision models only, :data:`TRAIN_PARTS`: which parameters train
             (``requires_grad``); the rest stay as loaded (DP fine-tuning from pretrained weights).
 
@@ -194,7 +202,8 @@ def build_model(
     model: nn.Module
     if name == "scatternet":
         try:
-            model = ScatterNet(image_size=image_size, num_outputs=num_outputs, J=scatter_j, head=head)
+            model = ScatterNet(image_size=image_size, num_outputs=num_outputs, J=scatter_j, head=head,
+                               intensity=intensity, pool=pool, border=border)
         except ScatteringError as err:
             raise ModelError(str(err)) from err
     else:
@@ -329,9 +338,13 @@ def describe(name: str, *, num_outputs: int = 1, **kwargs: object) -> dict[str, 
     if isinstance(model, ScatterNet):
         sc = model.scattering
         info["architecture"] = (
-            f"fixed scattering front end (J={sc.J}, L={sc.L}, {sc.out_channels}x{sc.out_size[0]}x{sc.out_size[1]} "
+            f"fixed front end ({'per-image histogram equalisation, ' if model.frontend.standardise is not None else ''}"
+            f"scattering J={sc.J}, L={sc.L}, {sc.out_channels}x{sc.out_size[0]}x{sc.out_size[1]} "
             f"coefficients at {model.image_size} px, no trainable parameters) + GroupNorm({model.head.norm.num_groups}, "
-            f"no affine) + {model.head.kind} head, {num_outputs} logits"
+            f"no affine) + {model.head.kind} head"
+            + (f" on the mean of {model.head.pool}x{model.head.pool} cells" if model.head.pool > 1 else "")
+            + (f", outer {model.head.border:.0%} of the image ignored" if model.head.mask is not None else "")
+            + f", {num_outputs} logits"
         )
         info["dp_form"] = "only the head trains; the front end is data-independent and costs no privacy"
         return info

@@ -199,7 +199,11 @@ def descriptor_for(model: nn.Module) -> Descriptor:
         scattering = next((m for m in front.modules() if isinstance(m, Scattering2D)), None)
         if scattering is None:
             return Descriptor(front, None)
-        return Descriptor(front, (1, 1 + scattering.J * scattering.L), scattering.out_size)
+        # The scattering of the image as stored, before any intensity standardisation of the front end
+        # (histogram equalisation): the check asks whether the image is a chest radiograph at all, and
+        # equalising first would discard the grey-level layout that sets test patterns, inverted and other
+        # images apart. It also keeps the check, its reference and its cut-off independent of the head's recipe.
+        return Descriptor(scattering, (1, 1 + scattering.J * scattering.L), scattering.out_size)
     if all(hasattr(model, a) for a in ("features", "mean", "std", "final_relu")):
         return Descriptor(Penultimate(model), None)
     raise OodError(f"{type(model).__name__} has neither a fixed front end nor a known penultimate layer: no image check")

@@ -18,6 +18,7 @@ from common.models import build_model, describe
 from common.onnx_export import ExportError, export_onnx, reference_batch
 from common.torchscript_export import export_torchscript
 from server.checkpoint import latest_checkpoint, load_best
+from server.ema import exported_weights
 from server.gate import export_gate
 from server.pooled_evaluation import release_edges
 from server.report import json_safe, model_warnings, write_metrics, write_model_card, write_plots
@@ -63,7 +64,9 @@ def finish(run_dir: Path, run_name: str, run: RunConfig, provenance: dict[str, s
     # about 0.1 and "best" picked a worse round than the last in every federated arm of the study
     # (docs/models.md), so "last" is the default.
     best = load_best(run_dir) if run.export_round == "best" else None
-    export_round, weights = (best[0], best[1]) if best is not None else (ckpt.round, ckpt.weights)
+    # With weight-average on, the last round's model is the coordinator's running average (server/ema.py).
+    export_round, weights = (best[0], best[1]) if best is not None else (ckpt.round, exported_weights(ckpt.strategy_state,
+                                                                                                      ckpt.weights))
     model = build_model(run.model, dp=True, **run.model_kwargs())
     model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in weights.items()})
     gate = export_gate(ckpt.history, model, exported_last=export_round == ckpt.round)  # intended-use image check

@@ -17,6 +17,7 @@ import numpy as np
 from common.metrics import weighted_mean
 from common.pooled_metrics import THRESHOLD_RULES
 from server.checkpoint import Checkpoint, load_best, save_best, save_checkpoint
+from server.ema import exported_weights
 from server.pooled_evaluation import round_figures, site_counts
 from server.report import write_metrics
 from server.strategy import strategy_state
@@ -145,10 +146,11 @@ class RoundKeeper:
         rec = round_record(self.strategy, r, time.monotonic() - self.started)
         self.started = time.monotonic()
         self.history.append(rec)
-        save_checkpoint(self.run_dir, Checkpoint(r, weights, strategy_state(self.strategy), self.history, self.config_map))
+        state = strategy_state(self.strategy)
+        save_checkpoint(self.run_dir, Checkpoint(r, weights, state, self.history, self.config_map))
         auc = rec["pooled_auc"]
-        if auc == auc and auc > self.best_saved:
-            save_best(self.run_dir, r, weights, auc)
+        if auc == auc and auc > self.best_saved:  # the model the sites evaluated: the weight average when on
+            save_best(self.run_dir, r, exported_weights(state, weights), auc)
             self.best_saved = auc
         write_metrics(self.run_dir, self.run_name, self.config_map, self.history)
         log.info("round %d/%d: pooled AUC %s, validation loss %.4f, epsilon [%s]%s", r, self.total_rounds,

@@ -26,24 +26,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg
 
 from common import metrics
 from common.config import RunConfig
 from common.pooled_metrics import THRESHOLD_RULES
-from common.privacy import noise_for_target
 from server import gate
+from server.ema import WeightAverage
 from server.pooled_evaluation import DEFAULT_EVAL_NOISE, binary_pooled, class_auc_interval, site_estimates
+from server.update_checks import check_update, clip_update, server_plan, site_weight, update_norm_bound
 
 log = logging.getLogger("flwr.fedxray.strategy")  # reaches the run log through Flower's handler
-
-# An update is rejected when its L2 norm exceeds this multiple of what the optimiser can move
-# the weights in the round's steps (Adam: about lr per weight per step; SGD: lr x clipped+noised
-# gradient, amplified by momentum). Generous on purpose: it catches broken or hostile updates,
-# not unlucky ones.
-NORM_SAFETY = 4.0
 
 
 @dataclass
@@ -63,96 +58,6 @@ def _claimed_name(msg: Message) -> str | None:
     return None
 
 
-@dataclass(frozen=True)
-class ServerPlan:
-    """What the coordinator expects of every site's round, computed from the run config alone.
-
-    With ``sample-rate`` set, every site takes the same number of steps per round and (for a
-    target epsilon) the same noise multiplier whatever its size, so the coordinator can check an
-    update against its own numbers instead of the ones the site reports.
-    """
-
-    steps: int | None  # None: depends on the site's size (batch-size mode)
-    noise_multiplier: float | None  # None: not known to the server
-
-
-def server_plan(run: RunConfig) -> ServerPlan:
-    if run.sample_rate <= 0:
-        return ServerPlan(None, run.noise_multiplier or None)
-    epochs = run.epochs_per_round(run.sample_rate)
-    steps = math.ceil(epochs / run.sample_rate - 1e-9)
-    sigma: float | None = None
-    if run.dp:
-        if run.noise_multiplier:
-            sigma = run.noise_multiplier
-        else:
-            try:
-                sigma = noise_for_target(run.target_epsilon, run.delta, run.sample_rate, steps * run.num_server_rounds)
-            except ValueError:
-                sigma = None
-    return ServerPlan(steps, sigma)
-
-
-def site_weight(declared: int, run: RunConfig) -> int:
-    """A site's weight in the average: its declared size capped at ``max-site-examples``; 1 each without a cap.
-
-    The coordinator cannot check what a site declares, so a site claiming 1,000,000 images would
-    otherwise take nearly all the weight; the cap is the coordinator's own figure (docs/privacy.md).
-    """
-    if run.max_site_examples <= 0:
-        return 1
-    return max(1, min(int(declared), run.max_site_examples))
-
-
-def update_norm_bound(run: RunConfig, steps: int, n_params: int, noise_multiplier: float, batch: float = 1.0) -> float:
-    """Largest plausible L2 norm of one round's weight change at a site (see NORM_SAFETY).
-
-    ``batch`` is the site's expected batch (the server's estimate; 1 when unknown, the loosest).
-    """
-    steps = max(1, steps)
-    if run.optimizer == "adam":
-        per_step = run.learning_rate * math.sqrt(n_params)
-    else:
-        grad = run.max_grad_norm * (1.0 + noise_multiplier * math.sqrt(n_params) / max(1.0, batch))
-        per_step = run.learning_rate * grad / (1.0 - run.momentum)
-    return NORM_SAFETY * per_step * steps
-
-
-def clip_update(update: dict[str, np.ndarray], reference: dict[str, np.ndarray], max_norm: float) -> tuple[dict[str, np.ndarray], float]:
-    """Scale a site's weight change to at most ``max_norm`` (L2 over all float tensors); (update, original norm)."""
-    sq = sum(float(np.sum((update[k].astype(np.float64) - reference[k]) ** 2)) for k in reference if reference[k].dtype.kind == "f")
-    norm = math.sqrt(sq)
-    if norm <= max_norm or norm == 0.0:
-        return update, norm
-    scale = max_norm / norm
-    out = {k: (reference[k] + scale * (update[k] - reference[k])).astype(update[k].dtype) if reference[k].dtype.kind == "f"
-           else update[k] for k in update}
-    return out, norm
-
-
-def check_update(
-    update: dict[str, np.ndarray], reference: dict[str, np.ndarray], *, bound: float | None
-) -> str | None:
-    """Why an update must be rejected, or None when it is acceptable."""
-    if set(update) != set(reference):
-        missing = sorted(set(reference) - set(update))[:3]
-        extra = sorted(set(update) - set(reference))[:3]
-        return f"keys differ from the global model (missing {missing}, unexpected {extra})"
-    sq = 0.0
-    for key, ref in reference.items():
-        arr = update[key]
-        if arr.shape != ref.shape:
-            return f"shape of {key} is {tuple(arr.shape)}, expected {tuple(ref.shape)}"
-        if arr.dtype.kind == "f":
-            if not np.all(np.isfinite(arr)):
-                return f"{key} contains NaN or Inf"
-            sq += float(np.sum((arr.astype(np.float64) - ref.astype(np.float64)) ** 2))
-    norm = math.sqrt(sq)
-    if bound is not None and norm > bound:
-        return f"update norm {norm:.3g} is far beyond the clipping/optimiser bound {bound:.3g}"
-    return None
-
-
 class FedxrayMixin:
     """Mixed in front of a Flower strategy class (see ``make_strategy``)."""
 
@@ -166,6 +71,7 @@ class FedxrayMixin:
         self.names: dict[int, str] = {}  # node id -> the site name it first reported (one name per node)
         self.registered_examples: dict[int, int] = {}  # node id -> training images first reported this run
         self.gate_reference = ""  # the intended-use gate's pooled reference (JSON), once the sites sent their sums
+        self.average = WeightAverage(run.weight_average)  # what is evaluated and exported (server/ema.py)
 
     # -- who is who ---------------------------------------------------------------------
     def site_of(self, msg: Message) -> tuple[str, str | None]:
@@ -198,6 +104,8 @@ class FedxrayMixin:
         config["reference-stats"] = server_round + self.round_offset >= self.run.num_server_rounds
         config.update(gate.evaluate_config(self.gate_reference))  # server/gate.py
         config["final-evaluation"] = config["reference-stats"]
+        if self.average.active and self.average.weights:  # the sites evaluate the model that will be exported
+            arrays = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in self.average.weights.items()})
         return super().configure_evaluate(server_round + self.round_offset, arrays, config, grid)  # type: ignore[misc]
 
     # -- validation before aggregation ------------------------------------------------
@@ -258,7 +166,10 @@ class FedxrayMixin:
         if not good:
             log.warning("round %d: no valid update; the global model stays as it was", r)
             return None, None
-        return super().aggregate_train(r, good)  # type: ignore[misc]
+        arrays, train_metrics = super().aggregate_train(r, good)  # type: ignore[misc]
+        if arrays is not None and self.average.active:
+            self.average.update({k: v.numpy() for k, v in arrays.items()})
+        return arrays, train_metrics
 
     # -- pooled evaluation ------------------------------------------------------------
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
@@ -385,6 +296,9 @@ def strategy_state(strategy: Any) -> dict[str, Any]:
     """Server-optimiser state to checkpoint (FedAdam moments), as plain numpy dicts."""
     state: dict[str, Any] = {"threshold": float(getattr(strategy, "threshold", 0.5)),
                              "gate_reference": str(getattr(strategy, "gate_reference", ""))}
+    average = getattr(strategy, "average", None)
+    if average is not None and average.active:
+        state["weight_average"] = average.state()
     for name in ("m_t", "v_t"):
         value = getattr(strategy, name, None)
         if value is not None:
@@ -395,6 +309,8 @@ def strategy_state(strategy: Any) -> dict[str, Any]:
 def load_strategy_state(strategy: Any, state: dict[str, Any]) -> None:
     strategy.threshold = float(state.get("threshold", 0.5))
     strategy.gate_reference = str(state.get("gate_reference", ""))
+    if "weight_average" in state and hasattr(strategy, "average"):
+        strategy.average = WeightAverage(strategy.average.decay, state["weight_average"])
     for name in ("m_t", "v_t"):
         if name in state and hasattr(strategy, name):
             setattr(strategy, name, {k: np.asarray(v) for k, v in state[name].items()})

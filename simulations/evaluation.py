@@ -24,6 +24,7 @@ from common.metrics import roc_auc
 from common.models import build_model, split_features
 from common.site_config import SiteConfig
 from server.checkpoint import latest_checkpoint, load_best
+from server.ema import exported_weights
 
 
 def exact_validation_auc(sim_root: Path, run_dir: Path) -> dict[str, Any]:
@@ -34,7 +35,7 @@ def exact_validation_auc(sim_root: Path, run_dir: Path) -> dict[str, Any]:
     run = RunConfig.from_mapping(ckpt.run_config)
     if run.task != "binary":
         return {}  # per-class figures come from the coordinator's pooled histograms (metrics.json)
-    models = {"last": (ckpt.round, ckpt.weights)}
+    models = {"last": (ckpt.round, exported_weights(ckpt.strategy_state, ckpt.weights))}  # the weight average when on
     best = load_best(run_dir) if run.export_round == "best" else None
     if best is not None:
         models["exported"] = (best[0], best[1])

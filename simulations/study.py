@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from common.cache import atomic_write_bytes
+from common.config import RunConfig
 from server.report import json_safe
 from simulations.study_arms import Arm, load_trained, pretrain_info, pretrain_on_nih, train_centralised
 from simulations.study_data import (
@@ -236,7 +237,7 @@ def run_study(data_dir: str | Path, out: str | Path, settings: StudySettings, *,
     if any(a.model == "scatternet" for a in plan):
         t0 = time.monotonic()
         frontend, _, _ = split_features(build_model("scatternet", num_outputs=1, image_size=settings.image_size))
-        cache_features(data, frontend, say)
+        cache_features(data, frontend, say, views=RunConfig().feature_views)
         timings.record("features", time.monotonic() - t0, did_work=fresh)
 
     results: dict[str, dict[str, Any]] = {}

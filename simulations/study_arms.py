@@ -174,7 +174,9 @@ def train_centralised(arm: Arm, s: Any, data: StudyData, arm_dir: Path, say: Say
             plan = plan_dp(n_train=n, batch_size=batch, local_epochs=run.epochs_per_round(rate), rounds=run.num_server_rounds,
                            delta=run.delta, max_grad_norm=run.max_grad_norm, target_epsilon=run.target_epsilon)
         label = arm.name + "".join(f" {k} {v:g}" if isinstance(v, float) else f" {k} {v}" for k, v in cand.items())
-        state, curve, best_round = train_rounds(run, trainable, _dataset(x_tr, y_tr, run, features=feats, train=True),
+        train_set = (data.train_views(names, frontend, run.feature_views) if feats and run.feature_views > 1
+                     else _dataset(x_tr, y_tr, run, features=feats, train=True))  # views: as the sites train
+        state, curve, best_round = train_rounds(run, trainable, train_set,
                                                 _dataset(x_va, y_va, run, features=feats, train=False), y_va,
                                                 dp_plan=plan, say=say, label=label)
         val_auc = curve[best_round - 1]["val_auc"]
@@ -263,6 +265,7 @@ def exported_weights(run_dir: Path, arm: Arm, s: Any, positive: str) -> Any:
 
     from common.models import build_model
     from server.checkpoint import latest_checkpoint, load_best
+    from server.ema import exported_weights as averaged_or_last
 
     run = arm_run_config(s, arm, positive)
     best = load_best(run_dir) if run.export_round == "best" else None
@@ -272,7 +275,7 @@ def exported_weights(run_dir: Path, arm: Arm, s: Any, positive: str) -> Any:
         ckpt = latest_checkpoint(run_dir)
         if ckpt is None:
             raise StudyError(f"arm {arm.name}: no checkpoint in {run_dir}; run the study again to retrain it")
-        weights = ckpt.weights
+        weights = averaged_or_last(ckpt.strategy_state, ckpt.weights)  # the coordinator's weight average when on
     model = build_model(run.model, dp=True, **run.model_kwargs())
     model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in weights.items()})
     return model.eval()

@@ -94,6 +94,16 @@ class StudyData:
         return x, np.concatenate(ys).astype(np.int64)
 
 
+    def train_views(self, names: Sequence[str], frontend: Any, views: int) -> Any:
+        """The named sites' training images in ``views`` views each (common/views.py), as one data set;
+        targets float32 [N, 1] like :meth:`arrays` gives them to a binary model."""
+        from common.views import FeatureViews
+
+        parts = [self.site(name).feature_views(frontend, views) for name in names]
+        return FeatureViews(np.concatenate([p.plain for p in parts]), np.concatenate([p.extra for p in parts]),
+                            np.concatenate([p.y.numpy()[:, :1] for p in parts]).astype(np.float32))
+
+
 def as_input(images_u8: np.ndarray) -> np.ndarray:
     """uint8 [N, S, S] site images -> float32 [N, 1, S, S] in [0, 1] (the model's input)."""
     return (images_u8.astype(np.float32) / 255.0)[:, None]
@@ -164,11 +174,14 @@ def read_sites(out: Path, s: Any, manifest: dict[str, Any], say: Say) -> StudyDa
     return StudyData(sites, test, positive, manifest)
 
 
-def cache_features(data: StudyData, frontend: Any, say: Say) -> None:
-    """Compute (or find) every site's fixed features once, in its own cache, before any arm trains."""
+def cache_features(data: StudyData, frontend: Any, say: Say, views: int = 1) -> None:
+    """Compute (or find) every site's fixed features once, in its own cache, before any arm trains,
+    and with ``views`` > 1 the augmented views of its training images (common/views.py)."""
     t0 = time.monotonic()
     for name in [*data.sites, HOLDOUT]:
         data.site(name).features(frontend)
+        if views > 1 and name != HOLDOUT:
+            data.site(name).feature_views(frontend, views)
     if data.nih is not None:
         data.nih.feature_array(frontend)
     say(f"features ({frontend.cache_spec(data.test.image_size)}) of every image ready in {time.monotonic() - t0:.0f} s")

@@ -104,6 +104,7 @@ def validation_summary(result: dict[str, Any], data: StudyData, s: Any) -> dict[
 
     from common.models import build_model, split_features
     from server.checkpoint import latest_checkpoint, load_best
+    from server.ema import exported_weights
     from simulations.study_arms import arm_run_config
 
     run_dir = Path(result["run_dir"])
@@ -115,7 +116,8 @@ def validation_summary(result: dict[str, Any], data: StudyData, s: Any) -> dict[
     for label, found in (("exported", load_best(run_dir) if run.export_round == "best" else last), ("last", last)):
         if found is None:
             continue
-        r, weights = (found[0], found[1]) if isinstance(found, tuple) else (found.round, found.weights)
+        r, weights = (found[0], found[1]) if isinstance(found, tuple) else (found.round, exported_weights(
+            found.strategy_state, found.weights))  # the coordinator's weight average when on (server/ema.py)
         model = build_model(run.model, dp=True, **run.model_kwargs())
         model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in weights.items()})
         frontend, head, _ = split_features(model)

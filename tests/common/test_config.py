@@ -54,6 +54,18 @@ class TestRunConfig:
             with pytest.raises(ConfigError, match="operating-point"):
                 RunConfig.from_mapping({"operating-point": bad})
 
+    def test_robust_model_settings_and_their_ranges(self):
+        """Issue 22's defaults: equalised images, 4 views per training image, 2x2 read-out; the average off."""
+        run = RunConfig()
+        assert (run.intensity, run.views, run.pool, run.border, run.weight_average) == ("equalise", 4, 2, 0.0, 0.0)
+        assert run.model_kwargs()["intensity"] == "equalise" and run.model_kwargs()["pool"] == 2
+        assert run.feature_views == 4
+        assert RunConfig(head="cnn").feature_views == 1 and RunConfig(model="mobilenet_v2").feature_views == 1
+        with pytest.raises(ConfigError) as err:
+            RunConfig.from_mapping({"intensity": "clahe", "views": 9, "pool": 0, "border": 0.5, "weight-average": 1.0})
+        for key in ("`intensity`", "`views`", "`pool`", "`border`", "`weight-average`"):
+            assert key in str(err.value)
+
     def test_round_trip_mapping(self):
         cfg = RunConfig(model="densenet121", labels=("x", "y"), task="multilabel")
         assert RunConfig.from_mapping(cfg.to_mapping()) == cfg

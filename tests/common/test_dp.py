@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from float32_tolerance import sum_tolerance
@@ -289,3 +290,105 @@ class TestClosedFormLinearHead:
         # Two noise draws of std sigma*C / batch each, through SGD with momentum 0.9: std 0.5 * (1.9^2 + 1)^0.5 / 12.
         expected = 0.5 * (1.9**2 + 1) ** 0.5 / 12
         assert float(diff.std()) == pytest.approx(expected, rel=0.1)
+
+
+class TestViewsClosedForm:
+    """Augmentation multiplicity: an image's K views give one per-sample gradient, their mean, clipped once."""
+
+    N, K = 7, 3
+
+    @staticmethod
+    def _setup(task: str, seed: int = 0):
+        from common.losses import criterion_for
+        from common.views import FeatureViews
+
+        torch.manual_seed(seed)
+        model = build_model("scatternet", num_outputs=3 if task == "multiclass" else 2, image_size=PX, dp=True)
+        nn.init.normal_(model.head.classifier.weight, std=0.05)
+        shape = (TestViewsClosedForm.N, TestViewsClosedForm.K, model.frontend.out_channels, *model.frontend.out_size)
+        x = torch.rand(shape)
+        n = TestViewsClosedForm.N
+        y = torch.randint(0, 3, (n,)) if task == "multiclass" else torch.randint(0, 2, (n, 2)).float()
+        views = FeatureViews(x[:, 0].numpy(), x[:, 1:].numpy().astype(np.float16), y.numpy())
+        return model.head, views, y, criterion_for(task)
+
+    def _views_step(self, head, views, y, crit, *, clip: float, noise: float = 0.0, idx=None):
+        import copy
+
+        from common.dp import dp_views_step
+        from common.dp_linear import PreparedViews
+
+        head = copy.deepcopy(head)
+        opt = torch.optim.SGD(head.parameters(), lr=0.5)
+        n = len(views)
+        pt = make_private(head, opt, DataLoader(TensorDataset(torch.arange(n), y), batch_size=n), noise_multiplier=noise,
+                          max_grad_norm=clip, mode=grad_sample_mode("scatternet"), criterion=crit)
+        prepared = PreparedViews.build(head.linear_parts()[0], views)
+        idx = torch.arange(n) if idx is None else idx
+        loss = dp_views_step(pt, prepared, idx, y[idx])
+        return unwrapped_state_dict(pt), loss, pt
+
+    @pytest.mark.parametrize("task", ["multilabel", "multiclass"])
+    @pytest.mark.parametrize("clip", [1e-3, 100.0])  # every image clipped / none clipped
+    def test_each_image_gives_the_clipped_mean_of_its_views_gradients(self, task: str, clip: float) -> None:
+        """Against an independent computation: autograd one image at a time, the mean loss of its views."""
+        head, views, y, crit = self._setup(task)
+        ours, loss, _ = self._views_step(head, views, y, crit, clip=clip)
+        x = views.gather(range(self.N))
+        total = {k: torch.zeros_like(p) for k, p in head.named_parameters()}
+        losses = []
+        for i in range(self.N):
+            head.zero_grad()
+            target = y[i:i + 1].repeat_interleave(self.K, dim=0)
+            per_view = crit.__class__(reduction="none")(head(x[i]), target)
+            image_loss = (per_view.mean(dim=1) if per_view.dim() > 1 else per_view).mean()
+            image_loss.backward()
+            losses.append(float(image_loss.detach()))
+            norm = torch.sqrt(sum((p.grad ** 2).sum() for p in head.parameters()))
+            factor = min(1.0, clip / (float(norm) + 1e-6))
+            for k, p in head.named_parameters():
+                total[k] += factor * p.grad
+        assert loss == pytest.approx(float(np.mean(losses)), rel=1e-5)
+        for k, p in head.named_parameters():
+            expected = p.detach() - 0.5 * total[k] / self.N  # SGD, no noise, mean over the expected batch
+            # float32 sums of 21 view products in two orders: a few 1e-8 apart near 0 (weights are ~0.05).
+            torch.testing.assert_close(ours[k], expected, rtol=1e-4, atol=1e-7)
+            assert not torch.allclose(ours[k], p.detach())
+
+    def test_equals_opacus_hooks_with_the_views_as_an_extra_axis(self) -> None:
+        """Opacus' own per-sample gradient of a linear layer sums over extra input axes; with each image's
+        loss the mean over its views that is the mean gradient: the closed form must give Opacus' step."""
+        import copy
+
+        head, views, y, crit = self._setup("multilabel", seed=1)
+        ours, _, _ = self._views_step(head, views, y, crit, clip=0.02)
+
+        class ViewsHead(nn.Module):
+            def __init__(self, h: nn.Module) -> None:
+                super().__init__()
+                self.h = h
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:  # [n, K, C, h, w] -> [n, K, outputs]
+                normed, _ = self.h.normed(x.flatten(0, 1))
+                return self.h.classifier(normed.flatten(1).view(x.shape[0], x.shape[1], -1))
+
+        wrapped = ViewsHead(copy.deepcopy(head))
+        x = views.gather(range(self.N))
+        opt = torch.optim.SGD(wrapped.parameters(), lr=0.5)
+        pt = make_private(wrapped, opt, DataLoader(TensorDataset(x, y), batch_size=self.N), noise_multiplier=0.0,
+                          max_grad_norm=0.02, mode="hooks", criterion=crit)
+        dp_step(pt, x, y[:, None, :].expand(-1, self.K, -1), closed_form=False)
+        opacus = unwrapped_state_dict(pt)
+        for k in ours:
+            torch.testing.assert_close(ours[k], opacus[f"h.{k}"], rtol=1e-4, atol=1e-7)
+
+    def test_noise_sampling_and_accounting_are_those_of_one_view(self) -> None:
+        head, views, y, crit = self._setup("multilabel")
+        quiet, _, _ = self._views_step(head, views, y, crit, clip=1.0)
+        noisy, _, pt = self._views_step(head, views, y, crit, clip=1.0, noise=1.0)
+        assert [tuple(h) for h in pt.engine.accountant.history] == [(1.0, 1.0, 1)]  # one step, sigma 1, rate 1
+        diff = (noisy["classifier.weight"] - quiet["classifier.weight"]).flatten()
+        assert float(diff.std()) == pytest.approx(0.5 * 1.0 / self.N, rel=0.1)  # lr * sigma * C / batch
+        empty, loss, pt = self._views_step(head, views, y, crit, clip=1.0, noise=1.0, idx=torch.arange(0))
+        assert np.isnan(loss) and len(pt.engine.accountant.history) == 1
+        assert not torch.equal(empty["classifier.weight"], head.state_dict()["classifier.weight"])  # noised all the same

@@ -8,7 +8,8 @@ import torch
 from float32_tolerance import sum_tolerance
 
 from common.config import RunConfig
-from server.strategy import check_update, clip_update, make_strategy, server_plan, update_norm_bound
+from server.strategy import make_strategy
+from server.update_checks import check_update, clip_update, server_plan, update_norm_bound
 
 
 @pytest.fixture
