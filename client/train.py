@@ -167,14 +167,22 @@ def train_one_round(
     else:
         loss_fn = PerSampleLoss(crit)
         steps = 0
+        fixed = model.linear_parts() if views is not None and hasattr(model, "linear_parts") else None
+        prepared = PreparedViews.build(fixed[0], views).to(device) if fixed is not None else None
         for _ in range(settings.local_epochs):
             for x, y in loader:
                 seen += int(x.shape[0])
-                if views is not None:  # every view of the sampled images; the loss is the mean over the views
-                    x, y = views.gather(x.numpy()).flatten(0, 1), y.repeat_interleave(views.views, dim=0)
-                x, y = x.to(device), y.to(device)
                 optimizer.zero_grad()
-                loss = loss_fn(model(x), y)
+                if prepared is not None:  # a linear head: the inputs of every view were prepared once this round
+                    order = torch.argsort(x)  # a full batch in index order is one slice of them, not a copy
+                    logits = prepared.linear(fixed[1], x[order].to(device)).flatten(0, 1)  # type: ignore[index]
+                    target = y[order].repeat_interleave(views.views, dim=0)  # type: ignore[union-attr]
+                elif views is not None:  # every view of the sampled images; the loss is the mean over the views
+                    logits = model(views.gather(x.numpy()).flatten(0, 1).to(device))
+                    target = y.repeat_interleave(views.views, dim=0)
+                else:
+                    logits, target = model(x.to(device)), y
+                loss = loss_fn(logits, target.to(device))
                 loss.backward()
                 optimizer.step()
                 if settings.proximal_mu > 0:

@@ -100,6 +100,17 @@ class PreparedViews:
     def to(self, device: torch.device | str) -> PreparedViews:
         return PreparedViews(self.h.to(device), self.gram.to(device))
 
+    def rows(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h, gram) of the images ``idx``: a slice (no copy) when they are consecutive, as a full batch in order is."""
+        if len(idx) > 1 and bool((idx[1:] - idx[:-1] == 1).all()):
+            first, last = int(idx[0]), int(idx[-1]) + 1
+            return self.h[first:last], self.gram[first:last]
+        return self.h[idx], self.gram[idx]
+
+    def linear(self, layer: nn.Linear, idx: torch.Tensor) -> torch.Tensor:
+        """Logits [len(idx), K, outputs] of ``layer`` on the images' views, with autograd (training without DP)."""
+        return F.linear(self.rows(idx)[0], layer.weight, layer.bias)
+
     @classmethod
     def build(cls, fixed_map: Callable, views: object, chunk: int = 128) -> PreparedViews:
         """From a :class:`common.views.FeatureViews` (its ``gather``) and the head's fixed map."""
@@ -134,12 +145,7 @@ def closed_form_views_step(optimizer: DPOptimizer, prepared: PreparedViews, laye
     sum_b = torch.zeros_like(layer.bias)
     all_losses, all_g = [], []
     for start in range(0, len(idx), chunk):
-        rows = idx[start:start + chunk]
-        if len(rows) > 1 and bool((rows[1:] - rows[:-1] == 1).all()):  # consecutive images (all, at sample rate 1)
-            first, last = int(rows[0]), int(rows[-1]) + 1
-            h, gram = prepared.h[first:last], prepared.gram[first:last]  # views, not copies
-        else:
-            h, gram = prepared.h[rows], prepared.gram[rows]
+        h, gram = prepared.rows(idx[start:start + chunk])  # consecutive images (all, at sample rate 1): no copy
         target = y[start:start + chunk]
         with torch.no_grad():
             logits = F.linear(h, layer.weight, layer.bias)  # [b, K, C]

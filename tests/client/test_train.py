@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -131,3 +133,47 @@ def test_pos_weight_from_the_run_config_reaches_the_loss():
         return w["bias"]
 
     assert (bias((5.0, 5.0, 5.0)) > bias(()) + 0.1).all()
+
+
+class TestViews:
+    """Training on K views per image (common/views.py): the loss of an image is the mean over its views."""
+
+    @staticmethod
+    def _views(n: int = 10, k: int = 3, seed: int = 0):
+        from common.views import FeatureViews
+
+        g = torch.Generator().manual_seed(seed)
+        x = torch.rand(n, k, 81, 4, 4, generator=g)
+        y = (torch.arange(n) % 2).float()[:, None]
+        return FeatureViews(x[:, 0].numpy(), x[:, 1:].numpy().astype(np.float16), y.numpy())
+
+    @staticmethod
+    def _head(seed: int = 1):
+        torch.manual_seed(seed)
+        head = build_model("scatternet", num_outputs=1, image_size=16).head
+        torch.nn.init.normal_(head.classifier.weight, std=0.05)
+        return head
+
+    def test_without_dp_a_full_batch_step_is_the_mean_over_every_view(self):
+        """The prepared-inputs path against plain training on every (image, view) row as its own sample."""
+        from torch.utils.data import TensorDataset
+
+        views = self._views()
+        settings = _settings(dp=False, optimizer="sgd", learning_rate=0.5, momentum=0.0, batch_size=10, steps=None)
+        ours, stats = train_one_round(self._head(), views, settings, device=CPU)
+        rows = views.gather(range(10))
+        flat = TensorDataset(rows.flatten(0, 1), views.y.repeat_interleave(3, dim=0))
+        reference, _ = train_one_round(self._head(), flat, replace(settings, batch_size=30), device=CPU)
+        for key in ours:
+            torch.testing.assert_close(ours[key], reference[key], rtol=1e-5, atol=1e-7)
+        assert stats.steps == 1 and stats.num_examples == 10
+
+    def test_dp_without_noise_or_clipping_takes_the_same_step(self):
+        views = self._views()
+        plain = _settings(dp=False, optimizer="sgd", learning_rate=0.5, momentum=0.0, batch_size=10, steps=None)
+        expected, _ = train_one_round(self._head(), views, plain, device=CPU)
+        private = replace(plain, dp=True, noise_multiplier=0.0, max_grad_norm=1e6, steps=1, grad_sample_mode="hooks")
+        got, stats = train_one_round(self._head(), views, private, device=CPU)
+        assert stats.steps == 1
+        for key in got:
+            torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-7)
