@@ -63,7 +63,7 @@ class PooledEstimates:
     """The pooled validation figures of one evaluation, from noised histograms."""
 
     auc: Interval
-    threshold: float  # a bin edge, chosen by the operating point on the precision-weighted pool
+    threshold: float  # chosen by the operating point on the precision-weighted pool (common.operating_point)
     sensitivity: Interval  # at ``threshold``
     specificity: Interval
     positives: Interval  # validation images of the positive class (a noised count: an estimate)
@@ -163,7 +163,7 @@ def pooled_estimates(hists: Sequence[Mapping[str, Sequence[float]]], noise_sd: S
         if world["pos"].sum() <= 0 or world["neg"].sum() <= 0:
             continue
         drawn = [{"pos": p, "neg": n} for p, n in zip(noised["pos"], noised["neg"], strict=True)]
-        # The threshold is chosen again in every world: the noise that made a bin edge look best also
+        # The threshold is chosen again in every world: the noise that made a threshold look best also
         # flatters its rates (the winner's curse), and the interval must hold that too.
         x = position_from_counts(*pooled_counts(drawn, sd), point)
         errors[d] = _stats(noised["pos"], noised["neg"], x) - _stats(world["pos"][None], world["neg"][None], x)

@@ -108,8 +108,9 @@ STEPS_PER_BIN = 50
 def position_from_counts(pos: ArrayLike, neg: ArrayLike, point: OperatingPoint) -> float:
     """The rule applied to per-bin counts: a bin position (see :func:`bin_position`).
 
-    ``youden`` takes an inner bin edge (between edges sensitivity + specificity is linear, so an
-    edge is always best). ``sensitivity:X`` / ``specificity:X`` take the point where the rate
+    ``youden`` takes the peak of sensitivity + specificity (J) between bin edges: J at the best inner
+    edge and its two neighbours, a parabola through them, its vertex (:func:`youden_position`).
+    ``sensitivity:X`` / ``specificity:X`` take the point where the rate
     crosses X, the images of the bin it falls in spread evenly over the bin in logit: a bin edge
     alone would jump a whole bin (in the Kermany replay, 2.9 logits) when the noise moves the
     estimate a little across X. Only inner positions are candidates: edge 0 calls every image
@@ -121,9 +122,7 @@ def position_from_counts(pos: ArrayLike, neg: ArrayLike, point: OperatingPoint) 
     if p.sum() <= 0 or n.sum() <= 0 or p.size < 2:
         return float(max(1, p.size // 2))
     if point.rule == "youden":
-        k = np.arange(1, p.size)
-        sens, spec = rates_at(p, n, k)
-        return float(k[int(np.argmax(sens + spec))])
+        return youden_position(p, n)
     grid = np.linspace(1.0, p.size - 1.0, (p.size - 2) * STEPS_PER_BIN + 1)
     sens, spec = rates_at(p, n, grid)
     if point.rule == "sensitivity":
@@ -131,6 +130,32 @@ def position_from_counts(pos: ArrayLike, neg: ArrayLike, point: OperatingPoint) 
         return float(ok[-1] if ok.size else grid[0])
     ok = grid[spec >= point.target - 1e-12]
     return float(ok[0] if ok.size else grid[-1])
+
+
+def youden_position(pos: NDArray[np.float64], neg: NDArray[np.float64]) -> float:
+    """Where sensitivity + specificity (J) peaks, as a bin position, from per-bin counts of both classes.
+
+    Spreading each bin's images evenly makes J linear between edges, so on its own the rule could
+    only return an edge: with 8 bins 2.9 logits apart the threshold then jumped a whole bin when the
+    noise tipped two edges' J (in the replays of a default Kermany run, a third of the exported
+    thresholds fell 2.2 logits above the exact one and missed the held-out sensitivity by 0.05).
+    The scores' J is smooth and, near its peak, close to a parabola: the vertex of the parabola
+    through J at the best inner edge and its two neighbours estimates the peak between them (the
+    usual sub-bin peak estimate). The vertex lies within half a bin of the best edge whenever that
+    edge is the highest of the three; the best edge itself when it is the first or last inner
+    edge, or when the three values are not concave.
+    """
+    k = np.arange(1, pos.size)
+    sens, spec = rates_at(pos, neg, k)
+    j = sens + spec
+    i = int(np.argmax(j))
+    if i == 0 or i == j.size - 1:
+        return float(k[i])
+    left, mid, right = j[i - 1], j[i], j[i + 1]
+    curvature = left - 2.0 * mid + right
+    if not curvature < 0:
+        return float(k[i])
+    return float(k[i] + np.clip(0.5 * (left - right) / curvature, -0.5, 0.5))
 
 
 def threshold_from_counts(pos: ArrayLike, neg: ArrayLike, edges: ArrayLike, point: OperatingPoint) -> float:

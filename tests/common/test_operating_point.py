@@ -75,7 +75,12 @@ class TestCounts:
         got = sens_spec(y, s, t)[0]
         assert got == pytest.approx(0.9, abs=0.04) and abs(got - 0.9) < abs(sens_spec(y, s, edge)[0] - 0.9)
         youden = threshold_from_counts(h["pos"], h["neg"], BINARY_EDGES, OperatingPoint())
-        assert youden in BINARY_EDGES[1:-1]
+        exact = threshold_from_scores(y, s, OperatingPoint())
+        best_edge = max(BINARY_EDGES[1:-1], key=lambda e: sum(sens_spec(y, s, e)))
+        z = [float(np.log(t / (1 - t))) for t in (youden, exact, best_edge)]
+        assert abs(z[0] - z[1]) < abs(z[2] - z[1])  # between the edges, nearer the scores' own Youden point
+        x = position_from_counts(h["pos"], h["neg"], OperatingPoint())
+        assert abs(x - bin_position(best_edge, BINARY_EDGES)) <= 0.5
         x = position_from_counts(h["pos"], h["neg"], OperatingPoint("specificity", 0.95))
         assert rates_at(h["pos"], h["neg"], x)[1] >= 0.95 - 1e-9
 
