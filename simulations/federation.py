@@ -200,7 +200,10 @@ def run_app(sim_root: Path, run_config: dict[str, Any], *, num_supernodes: int, 
                         raise SimulationRunError(f"the run took longer than {timeout:.0f} s; see {run_log}")
                 proc.wait()
             finally:
-                stop_process(proc)
+                # `flwr run` only streams the log: on the way out after a stop signal or an error it gets 2 s, not
+                # the default 15 (Ctrl-C must stop everything within seconds); the run's own processes are stopped
+                # all at once by the caller (stop_run_processes), and a finished `flwr run` has already exited.
+                stop_process(proc, timeout=2.0)
                 if bar is not None:
                     bar.close()
         if proc.returncode != 0:
