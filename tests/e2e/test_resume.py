@@ -90,8 +90,10 @@ def test_ctrl_c_stops_every_process_and_resume_never_trains_a_round_twice(tmp_pa
            "--rounds", str(rounds), "--image-size", "32", "--patients", "10", "--local-epochs", "1",
            "--target-epsilon", "6", "--partition", "label-skew"]
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    # As a terminal starts it: SIGINT at its default. fl-sim keeps a SIGINT it inherited as ignored (a shell's
+    # background job), and in the full suite this process had come to ignore SIGINT, so fl-sim trained on.
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=env)
+                            env=env, preexec_fn=_interactive_signals)
     try:
         _wait_for(sim / "run" / "checkpoints" / "round-00001.pt", proc)
         assert main(["resume", str(sim)]) == 2  # the run is alive: refused, nothing trained
@@ -138,6 +140,12 @@ def test_ctrl_c_stops_every_process_and_resume_never_trains_a_round_twice(tmp_pa
     assert main(["resume", str(sim)]) == 2  # finished: refused in one line, nothing registered again
     err = capsys.readouterr().err
     assert "has finished" in err and len(err.strip().splitlines()) == 1, err
+
+
+def _interactive_signals() -> None:
+    """In the child before exec: SIGINT and SIGTERM at their defaults, as in a command typed at a terminal."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 600) -> None:
