@@ -91,7 +91,7 @@ def test_ctrl_c_stops_every_process_and_resume_never_trains_a_round_twice(tmp_pa
            "--target-epsilon", "6", "--partition", "label-skew"]
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
     # As a terminal starts it: SIGINT at its default. fl-sim keeps a SIGINT it inherited as ignored (a shell's
-    # background job), and in the full suite this process had come to ignore SIGINT, so fl-sim trained on.
+    # background job), and a suite started as one (`nohup ... &` in a script) runs with SIGINT ignored.
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=env, preexec_fn=_interactive_signals)
     try:
