@@ -6,7 +6,7 @@
 What it measures (one process, 2 torch threads by default; progress on stderr, one JSON document on stdout):
 
 1. **Data**: the Kermany train split through the one image path (common.preprocess: JPEG -> [0, 1] ->
-   contract-3 resize to 64 px), split by patient (``patient_id_coarse``) into train / validation /
+   interface-3 resize to 64 px), split by patient (``patient_id_coarse``) into train / validation /
    test (70 / 15 / 15%, stratified, seeded). Decisions are made on validation; test is reported.
 2. **Privacy vs utility** of the pooled ScatterNet linear head with the product's DP recipe
    (common.config: Poisson rate 0.2, SGD lr 1.0 momentum 0.9, clip 0.1; sigma from the RDP accountant

@@ -369,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("status", help="this site's privacy budget: spent epsilon per patient group, every charge, refusals")
     p.add_argument("--state-dir", help="the site's state dir (default: SITE_HOME/state)")
-    p.add_argument("--json", action="store_true", help="one JSON object (contract 6)")
+    p.add_argument("--json", action="store_true", help="one JSON object (interface 6, docs/interfaces.md)")
     p.set_defaults(func=cmd_status)
     for p in sub.choices.values():  # one site home for every subcommand (client/site_home.py)
         add_site_home_argument(p)

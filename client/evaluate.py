@@ -1,7 +1,7 @@
 """`fl-client evaluate`: a hospital scores a federated model on its own labelled data.
 
 The images are read exactly as training reads them (common.dataset: the DICOM display chain,
-then the contract-3 resize), scored by the ONNX model in onnxruntime, and compared with the
+then the interface-3 resize), scored by the ONNX model in onnxruntime, and compared with the
 site's labels. Everything stays on the site: the report holds counts and metrics only.
 """
 

@@ -318,7 +318,7 @@ class PrivacyLedger:
         return sorted(out, key=lambda g: -g["epsilon"])
 
     def spent_epsilon(self) -> float:
-        """The largest cumulative epsilon any patient of the site has been exposed to (contract 6)."""
+        """The largest cumulative epsilon any patient of the site has been exposed to (interface 6, docs/interfaces.md)."""
         groups = self.patient_epsilons()
         return groups[0]["epsilon"] if groups else 0.0
 

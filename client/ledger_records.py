@@ -36,7 +36,7 @@ def _short(fingerprint: str) -> str:
     return fingerprint[:SHORT_FINGERPRINT]
 
 
-class BudgetExceeded(RuntimeError):  # noqa: N818 - name fixed by contract 5 (DESIGN.md)
+class BudgetExceeded(RuntimeError):  # noqa: N818 - name fixed by interface 5 (docs/interfaces.md)
     """A round would push a dataset's cumulative epsilon past the site's max-epsilon.
 
     The message names no patient and no file: it may travel back to the coordinator.

@@ -1,4 +1,4 @@
-"""`fl-client status`: the site's own view of its privacy budget, from its ledger alone (contract 6).
+"""`fl-client status`: the site's own view of its privacy budget, from its ledger alone (interface 6, docs/interfaces.md).
 
 A privacy officer reads here, without the coordinator and without training anything: how much
 any patient of this site has been exposed to (``spent_epsilon``: the largest cumulative epsilon

@@ -1,4 +1,4 @@
-"""``fl-predict``: score radiographs with a fedxray ONNX (or TorchScript) model (DESIGN contract 7; docs/clinic.md).
+"""``fl-predict``: score radiographs with a fedxray ONNX (or TorchScript) model (interface 7, docs/interfaces.md; docs/clinic.md).
 
     fl-predict --model model.onnx PATH... [--out DIR] [--json]       score files and folders
     fl-predict serve --model model.onnx --port P --calling-aet AET [--host ADDR] [--forward HOST:PORT:AET] [--out DIR]

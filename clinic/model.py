@@ -1,7 +1,7 @@
 """The model as the clinic sees it: an ONNX file, its identity, and one image scored with a heatmap.
 
 :class:`Scorer` is the only place that runs the model in ``fl-predict`` and ``serve``. It keeps
-the exported file's own description (``fedxray.*`` metadata, DESIGN contract 3) and adds what a
+the exported file's own description (``fedxray.*`` metadata, interface 3, docs/interfaces.md) and adds what a
 report needs to name the model unambiguously: the SHA-256 of the file (a model's version is
 its bytes; the export time alone does not tell two exports of one run apart).
 """
@@ -178,7 +178,7 @@ class Scorer:
             extra={k: str(v) for k, v in meta.items() if k not in known},
         )
         # One session computes the probabilities, and the attribution when heatmaps are on; the
-        # OnnxClassifier above has checked the file against contract 3 and parsed its metadata.
+        # OnnxClassifier above has checked the file against interface 3 and parsed its metadata.
         if isinstance(self.classifier, TorchScriptClassifier):
             self.explainer: Explainer = TorchScriptExplainer(self.classifier, self.identity.task, attribution=heatmaps)
         else:
@@ -228,7 +228,7 @@ class Scorer:
         return self.explainer.method if self.heatmaps else None
 
     def score(self, pixels: NDArray[np.float32], *, header: Dataset | None = None) -> Scored:
-        """Score one display image [H, W] in [0, 1] at native size (resized here, contract 3), behind the gate.
+        """Score one display image [H, W] in [0, 1] at native size (resized here, interface 3), behind the gate.
 
         ``header`` (the DICOM header, no pixel data) feeds the header rules; without it only the
         image check and the matrix rule apply. An image outside the intended use is not scored.

@@ -1,4 +1,4 @@
-"""Files in, one result per image out: what ``fl-predict --model M PATH...`` does (contract 7).
+"""Files in, one result per image out: what ``fl-predict --model M PATH...`` does (interface 7, docs/interfaces.md).
 
 Inputs are files and folders (walked recursively, in sorted order); DICOM files are read with
 ``common.preprocess.load_pixels`` (the one image path: presentation-correct pixels whatever the
@@ -117,7 +117,7 @@ def read_header(path: str | os.PathLike[str]) -> Dataset:
 
 
 def record(source: Source, scored: Scored, scorer: Scorer, outputs: dict[str, str | None]) -> dict[str, Any]:
-    """The JSON line for one image (contract 7 keys first). No patient identifiers.
+    """The JSON line for one image (interface 7 keys first). No patient identifiers.
 
     ``assessed`` false (outside the intended use): ``probabilities`` and ``positive`` are empty and
     ``reason`` says why; ``gate`` is how images were checked ("on", "header-only", "off").

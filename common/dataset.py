@@ -1,4 +1,4 @@
-"""A hospital's data folder as a list of labelled, readable images (contract 2).
+"""A hospital's data folder as a list of labelled, readable images (interface 2, docs/interfaces.md).
 
 A site folder holds DICOM files at any depth (PNG/JPEG too, for research sets). Labels come from
 ``labels.csv`` (column ``file`` = path relative to the folder, plus a ``label`` column, a column of

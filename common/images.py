@@ -48,7 +48,7 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
 def resize_image(pixels: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
     """Resize a float [H, W] image to ``size`` (whole image, bilinear with antialiasing, aspect not kept).
 
-    This is the resize of contract 3: a hospital feeding the ONNX model must resize the same way.
+    This is the resize of interface 3: a hospital feeding the ONNX model must resize the same way.
     """
     import torch  # deferred: `fl-client --help` and a bad argument answer without loading torch (about 2 s)
     import torch.nn.functional as F

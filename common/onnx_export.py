@@ -1,4 +1,4 @@
-"""Export the final global model to ONNX (DESIGN contract 3), checked for parity with torch.
+"""Export the final global model to ONNX (interface 3, docs/interfaces.md), checked for parity with torch.
 
 Loading it back for inference (:func:`load_onnx_model`, :class:`OnnxClassifier`) is
 common/onnx_model.py; every name is re-exported here.
@@ -266,7 +266,7 @@ def export_onnx(
     tolerance: float = 1e-4,
     ood: nn.Module | None = None,
 ) -> ExportReport:
-    """Export ``model`` (images [N,1,H,W] in [0,1] -> logits [N,C]) to ``path`` as contract 3.
+    """Export ``model`` (images [N,1,H,W] in [0,1] -> logits [N,C]) to ``path`` as interface 3.
 
     ``ood`` (common.ood.OodScore, sharing the model's front end) adds the second output
     ``ood_score`` [N] (common/ood_export.py); ``metadata`` must then hold ``ood`` (its cut-off, JSON).

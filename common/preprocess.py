@@ -1,4 +1,4 @@
-"""The one image path: file -> display pixels -> model input (DESIGN "Data flow", contract 3).
+"""The one image path: file -> display pixels -> model input (interface 3, docs/interfaces.md).
 
 Every consumer that turns a radiograph into what a model sees goes through these two calls, so
 training, evaluation, the ONNX parity check and inference in the clinic cannot drift apart:

@@ -2,7 +2,7 @@
 
 For a site that runs torch (C++ libtorch, or Python without onnxruntime) the same model as a
 TorchScript archive: input ``image`` float32 [N,1,H,W] in [0,1] (any N), output probabilities
-float32 [N,C], exactly DESIGN contract 3. It carries the ONNX file's ``fedxray.*`` metadata
+float32 [N,C], exactly interface 3, docs/interfaces.md. It carries the ONNX file's ``fedxray.*`` metadata
 props unchanged (labels, threshold, calibration, epsilon per site, rounds, provenance, drift
 reference ...): one JSON object in the archive's extra file :data:`METADATA_FILE`, read back
 with ``torch.jit.load(path, _extra_files={METADATA_FILE: ""})`` (or libtorch's

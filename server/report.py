@@ -1,4 +1,4 @@
-"""What a run leaves in its run directory (contract 4): metrics.json, plots, model card.
+"""What a run leaves in its run directory (interface 4, docs/interfaces.md): metrics.json, plots, model card.
 
 Everything here is built from aggregate information the coordinator legitimately holds: per-site
 counts and prevalence, per-site metrics, epsilon per site and summed score histograms. No site

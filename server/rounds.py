@@ -1,4 +1,4 @@
-"""After every round: the round record (contract 4), the checkpoint, the best round, metrics.json, early stop.
+"""After every round: the round record (interface 4, docs/interfaces.md), the checkpoint, the best round, metrics.json, early stop.
 
 :class:`RoundKeeper` is what the ServerApp hands Flower as ``evaluate_fn``; it is plain Python,
 so what the coordinator keeps after each round is unit-tested without Flower.
@@ -30,7 +30,7 @@ class EarlyStop(Exception):  # noqa: N818 - control flow, not an error
 
 
 def round_record(strategy: Any, r: int, seconds: float) -> dict[str, Any]:
-    """The contract-4 entry of round ``r``: pooled AUC, train loss, epsilon per site, per-site metrics."""
+    """The interface-4 entry of round ``r``: pooled AUC, train loss, epsilon per site, per-site metrics."""
     entry = strategy.logs.get(r)
     pooled = strategy.pooled(r)
     pooled = dict(pooled) if pooled is not None else {}

@@ -130,7 +130,7 @@ class Tracker:
 
     @_never_fails
     def log_round(self, record: dict[str, Any]) -> None:
-        """Log one round's record (the metrics.json entry, contract 4) at step = its round number."""
+        """Log one round's record (the metrics.json entry, interface 4) at step = its round number."""
         from mlflow.entities import Metric  # deferred (as every MLflow import): MLflow takes 1.5 s to import
 
         step = int(record["round"])

@@ -1,6 +1,6 @@
 """Folders of DICOM files that look like several hospitals (synthetic, or from a real image set).
 
-Both builders write the same layout, which is what a hospital's ``fl-client`` reads (contract 2)::
+Both builders write the same layout, which is what a hospital's ``fl-client`` reads (interface 2, docs/interfaces.md)::
 
     <out>/manifest.json                      sites, class counts, profiles, seed (no identifiers)
     <out>/<site>/labels.csv                  file (relative to the site folder), label (class name)

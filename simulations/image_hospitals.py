@@ -72,7 +72,7 @@ def make_hospitals_from_images(
     Each image is written through its hospital's acquisition profile with a pseudonymous
     PatientID (keyed hash of the real id; the real ids and file names never reach ``out``).
     ``image_size`` shrinks larger images to image_size x image_size first (bilinear, aspect not
-    kept, as contract 3); ``max_images`` takes a class-proportional subset of whole patients.
+    kept, as interface 3); ``max_images`` takes a class-proportional subset of whole patients.
     """
     from common.images import read_image, resize_image  # torch import: only when needed
 

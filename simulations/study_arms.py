@@ -235,7 +235,7 @@ def load_trained(result: dict[str, Any], s: Any, positive: str) -> Trained:
 
 def export(model: Any, path: Path, run: Any, data: StudyData, *, rounds: int, export_round: int, sites: Sequence[str],
            epsilon: dict[str, float], val: tuple[np.ndarray, np.ndarray]) -> None:
-    """The centralised arm's model as contract-3 ONNX (parity checked on real test radiographs)."""
+    """The centralised arm's model as interface-3 ONNX (parity checked on real test radiographs)."""
     import torch  # deferred: see the module docstring
 
     from common.models import split_features

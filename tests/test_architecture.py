@@ -1,4 +1,4 @@
-"""The package arrows of DESIGN.md hold, and no import circle exists between fedxray's modules.
+"""The package arrows of docs/architecture.md hold, and no import circle exists between fedxray's modules.
 
 client, server and clinic use common; simulations may use all of them as a user would; common
 uses none of them; client and server never import each other. Every import counts, also those

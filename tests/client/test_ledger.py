@@ -1,4 +1,4 @@
-"""Tests for client/ledger.py: the site privacy ledger (contract 5). No training, only files."""
+"""Tests for client/ledger.py: the site privacy ledger (interface 5, docs/interfaces.md). No training, only files."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``fl-predict --model M PATH... [--out DIR] [--json]`` (contract 7), run as a hospital runs it."""
+"""``fl-predict --model M PATH... [--out DIR] [--json]`` (interface 7, docs/interfaces.md), run as a hospital runs it."""
 
 from __future__ import annotations
 

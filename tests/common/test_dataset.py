@@ -1,4 +1,4 @@
-"""Site folders (contract 2): scanning, labels, skipped files, cache, patient-level split."""
+"""Site folders (interface 2, docs/interfaces.md): scanning, labels, skipped files, cache, patient-level split."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests for common/onnx_export.py: contract 3 (names, shapes, dynamic batch, metadata, parity)."""
+"""Tests for common/onnx_export.py: interface 3 (names, shapes, dynamic batch, metadata, parity)."""
 
 from __future__ import annotations
 

@@ -67,7 +67,7 @@ class TestToModelInput:
         assert 0.0 <= float(x.min()) and float(x.max()) <= 1.0
 
     def test_it_is_the_contract_resize(self) -> None:
-        """Whole image, bilinear with antialiasing, aspect not kept (contract 3): resize_image itself."""
+        """Whole image, bilinear with antialiasing, aspect not kept (interface 3, docs/interfaces.md): resize_image itself."""
         img = _gradient(100, 60)
         np.testing.assert_array_equal(to_model_input(img, 32)[0, 0], resize_image(img, 32))
         np.testing.assert_array_equal(to_model_input(img, (20, 30))[0, 0], resize_image(img, (20, 30)))

@@ -1,8 +1,8 @@
 """fl-sim end to end: 3 simulated hospitals, 2 DP rounds, real SuperLink + Flower Simulation Engine.
 
-Checks the contracts across the whole path: model.onnx runs in onnxruntime (contract 3), metrics
-hold both rounds (contract 4), and each site's privacy ledger, metrics.json, the ONNX metadata and
-the model card report the same epsilon (contract 5).
+Checks the interfaces of docs/interfaces.md across the whole path: model.onnx runs in onnxruntime (interface 3),
+metrics hold both rounds (interface 4), and each site's privacy ledger, metrics.json, the ONNX metadata and
+the model card report the same epsilon (interface 5).
 """
 
 from __future__ import annotations

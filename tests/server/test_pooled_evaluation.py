@@ -117,7 +117,7 @@ def test_the_card_states_estimates_with_intervals_that_hold_the_noise(exported_r
     assert "8 bins per class" in card and "std 4" in card
     doc = json.loads((run_dir / "metrics.json").read_text())
     final = doc["rounds"][-1]
-    assert {"round", "pooled_auc", "train_loss", "epsilon", "sites"} <= set(final)  # contract-4 keys kept
+    assert {"round", "pooled_auc", "train_loss", "epsilon", "sites"} <= set(final)  # interface-4 keys kept
     low, high = final["pooled_auc_ci"]
     assert low <= _exact_auc(scores) <= high and f"{final['pooled_auc']:.3f} (95% CI {low:.3f}-{high:.3f})" in card
     assert final["eval_final"] is True and final["validation_counts"]["estimate"] is True
